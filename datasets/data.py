@@ -1,0 +1,160 @@
+"""CIFAR-10, CIFAR-100, SVHN and image folders, loaded once into uint8 tensors.
+
+A whole CIFAR training set is 150 MB as uint8, so it lives in memory and batches are plain
+indexing; the original's transforms (random crop 32 with padding 4 and horizontal flip for
+CIFAR, none for SVHN; ToTensor always) are applied to the batch as tensor operations.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from utils.errors import UsageError
+
+DATASETS = ("cifar10", "cifar100", "svhn", "imagefolder")
+
+# What torchvision expects under --data-root, for the offline message.
+_EXPECTED_FILES = {
+    "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch) or cifar-10-python.tar.gz",
+    "cifar100": "cifar-100-python/ (train, test) or cifar-100-python.tar.gz",
+    "svhn": "train_32x32.mat and test_32x32.mat",
+}
+
+
+@dataclass
+class ImageData:
+    """Images (N, 3, H, W) uint8, labels (N,) int64, class names, and original indices."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    indices: torch.Tensor = field(default=None)
+
+    def __post_init__(self):
+        if self.indices is None:
+            self.indices = torch.arange(len(self.labels))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def load_dataset(name: str, root: str, split: str, download: bool = True,
+                 workers: int = 4) -> ImageData:
+    """Load ``split`` ('train' or 'test') of data set ``name`` from ``root``."""
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    if name == "imagefolder":
+        return _load_image_folder(root, split, workers)
+    import torchvision.datasets as tvd
+
+    train = split == "train"
+    try:
+        if name == "cifar10":
+            ds = tvd.CIFAR10(root, train=train, download=download)
+        elif name == "cifar100":
+            ds = tvd.CIFAR100(root, train=train, download=download)
+        else:
+            ds = tvd.SVHN(root, split=split, download=download)
+    except Exception as exc:  # offline download, corrupt archive, ...
+        raise UsageError(
+            f"{name} {split} set not found in {os.path.abspath(root)} and could not be "
+            f"downloaded ({type(exc).__name__}); place {_EXPECTED_FILES[name]} there, or pass "
+            f"--data-root DIR") from exc
+    if name == "svhn":
+        images = torch.from_numpy(np.ascontiguousarray(ds.data))  # already (N, 3, 32, 32)
+        labels = torch.as_tensor(ds.labels, dtype=torch.long)
+        classes = [str(i) for i in range(10)]
+    else:
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        labels = torch.as_tensor(ds.targets, dtype=torch.long)
+        classes = list(ds.classes)
+    return ImageData(images, labels, classes)
+
+
+def _load_image_folder(root: str, split: str, workers: int) -> ImageData:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torchvision.datasets import ImageFolder
+
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise UsageError(f"image folder {os.path.abspath(folder)} not found: --dataset "
+                         f"imagefolder needs --data-root DIR with DIR/train/<class>/ and "
+                         f"DIR/test/<class>/")
+    try:
+        ds = ImageFolder(folder)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UsageError(f"no images in {os.path.abspath(folder)}: {exc}") from exc
+
+    def read(path: str) -> np.ndarray:
+        img = ds.loader(path).convert("RGB")
+        if img.size != (32, 32):
+            raise UsageError(f"{path} is {img.size[0]}x{img.size[1]}: --dataset imagefolder "
+                             f"needs 32x32 RGB images")
+        return np.asarray(img)
+
+    paths = [path for path, _ in ds.samples]
+    if workers > 0:
+        with ThreadPoolExecutor(workers) as pool:
+            images = np.stack(list(pool.map(read, paths)))
+    else:
+        images = np.stack([read(p) for p in paths])
+    labels = torch.as_tensor(ds.targets, dtype=torch.long)
+    return ImageData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels,
+                     list(ds.classes))
+
+
+def balanced_subset(data: ImageData, n: int | None, seed: int) -> ImageData:
+    """A seeded subset of ``n`` examples with the classes as balanced as the data allow."""
+    if not n or n >= len(data):
+        return data
+    if n < data.num_classes:
+        raise UsageError(f"a subset of {n} cannot hold all {data.num_classes} classes: "
+                         f"ask for at least {data.num_classes}")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=gen)
+    labels = data.labels[order]
+    # rank of each example within its class, in the shuffled order
+    ranks = torch.empty_like(labels)
+    for c in range(data.num_classes):
+        members = (labels == c).nonzero().flatten()
+        ranks[members] = torch.arange(len(members))
+    # take by rank first, so every class gets its share before any gets more
+    keys = ranks * data.num_classes + labels
+    chosen = order[keys.argsort()[:n]].sort().values
+    return ImageData(data.images[chosen], data.labels[chosen], data.classes,
+                     data.indices[chosen])
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float in [0, 1]."""
+    return images.float().div_(255.0)
+
+
+def augment(images: torch.Tensor, dataset: str, generator: torch.Generator) -> torch.Tensor:
+    """The original's training augmentation on a uint8 batch: crop 32 (pad 4) and flip.
+
+    SVHN is not augmented. The random draws come from ``generator`` (CPU), so a run is
+    reproducible whatever the device.
+    """
+    if dataset == "svhn":
+        return images
+    n, _, h, w = images.shape
+    pad = 4
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    rows = dy[:, None] + torch.arange(h, device=images.device)  # (N, H)
+    cols = dx[:, None] + torch.arange(w, device=images.device)  # (N, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (N, H, W, 3)
+    return out.permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,81 @@
+"""The Magnet loss batch sampler: a seed cluster, its nearest impostors, d examples each.
+
+State (owned here, refreshed by the training loop once per epoch):
+  * ``assignments`` (N,): each training example's global cluster id (class*K + i);
+  * ``centers`` (C*K, D): the centroids, for finding impostors;
+  * ``losses`` (N,): each example's last per-sample loss, NaN until it has one.
+
+The seed cluster is drawn with probability proportional to the mean known loss of its
+examples. Before any loss is known the draw is uniform; a cluster none of whose examples has
+a loss yet gets the mean of the known cluster losses, so it is neither starved nor favoured.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class MagnetSampler:
+    def __init__(self, labels: torch.Tensor, num_classes: int, K: int, m: int, d: int):
+        self.labels = labels.cpu()
+        self.num_classes, self.K, self.m, self.d = num_classes, K, m, d
+        self.cluster_classes = torch.arange(num_classes).repeat_interleave(K)  # (C*K,)
+        self.losses = torch.full((len(labels),), float("nan"))
+        self.assignments = None
+        self.centers = None
+
+    @property
+    def num_clusters(self) -> int:
+        return self.num_classes * self.K
+
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.labels) // (self.m * self.d))
+
+    def update_clusters(self, assignments: torch.Tensor, centers: torch.Tensor) -> None:
+        """Take new cluster assignments (N,) and centroids (C*K, D)."""
+        self.assignments = assignments.cpu().long()
+        self.centers = centers.detach().cpu().float()
+        # examples grouped by cluster: members of cluster c are order[start[c]:start[c+1]]
+        self._order = self.assignments.argsort(stable=True)
+        counts = torch.bincount(self.assignments, minlength=self.num_clusters)
+        self._counts = counts
+        self._start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        # nearest other-class centroids of every cluster, computed once per refresh
+        dist = torch.cdist(self.centers, self.centers)
+        same = self.cluster_classes[:, None] == self.cluster_classes[None, :]
+        self._impostors = dist.masked_fill(same, float("inf")).argsort(1)[:, : self.m - 1]
+
+    def record_losses(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
+        self.losses[indices.cpu()] = losses.detach().float().cpu()
+
+    def cluster_weights(self) -> torch.Tensor:
+        """Seed-cluster probabilities (C*K,), proportional to each cluster's mean loss."""
+        known = ~self.losses.isnan()
+        a = self.assignments[known]
+        total = torch.zeros(self.num_clusters).index_add_(0, a, self.losses[known])
+        count = torch.bincount(a, minlength=self.num_clusters).float()
+        has = count > 0
+        if not has.any():
+            return torch.full((self.num_clusters,), 1.0 / self.num_clusters)
+        mean = torch.where(has, total / count.clamp_min(1), (total[has] / count[has]).mean())
+        mean = mean * (self._counts > 0)  # an empty cluster is never the seed
+        if mean.sum() <= 0:
+            mean = (self._counts > 0).float()
+        return mean / mean.sum()
+
+    def sample(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch: example indices (<= m*d,) and their global cluster ids."""
+        seed = torch.multinomial(self.cluster_weights(), 1, generator=generator)
+        clusters = torch.cat([seed, self._impostors[seed.item()]])  # (m,)
+        picked, ids = [], []
+        for c in clusters.tolist():  # m clusters, never the data set
+            n = int(self._counts[c])
+            take = torch.randperm(n, generator=generator)[: self.d]
+            picked.append(self._order[self._start[c] + take])
+            ids.append(torch.full((len(take),), c, dtype=torch.long))
+        return torch.cat(picked), torch.cat(ids)
+
+    def state_dict(self) -> dict:
+        return {"losses": self.losses.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses = state["losses"].clone().float()

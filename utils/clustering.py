@@ -1,0 +1,62 @@
+"""Per-class k-means over the training embeddings, and the inference variance."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.cluster_head import squared_distances
+from utils.errors import UsageError
+
+
+@dataclass
+class Clusters:
+    centers: torch.Tensor      # (C*K, D) float32
+    classes: torch.Tensor      # (C*K,) int64, cluster c*K + i belongs to class c
+    assignments: torch.Tensor  # (N,) int64 global cluster id of every training example
+    variance: torch.Tensor     # (C*K,) float32, sigma^2 (one value, repeated per cluster)
+
+
+def kmeans_settings(dataset: str) -> tuple[int, int]:
+    """(n_init, max_iter) as the original: 1 and 20 for CIFAR-10, 10 and 40 otherwise."""
+    return (1, 20) if dataset in ("cifar10", "imagefolder") else (10, 40)
+
+
+def fit_clusters(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, K: int,
+                 n_init: int, max_iter: int, seed: int) -> Clusters:
+    """k-means (k-means++ init, fixed random state) on each class's embeddings separately."""
+    from sklearn.cluster import KMeans
+
+    emb = emb.detach().float().cpu()
+    labels = labels.cpu()
+    x = emb.numpy().astype(np.float64)
+    centers = torch.empty(num_classes * K, emb.shape[1])
+    for c in range(num_classes):  # k-means is per class by definition
+        members = (labels == c).nonzero().flatten().numpy()
+        if len(members) < K:
+            raise UsageError(f"class {c} has {len(members)} training examples, fewer than "
+                             f"--k {K}: lower --k or use more data")
+        km = KMeans(n_clusters=K, init="k-means++", n_init=n_init, max_iter=max_iter,
+                    random_state=seed).fit(x[members])
+        centers[c * K:(c + 1) * K] = torch.from_numpy(km.cluster_centers_).float()
+    classes = torch.arange(num_classes).repeat_interleave(K)
+    assignments, variance = assign_and_variance(emb, labels, centers, classes)
+    sizes = torch.bincount(assignments, minlength=num_classes * K)
+    if (sizes < 2).any():
+        bad = (sizes < 2).nonzero().flatten().tolist()
+        raise UsageError(f"k-means left cluster(s) {bad} with fewer than 2 examples: lower "
+                         f"--k or use more training data")
+    return Clusters(centers, classes, assignments, variance)
+
+
+def assign_and_variance(emb: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
+                        classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest own-class centroid of every example, and sigma^2 = sum of those squared
+    distances / (N - 1), repeated for every cluster."""
+    sq_dist = squared_distances(emb, centers)
+    sq_dist = sq_dist.masked_fill(classes[None, :] != labels[:, None], float("inf"))
+    assignments = sq_dist.argmin(1)
+    best = (emb - centers[assignments]).pow(2).sum(1)  # exact, not the expanded form
+    variance = best.sum() / (len(emb) - 1)
+    return assignments, variance.expand(len(centers)).clone()

@@ -1,0 +1,41 @@
+"""The experiment directory's text outputs: ``log.txt``, ``params.txt``, CSV files."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+
+from utils.checkpoint import write_text_atomic
+
+LOG_HEADER = ("Epoch", "LR", "Train loss", "Train acc.", "Test loss", "Test acc.")
+
+
+class EpochLog:
+    """``log.txt``: a tab-separated header and one row per epoch, as the original's."""
+
+    def __init__(self, path: str, resume: bool = False):
+        self.path = path
+        if not (resume and os.path.exists(path)):
+            write_text_atomic(path, "\t".join(LOG_HEADER) + "\n")
+
+    def append(self, epoch: int, lr: float, train_loss: float, train_acc: float,
+               test_loss: float, test_acc: float) -> None:
+        values = [f"{v:.6f}" for v in (lr, train_loss, train_acc, test_loss, test_acc)]
+        with open(self.path, "a") as f:
+            f.write("\t".join([str(epoch)] + values) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_csv(path: str, header: list[str], rows: list[list]) -> None:
+    """A CSV file written atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def read_csv(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,128 @@
+"""Every command-line argument of ``main_clustr.py``, with the original's names and defaults.
+
+Nothing is parsed at import time: ``parse_args(argv)`` is called from ``main()``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from datasets.data import DATASETS
+
+ARCHS = ("resnet18",)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, as for every other bad input
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _non_negative(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+        return value
+    parse.__name__ = f"non-negative {kind.__name__}"
+    return parse
+
+
+pos_int, pos_float = _positive(int), _positive(float)
+nonneg_int, nonneg_float = _non_negative(int), _non_negative(float)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="main_clustr.py",
+                description="ClusTR: Magnet-loss clustering training and PGD evaluation.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    o = p.add_argument_group("the original's arguments")
+    o.add_argument("--epochs", type=pos_int, default=90, help="training epochs")
+    o.add_argument("--batch-size", type=pos_int, default=256,
+                   help="batch size of standard training (Magnet batches hold m*d)")
+    o.add_argument("--test-batch", type=pos_int, default=64, help="evaluation batch size")
+    o.add_argument("--lr", type=pos_float, default=1e-4, help="Adam learning rate")
+    o.add_argument("--dataset", default="cifar10", choices=DATASETS, help="data set")
+    o.add_argument("--checkpoint", required=True, help="experiment directory for the results")
+    o.add_argument("--seed", type=int, default=111, help="manual seed")
+    o.add_argument("--arch", default="resnet18", choices=ARCHS, help="architecture")
+    o.add_argument("--evaluate-ckpt", default=None, metavar="PATH",
+                   help="evaluate this checkpoint only (no training)")
+    o.add_argument("--k", type=pos_int, default=2, help="clusters per class")
+    o.add_argument("--d", type=pos_int, default=20, help="examples per cluster in a batch")
+    o.add_argument("--m", type=pos_int, default=12, help="clusters per batch (batch = m*d)")
+    o.add_argument("--L", type=pos_int, default=None,
+                   help="nearest clusters used at inference (10 when training; a "
+                        "checkpoint's own value when evaluating)")
+    o.add_argument("--alpha", type=nonneg_float, default=12.5, help="Magnet loss margin")
+    o.add_argument("--minibatch-replays", type=nonneg_int, default=0,
+                   help="M of free adversarial training (0 = off)")
+    o.add_argument("--milestones", type=pos_int, nargs="*", default=[30, 60],
+                   help="MultiStepLR milestones (gamma 0.1)")
+    o.add_argument("--consistency-lambda", type=nonneg_float, default=0.0,
+                   help="lambda of the QTRADES consistency term (0 = plain ClusTR)")
+    o.add_argument("--xent-lambda", type=nonneg_float, default=0.0,
+                   help="weight of a cross-entropy term on the cluster scores")
+    o.add_argument("--mse-consistency", action="store_true",
+                   help="consistency as MSE between clean and adversarial embeddings")
+    o.add_argument("--not-normalize", action="store_true", default=None,
+                   help="sum over all clusters instead of the L nearest at inference")
+    o.add_argument("--actual-trades", action="store_true",
+                   help="consistency adversary TRADES-style (KL, 10 steps)")
+    o.add_argument("--pretrained-path", default=None, help="ResNet18 weights to start from")
+    o.add_argument("--save-all", action="store_true", help="keep a checkpoint every epoch")
+    o.add_argument("--restarts", type=pos_int, default=10, help="PGD restarts at evaluation")
+    o.add_argument("--iterations", type=pos_int, default=20,
+                   help="PGD iterations at evaluation")
+
+    n = p.add_argument_group("added by this project (defaults keep the original behaviour)")
+    n.add_argument("--data-root", default="./data",
+                   help="data folder (downloaded into when missing); for --dataset "
+                        "imagefolder, a folder with train/<class>/ and test/<class>/")
+    n.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, "
+                   "cuda or cuda:N")
+    n.add_argument("--workers", type=nonneg_int, default=4,
+                   help="threads decoding image-folder files at load time")
+    n.add_argument("--train-subset", type=pos_int, default=None, metavar="N",
+                   help="seeded, class-balanced subset of N training images")
+    n.add_argument("--test-subset", type=pos_int, default=None, metavar="N",
+                   help="seeded, class-balanced subset of N test images")
+    n.add_argument("--embed-batch", type=pos_int, default=256,
+                   help="batch size of the per-epoch embedding pass over the training set")
+    n.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast for training and embedding passes (CUDA only; "
+                        "attacks stay in float32)")
+    n.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.d < 2:
+        parser.error(f"--d {args.d}: the Magnet loss needs at least 2 examples per cluster")
+    if args.m < 2:
+        parser.error(f"--m {args.m}: a Magnet batch needs the seed cluster and at least one "
+                     f"impostor")
+    return args
+
+
+def params_line(args: argparse.Namespace) -> str:
+    """``name: value | name: value | ...`` with every argument, as the original's params.txt."""
+    return " | ".join(f"{k}: {v}" for k, v in vars(args).items())
