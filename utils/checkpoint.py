@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 
 import torch
 
@@ -36,7 +35,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise UsageError(f"{path} needs arbitrary unpickling, which is refused for safety "
                          f"(weights_only=True): {first[:200]}") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # truncated zip, legacy garbage, ...: whatever torch raises
         raise UsageError(f"{path} is not a readable PyTorch file (truncated or corrupt?): "
                          f"{str(exc).strip().splitlines()[0][:200] if str(exc) else ''}") from exc
     if not isinstance(obj, dict):
