@@ -25,6 +25,7 @@ import importlib
 import importlib.metadata
 import importlib.resources
 import sys
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ SOURCE = ("examples", "model_test.pt")
 DEFAULT_OUT = Path(__file__).resolve().parent / "resnet18.pt"
 
 
-def package_source() -> tuple[Path, str]:
+def package_source() -> tuple[Traversable, str]:
     """The package's model file (found through the installed package) and its version."""
     try:
         module = importlib.import_module(PACKAGE)
@@ -53,8 +54,7 @@ def package_source() -> tuple[Path, str]:
         version = importlib.metadata.version(PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         version = str(getattr(module, "__version__", "unknown"))
-    # A wheel installs plain files, so this is a real path (not inside a zip archive).
-    return Path(str(source)), version
+    return source, version
 
 
 def fold_input_normalization(state: dict, mean=CIFAR_MEAN, std=CIFAR_STD) -> dict:
@@ -93,7 +93,8 @@ def run(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise UsageError(f"{out} exists: pass --force to overwrite it")
     source, version = package_source()
-    state = convert(source)
+    with importlib.resources.as_file(source) as path:  # a real file even from a zip install
+        state = convert(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_atomic(state, str(out))
     print(f"wrote {out}")
