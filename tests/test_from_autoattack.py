@@ -1,6 +1,8 @@
 """pretrained_weights.from_autoattack: the stand-in resnet18.pt made from pyautoattack's model."""
 from __future__ import annotations
 
+import os
+import stat
 import sys
 
 import pytest
@@ -44,6 +46,12 @@ def test_folding_matches_the_package_model_away_from_the_padding(written):
     # the border really differs (the two zero paddings mean different images), so the
     # interior check above is not vacuous
     assert (a - b).abs().max() > 1e-3
+
+
+def test_written_file_has_the_usual_permissions(written):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(written).st_mode) == 0o666 & ~umask
 
 
 def test_only_conv1_and_bn1_mean_change(written):
