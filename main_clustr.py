@@ -83,7 +83,8 @@ def train(args, out_dir: str, device: torch.device) -> str:
         scheduler.step()
         epoch_log.append(epoch, lr, metrics.train_loss, metrics.train_acc, metrics.test_loss,
                          metrics.test_acc)
-        ckpt = build_checkpoint(model, trainer.head(), args.k, epoch, metrics.test_acc, extra)
+        ckpt = build_checkpoint(model, trainer.head(), args.k, epoch, metrics.test_acc, extra,
+                                assignments=trainer.clusters.assignments)
         save_atomic(ckpt, ckpt_path)
         if args.save_all:
             save_atomic(ckpt, os.path.join(out_dir, f"checkpoint_{epoch}.pth"))

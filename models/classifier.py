@@ -4,6 +4,9 @@
 per-class log-sum-exp of -d^2/2sigma^2 over the counted clusters. Its arg-max is the paper's
 prediction, and it is a proper logit, so AutoAttack, torchattacks or any other library can
 attack it directly. The paper's own (bounded) class scores are ``paper_scores(x)``.
+
+This is the one implementation of ClusTR inference: the CLI's evaluation rebuilds the same
+class from the checkpoint file, so a model loaded here predicts what the CLI reports.
 """
 from __future__ import annotations
 
@@ -15,10 +18,19 @@ from models.resnet import ResNet18
 
 
 class ClusterClassifier(nn.Module):
-    def __init__(self, backbone: ResNet18, head: ClusterHead):
+    """Backbone (input normalisation inside) + cluster head; built in eval mode.
+
+    The centroids, their classes and sigma^2 are registered buffers of ``head``, so
+    ``.to(device)`` moves the whole classifier. ``class_names`` is the list of class names
+    where the checkpoint records them (this project's do), else None.
+    """
+
+    def __init__(self, backbone: ResNet18, head: ClusterHead,
+                 class_names: list[str] | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.class_names = list(class_names) if class_names is not None else None
         self.eval()
 
     @property
@@ -26,17 +38,21 @@ class ClusterClassifier(nn.Module):
         return self.head.num_classes
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The 512-d embeddings the clusters live in."""
         return self.backbone(x)  # (N, 512)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Adaptive logits (N, C): finite for every class, the paper's arg-max."""
         return self.head.logits(self.backbone(x))  # (N, C)
 
     def paper_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The original's unnormalised class scores (what its PGD attacks)."""
         return self.head.paper_scores(self.backbone(x))  # (N, C), in [0, L]
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.paper_scores(x).argmax(1)
+        """The paper's prediction: arg-max of the class scores, (N,)."""
+        return self.head.predict(self.backbone(x))
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location="cpu", dataset: str | None = None,
@@ -44,10 +60,13 @@ class ClusterClassifier(nn.Module):
                         ) -> ClusterClassifier:
         """Rebuild the classifier from a checkpoint of this project or of the original code.
 
-        ``L`` and ``normalize`` override the checkpoint's values; ``dataset`` picks the input
-        normalisation where the checkpoint does not record it (the original's do not).
+        The file is read with ``weights_only=True``; the model is returned in eval mode on
+        ``map_location`` (a device). ``L`` and ``normalize`` override the checkpoint's values;
+        ``dataset`` picks the input normalisation where the checkpoint does not record it
+        (the original's do not; CIFAR's is assumed then).
         """
         from utils.checkpoint import classifier_from_checkpoint, load_checkpoint
 
-        return classifier_from_checkpoint(load_checkpoint(path, map_location), dataset=dataset,
-                                          L=L, normalize=normalize)
+        model = classifier_from_checkpoint(load_checkpoint(path, "cpu"), dataset=dataset, L=L,
+                                           normalize=normalize)
+        return model.to(map_location)

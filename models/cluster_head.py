@@ -60,7 +60,9 @@ class ClusterHead(nn.Module):
 
         A class none of whose clusters is counted gets its nearest cluster's -d^2/2sigma^2,
         which is finite and no larger than any counted class's value, so the arg-max is the
-        paper's while every class keeps a gradient.
+        paper's while every class keeps a gradient. (One exception: far from every cluster,
+        d^2/2sigma^2 > ~100, all the paper's float32 scores underflow to 0 and its arg-max
+        degenerates to class 0, while these logits still rank the classes by distance.)
         """
         log_scores = self.cluster_log_scores(emb)
         mask = self.counted_mask(log_scores)
@@ -81,6 +83,8 @@ class ClusterHead(nn.Module):
         return torch.where(has_counted, shift + sums.clamp_min(1e-30).log(), best_any)
 
     def predict(self, emb: torch.Tensor) -> torch.Tensor:
+        """The paper's rule: arg-max of the class scores (their normalisation by the sum
+        does not change it), (N,)."""
         return self.paper_scores(emb).argmax(1)
 
 

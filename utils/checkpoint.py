@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 
 import torch
@@ -32,15 +33,27 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UsageError(f"{path} needs arbitrary unpickling, which is refused for safety "
-                         f"(weights_only=True): {first[:200]}") from exc
-    except Exception as exc:  # truncated zip, legacy garbage, ...: whatever torch raises
+        if "weights only load failed" not in str(exc).lower():
+            raise UsageError(f"{path} is not a readable PyTorch file: {_one_line(exc)}") from exc
+        raise UsageError(f"{path} holds Python objects that are not tensors or plain "
+                         f"containers, and arbitrary unpickling is refused for safety "
+                         f"(weights_only=True): {_one_line(exc)}") from exc
+    except Exception as exc:  # a truncated zip, an empty or foreign file: many error types
         raise UsageError(f"{path} is not a readable PyTorch file (truncated or corrupt?): "
-                         f"{str(exc).strip().splitlines()[0][:200] if str(exc) else ''}") from exc
+                         f"{_one_line(exc)}") from exc
     if not isinstance(obj, dict):
         raise UsageError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
     return obj
+
+
+def _one_line(exc: BaseException) -> str:
+    """The informative part of a loader's message, as one short line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    refused = re.search(r"Unsupported global: GLOBAL \S+", text)
+    if refused:
+        return refused.group(0)
+    first = text.splitlines()[0].split(". ")[0] if text else ""
+    return f"{type(exc).__name__}: {first[:160]}" if first else type(exc).__name__
 
 
 def save_atomic(obj, path: str) -> None:
@@ -60,11 +73,18 @@ def _atomic_write(path: str, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it back at once
+    os.umask(mask)
+    return mask
 
 
 def extract_state_dict(obj: dict) -> dict:
@@ -116,8 +136,13 @@ def has_clusters(ckpt: dict) -> bool:
 
 
 def build_checkpoint(backbone: ResNet18, head: ClusterHead, K: int, epoch: int,
-                     test_acc: float, extra: dict | None = None) -> dict:
-    """The checkpoint dict: the original's keys first, this project's extras after."""
+                     test_acc: float, extra: dict | None = None,
+                     assignments: torch.Tensor | None = None) -> dict:
+    """The checkpoint dict: the original's keys first, this project's extras after.
+
+    ``assignments`` (N,), the training examples' clusters at the last refresh, are stored as
+    ``cluster_sizes`` (C*K,) so a checkpoint shows how its clusters are populated.
+    """
     ckpt = {
         "state_dict": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
         "epoch": int(epoch),
@@ -130,6 +155,9 @@ def build_checkpoint(backbone: ResNet18, head: ClusterHead, K: int, epoch: int,
         "normalize_probs": bool(head.normalize),
         "format": FORMAT,
     }
+    if assignments is not None:
+        ckpt["cluster_sizes"] = torch.bincount(assignments.detach().cpu(),
+                                               minlength=head.num_clusters)
     ckpt.update(extra or {})
     return ckpt
 
@@ -152,12 +180,19 @@ def classifier_from_checkpoint(ckpt: dict, dataset: str | None = None, L: int | 
             len(variance) not in (1, len(centers)):
         raise UsageError(f"inconsistent cluster state: centers {tuple(centers.shape)}, "
                          f"classes {tuple(classes.shape)}, variance {tuple(variance.shape)}")
+    valid = (len(centers) > 0 and torch.isfinite(centers).all() and (classes >= 0).all()
+             and torch.isfinite(variance).all() and (variance > 0).all())
+    if not valid:
+        raise UsageError("invalid cluster state: needs at least one cluster, finite centroids, "
+                         "non-negative cluster classes and positive finite variances")
     num_classes = max(int(classes.max()) + 1, backbone.linear.out_features)
     head = ClusterHead(centers, classes, variance.expand(len(centers)), num_classes,
                        L=int(ckpt.get("L", 10)) if L is None else L,
                        normalize=bool(ckpt.get("normalize_probs", True))
                        if normalize is None else normalize)
-    return ClusterClassifier(backbone, head)
+    names = ckpt.get("classes")
+    names = [str(n) for n in names] if isinstance(names, (list, tuple)) else None
+    return ClusterClassifier(backbone, head, names)
 
 
 def backbone_from_state(ckpt: dict, dataset: str | None = None) -> ResNet18:
