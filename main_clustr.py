@@ -19,6 +19,7 @@ import torch
 from datasets.data import balanced_subset, load_dataset
 from models.resnet import ResNet18, normalization_for
 from utils.checkpoint import build_checkpoint, load_weights, save_atomic, write_text_atomic
+from utils.device import resolve_device
 from utils.errors import UsageError
 from utils.evaluation import evaluate_checkpoint
 from utils.progress import set_quiet
@@ -27,19 +28,6 @@ from utils.train_setting import params_line, parse_args
 from utils.training import ClusTRTrainer, TrainConfig
 
 log = logging.getLogger("clustr")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)"
-                         ) from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def load_data(args):
