@@ -19,27 +19,15 @@ import torch
 from datasets.data import balanced_subset, load_dataset
 from models.resnet import ResNet18, normalization_for
 from utils.checkpoint import build_checkpoint, load_weights, save_atomic, write_text_atomic
+from utils.device import resolve_device
 from utils.errors import UsageError
 from utils.evaluation import evaluate_checkpoint
 from utils.progress import set_quiet
-from utils.results import EpochLog
+from utils.results import EpochLog, MetricsCSV
 from utils.train_setting import params_line, parse_args
 from utils.training import ClusTRTrainer, TrainConfig
 
 log = logging.getLogger("clustr")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)"
-                         ) from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def load_data(args):
@@ -66,11 +54,15 @@ def train(args, out_dir: str, device: torch.device) -> str:
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
     cfg = TrainConfig(dataset=args.dataset, K=args.k, m=args.m, d=args.d, L=args.L,
                       normalize=not args.not_normalize, alpha=args.alpha, seed=args.seed,
-                      test_batch=args.test_batch, embed_batch=args.embed_batch, amp=args.amp)
+                      test_batch=args.test_batch, embed_batch=args.embed_batch, amp=args.amp,
+                      consistency_lambda=args.consistency_lambda, xent_lambda=args.xent_lambda,
+                      mse_consistency=args.mse_consistency, actual_trades=args.actual_trades,
+                      minibatch_replays=args.minibatch_replays)
     trainer = ClusTRTrainer(model, optimizer, train_set, test_set, cfg, device)
     trainer.check_batch_shape()
     trainer.refresh_clusters()
     epoch_log = EpochLog(os.path.join(out_dir, "log.txt"))
+    metrics_csv = MetricsCSV(os.path.join(out_dir, "metrics.csv"))
     extra = {"args": {k: v for k, v in vars(args).items()}, "dataset": args.dataset,
              "classes": list(train_set.classes)}
     ckpt_path = os.path.join(out_dir, "checkpoint.pth")
@@ -83,6 +75,7 @@ def train(args, out_dir: str, device: torch.device) -> str:
         scheduler.step()
         epoch_log.append(epoch, lr, metrics.train_loss, metrics.train_acc, metrics.test_loss,
                          metrics.test_acc)
+        metrics_csv.append(epoch, lr, metrics, time.time() - start)
         ckpt = build_checkpoint(model, trainer.head(), args.k, epoch, metrics.test_acc, extra,
                                 assignments=trainer.clusters.assignments)
         save_atomic(ckpt, ckpt_path)

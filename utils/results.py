@@ -39,3 +39,30 @@ def write_csv(path: str, header: list[str], rows: list[list]) -> None:
 def read_csv(path: str) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+METRICS_HEADER = ("epoch", "lr", "magnet", "consistency", "xent", "train_loss", "train_acc",
+                  "test_loss", "test_acc", "seconds")
+LOSS_TERMS = ("magnet", "consistency", "xent")
+
+
+class MetricsCSV:
+    """``metrics.csv``: one row of named metrics per epoch, the whole file rewritten atomically.
+
+    ``magnet``, ``consistency`` and ``xent`` are the mean per-step contributions to the
+    training loss (weights applied, 0 for a disabled term); the other columns repeat
+    ``log.txt``'s full-set losses and accuracies, plus the epoch's wall time.
+    """
+
+    def __init__(self, path: str, resume: bool = False):
+        self.path = path
+        self.rows: list[list] = []
+        if resume and os.path.exists(path):
+            self.rows = [[row.get(k, "") for k in METRICS_HEADER] for row in read_csv(path)]
+
+    def append(self, epoch: int, lr: float, metrics, seconds: float) -> None:
+        """``metrics``: an EpochMetrics (losses, accuracies and the ``components`` dict)."""
+        terms = [metrics.components.get(name, 0.0) for name in LOSS_TERMS]
+        self.rows.append([epoch, lr, *terms, metrics.train_loss, metrics.train_acc,
+                          metrics.test_loss, metrics.test_acc, round(seconds, 3)])
+        write_csv(self.path, list(METRICS_HEADER), self.rows)

@@ -3,6 +3,8 @@
 One epoch = ``steps_per_epoch`` Magnet batches, then ONE no-grad, eval-mode embedding pass
 over the un-augmented training set whose embeddings serve the k-means refresh, sigma^2, the
 reported training loss and the training accuracy; then one pass over the test set.
+The variants' extra terms live in ``utils/consistency.py``, the "free" replays' perturbation
+in ``utils/free_adversarial.py``.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from datasets.magnet_sampler import MagnetSampler
 from models.cluster_head import ClusterHead
 from models.resnet import ResNet18
 from utils.clustering import Clusters, fit_clusters, kmeans_settings
+from utils.consistency import ExtraTerms
 from utils.embeddings import autocast, compute_embeddings, to_device
+from utils.free_adversarial import FreePerturbation
 from utils.magnet_loss import magnet_loss, magnet_loss_full
 from utils.progress import progress
 
@@ -34,6 +38,11 @@ class TrainConfig:
     test_batch: int = 64
     embed_batch: int = 256
     amp: bool = False
+    consistency_lambda: float = 0.0  # QTRADES (0 = plain ClusTR)
+    xent_lambda: float = 0.0
+    mse_consistency: bool = False
+    actual_trades: bool = False
+    minibatch_replays: int = 0  # free adversarial training (0 = off)
 
 
 @dataclass
@@ -57,6 +66,9 @@ class ClusTRTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.clusters: Clusters | None = None
         self.train_embeddings: torch.Tensor | None = None
+        self.extras = ExtraTerms(cfg.consistency_lambda, cfg.xent_lambda, cfg.mse_consistency,
+                                 cfg.actual_trades, cfg.amp)
+        self.free = FreePerturbation() if cfg.minibatch_replays > 0 else None
 
     def check_batch_shape(self) -> None:
         """Refuse m, L and K that the cluster structure cannot serve."""
@@ -94,8 +106,15 @@ class ClusTRTrainer:
 
     # -- one epoch --------------------------------------------------------------------------
     def train_epoch(self, desc: str = "train") -> dict:
-        """Magnet steps over one epoch; returns the mean of every loss term."""
+        """Magnet steps over one epoch; returns the mean of every loss term per optimiser step.
+
+        With free training each batch is replayed ``minibatch_replays`` times, one optimiser
+        step per replay; the sampler records the losses of the last replay.
+        """
         self.model.train()
+        head = self.head().to(self.device)  # this epoch's clusters, for the extra terms
+        classes = head.classes
+        replays = max(1, self.cfg.minibatch_replays)
         totals: dict[str, float] = {}
         steps = self.sampler.steps_per_epoch()
         bar = progress(range(steps), desc=desc, leave=False)
@@ -103,22 +122,36 @@ class ClusTRTrainer:
             indices, cluster_ids = self.sampler.sample(self.generator)
             images = augment(self.train.images[indices], self.cfg.dataset, self.generator)
             x = to_device(images, self.device)
-            with autocast(self.device, self.cfg.amp):
-                emb = self.model(x).float()
-            per_example, _ = magnet_loss(emb, cluster_ids.to(self.device),
-                                         self.clusters.classes.to(self.device), self.cfg.alpha)
-            terms = {"magnet": per_example.mean()}
-            loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step + 1}")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            cluster_ids = cluster_ids.to(self.device)
+            for _ in range(replays):
+                self.optimizer.zero_grad(set_to_none=True)
+                x_in = self.free.perturb(x) if self.free else x
+                terms, per_example = self.batch_terms(x_in, cluster_ids, classes, head)
+                loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss at step {step + 1}")
+                loss.backward()
+                self.optimizer.step()
+                if self.free:
+                    self.free.step(x)
+                for name, value in terms.items():
+                    totals[name] = totals.get(name, 0.0) + value.item()
             self.sampler.record_losses(indices, per_example)
-            for name, value in terms.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
-        return {name: total / steps for name, total in totals.items()}
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        return {name: total / (steps * replays) for name, total in totals.items()}
+
+    def batch_terms(self, x: torch.Tensor, cluster_ids: torch.Tensor, classes: torch.Tensor,
+                    head: ClusterHead) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """{'magnet', and the enabled 'consistency'/'xent'} of a batch, and the per-example
+        Magnet losses (N,). Their sum is the training loss; plain ClusTR has 'magnet' alone.
+        """
+        with autocast(self.device, self.cfg.amp):
+            emb = self.model(x).float()  # (N, 512)
+        per_example, _ = magnet_loss(emb, cluster_ids, classes, self.cfg.alpha)
+        terms = {"magnet": per_example.mean()}
+        terms.update(self.extras.terms(self.model, head, x, emb, classes[cluster_ids],
+                                       self.generator))
+        return terms, per_example
 
     def run_epoch(self) -> EpochMetrics:
         components = self.train_epoch()
