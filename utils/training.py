@@ -57,6 +57,8 @@ class ClusTRTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.clusters: Clusters | None = None
         self.train_embeddings: torch.Tensor | None = None
+        # after_step(steps_done, totals) runs after every step (periodic resume saves)
+        self.after_step = None
 
     def check_batch_shape(self) -> None:
         """Refuse m, L and K that the cluster structure cannot serve."""
@@ -93,12 +95,16 @@ class ClusTRTrainer:
                            self.cfg.normalize)
 
     # -- one epoch --------------------------------------------------------------------------
-    def train_epoch(self, desc: str = "train") -> dict:
-        """Magnet steps over one epoch; returns the mean of every loss term."""
+    def train_epoch(self, desc: str = "train", start_step: int = 0,
+                    totals: dict | None = None) -> dict:
+        """Magnet steps over one epoch; returns the mean of every loss term.
+
+        A resumed run starts at ``start_step`` with the running ``totals`` of the steps done.
+        """
         self.model.train()
-        totals: dict[str, float] = {}
+        totals: dict[str, float] = dict(totals or {})
         steps = self.sampler.steps_per_epoch()
-        bar = progress(range(steps), desc=desc, leave=False)
+        bar = progress(range(start_step, steps), desc=desc, leave=False)
         for step in bar:
             indices, cluster_ids = self.sampler.sample(self.generator)
             images = augment(self.train.images[indices], self.cfg.dataset, self.generator)
@@ -118,16 +124,34 @@ class ClusTRTrainer:
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
             bar.set_postfix(loss=f"{float(loss):.4f}")
+            if self.after_step is not None:
+                self.after_step(step + 1, totals)
         return {name: total / steps for name, total in totals.items()}
 
-    def run_epoch(self) -> EpochMetrics:
-        components = self.train_epoch()
+    def run_epoch(self, start_step: int = 0, totals: dict | None = None) -> EpochMetrics:
+        components = self.train_epoch(start_step=start_step, totals=totals)
         train_emb = self.refresh_clusters()
         train_loss, train_acc = self.metrics(train_emb, self.train.labels)
         test_emb = compute_embeddings(self.model, self.test.images, self.cfg.test_batch,
                                       self.device, desc="embed test", amp=self.cfg.amp)
         test_loss, test_acc = self.metrics(test_emb, self.test.labels)
         return EpochMetrics(train_loss, train_acc, test_loss, test_acc, components)
+
+    # -- resume -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the network and the optimiser: the clusters, the
+        sampler's per-example losses and the generator of batches and augmentation. Tensors
+        and plain types only, so it loads with ``weights_only=True``."""
+        c = self.clusters
+        return {"generator": self.generator.get_state(), "sampler": self.sampler.state_dict(),
+                "clusters": {"centers": c.centers, "classes": c.classes,
+                             "assignments": c.assignments, "variance": c.variance}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.clusters = Clusters(**state["clusters"])
+        self.sampler.update_clusters(self.clusters.assignments, self.clusters.centers)
 
     @torch.no_grad()
     def metrics(self, emb: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
