@@ -380,6 +380,17 @@ BAD_INPUTS = [
     ("evaluate-directory", lambda c: evaluate(c, c.tmp), r"is a directory, not a checkpoint"),
     ("evaluate-partial-cluster-keys", lambda c: evaluate(c, partial_clusters(c)),
      r"checkpoint has cluster_centers, cluster_classes, K but lacks variance"),
+    ("evaluate-other-arch", lambda c: evaluate(c, c.saved("other.pth", {
+        **c.ckpt(), "state_dict": {"linear.weight": torch.zeros(3, 512),
+                                   "fc.bias": torch.zeros(3)}})),
+     r"checkpoint does not match the ResNet18 of this project \(missing: conv1\.weight.*"
+     r"unexpected: fc\.bias"),
+    ("evaluate-bad-cluster-shape", lambda c: evaluate(c, c.saved("shape.pth", {
+        **c.ckpt(), "cluster_centers": torch.zeros(3, 64)})),
+     r"inconsistent cluster state: centers \(3, 64\) \(need \(C\*K, 512\)\)"),
+    ("evaluate-nan-variance", lambda c: evaluate(c, c.saved("var.pth", {
+        **c.ckpt(), "variance": torch.full((3,), float("nan"))})),
+     r"cluster state holds NaN/inf, a non-positive variance"),
     ("evaluate-no-weights", lambda c: evaluate(c, c.saved("empty.pth", {"epoch": 1})),
      r"checkpoint has no ResNet18 weights"),
     ("evaluate-truncated", lambda c: evaluate(c, c.truncated("half.pth")),

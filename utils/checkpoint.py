@@ -18,7 +18,7 @@ import torch
 
 from models.classifier import ClusterClassifier
 from models.cluster_head import ClusterHead
-from models.resnet import ResNet18, normalization_for
+from models.resnet import EMBEDDING_DIM, ResNet18, normalization_for
 from utils.errors import UsageError
 
 FORMAT = "clustr-reference-1"
@@ -153,10 +153,17 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     sd = extract_state_dict(load_checkpoint(path))
     if not sd:
         raise UsageError(f"{path} holds no tensors: not a weight file")
+    copy_weights(model, sd, path)
+
+
+def copy_weights(model: torch.nn.Module, sd: dict, source: str) -> None:
+    """``model.load_state_dict(sd, strict=True)``, refusing in one line weights with NaN/inf
+    and listing missing, unexpected and mis-shaped keys together."""
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise UsageError(f"{path} holds non-finite values (NaN or inf) in {', '.join(bad[:3])}"
-                         f"{' ...' if len(bad) > 3 else ''}: not usable weights")
+        raise UsageError(f"{source} holds non-finite values (NaN or inf) in "
+                         f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}: not usable "
+                         f"weights")
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -169,7 +176,7 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
             if keys:
                 more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
                 parts.append(f"{name}: {', '.join(keys[:5])}{more}")
-        raise UsageError(f"{path} does not match the {type(model).__name__} of this project "
+        raise UsageError(f"{source} does not match the {type(model).__name__} of this project "
                          f"({'; '.join(parts)})")
     model.load_state_dict(sd, strict=True)
 
@@ -214,13 +221,21 @@ def classifier_from_checkpoint(ckpt: dict, dataset: str | None = None, L: int | 
         raise UsageError("checkpoint lacks the cluster keys "
                          f"({', '.join(CLUSTER_KEYS)}): not a ClusTR checkpoint")
     backbone = backbone_from_state(ckpt, dataset)
-    classes = _tensor(ckpt["cluster_classes"], torch.long).reshape(-1)
-    centers = _tensor(ckpt["cluster_centers"], torch.float32)
-    variance = _tensor(ckpt["variance"], torch.float32).reshape(-1)
-    if centers.dim() != 2 or len(classes) != len(centers) or \
-            len(variance) not in (1, len(centers)):
-        raise UsageError(f"inconsistent cluster state: centers {tuple(centers.shape)}, "
-                         f"classes {tuple(classes.shape)}, variance {tuple(variance.shape)}")
+    try:
+        classes = _tensor(ckpt["cluster_classes"], torch.long).reshape(-1)
+        centers = _tensor(ckpt["cluster_centers"], torch.float32)
+        variance = _tensor(ckpt["variance"], torch.float32).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"checkpoint cluster state is not numeric tensors: {exc}") from exc
+    if centers.dim() != 2 or centers.shape[1] != EMBEDDING_DIM or len(centers) == 0 or \
+            len(classes) != len(centers) or len(variance) not in (1, len(centers)):
+        raise UsageError(f"inconsistent cluster state: centers {tuple(centers.shape)} (need "
+                         f"(C*K, {EMBEDDING_DIM})), classes {tuple(classes.shape)}, variance "
+                         f"{tuple(variance.shape)}")
+    if not (torch.isfinite(centers).all() and torch.isfinite(variance).all()
+            and (variance > 0).all() and (classes >= 0).all()):
+        raise UsageError("checkpoint cluster state holds NaN/inf, a non-positive variance or a "
+                         "negative class: not usable")
     num_classes = max(int(classes.max()) + 1, backbone.linear.out_features)
     head = ClusterHead(centers, classes, variance.expand(len(centers)), num_classes,
                        L=int(ckpt.get("L", 10)) if L is None else L,
@@ -237,9 +252,5 @@ def backbone_from_state(ckpt: dict, dataset: str | None = None) -> ResNet18:
     dataset = ckpt.get("dataset", dataset) if dataset is None else dataset
     mean, std = normalization_for(dataset or "cifar10")
     backbone = ResNet18(num_classes=sd["linear.weight"].shape[0], mean=mean, std=std)
-    try:
-        backbone.load_state_dict(sd, strict=True)
-    except RuntimeError as exc:
-        raise UsageError(f"checkpoint weights do not fit the ResNet18: "
-                         f"{str(exc).splitlines()[0]}") from exc
+    copy_weights(backbone, sd, "checkpoint")
     return backbone.eval()
