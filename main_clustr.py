@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sys
 import time
 
@@ -19,38 +20,55 @@ import torch
 from datasets.data import balanced_subset, load_dataset
 from models.resnet import ResNet18, normalization_for
 from utils.checkpoint import build_checkpoint, load_weights, save_atomic, write_text_atomic
+from utils.clustering import check_class_sizes
 from utils.device import resolve_device
 from utils.errors import UsageError
-from utils.evaluation import evaluate_checkpoint
+from utils.evaluation import evaluate_checkpoint, evaluate_model, load_eval_inputs
+from utils.experiment_dir import RESUME_FILE, ExperimentDir
 from utils.progress import set_quiet
 from utils.results import EpochLog, MetricsCSV
+from utils.resume import Position, RunState, read_resume
 from utils.train_setting import params_line, parse_args
 from utils.training import ClusTRTrainer, TrainConfig
 
 log = logging.getLogger("clustr")
 
 
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def load_data(args):
     train = load_dataset(args.dataset, args.data_root, "train", workers=args.workers)
     test = load_dataset(args.dataset, args.data_root, "test", workers=args.workers)
-    train = balanced_subset(train, args.train_subset, args.seed)
-    test = balanced_subset(test, args.test_subset, args.seed)
+    if list(train.classes) != list(test.classes):
+        raise UsageError(f"the training classes {train.classes[:5]} and test classes "
+                         f"{test.classes[:5]} differ: both splits need the same class folders")
+    train = balanced_subset(train, args.train_subset, args.seed, flag="--train-subset")
+    test = balanced_subset(test, args.test_subset, args.seed, flag="--test-subset")
     return train, test
 
 
-def train(args, out_dir: str, device: torch.device) -> str:
-    """Train ClusTR and return the path of the last checkpoint."""
+def build_run(args, out: ExperimentDir, device: torch.device):
+    """Data, network, optimiser, scheduler and trainer, every input checked; restored from
+    ``resume.pth`` with ``--resume``. Nothing is written here."""
     train_set, test_set = load_data(args)
+    check_class_sizes(train_set.labels, train_set.classes, args.k)
     log.info("data: %s, %d training and %d test images, %d classes", args.dataset,
              len(train_set), len(test_set), train_set.num_classes)
     mean, std = normalization_for(args.dataset)
     model = ResNet18(train_set.num_classes, mean, std)
-    if args.pretrained_path:
+    resume = read_resume(out.file(RESUME_FILE), args) if args.resume else None
+    if resume is None and args.pretrained_path:
         load_weights(model, args.pretrained_path)
-    else:
+    elif resume is None:
         log.warning("no --pretrained-path: ClusTR starts from random weights")
     model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    if not args.milestones:
+        log.info("no --milestones: the learning rate stays %g", args.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
     cfg = TrainConfig(dataset=args.dataset, K=args.k, m=args.m, d=args.d, L=args.L,
                       normalize=not args.not_normalize, alpha=args.alpha, seed=args.seed,
@@ -60,47 +78,94 @@ def train(args, out_dir: str, device: torch.device) -> str:
                       minibatch_replays=args.minibatch_replays)
     trainer = ClusTRTrainer(model, optimizer, train_set, test_set, cfg, device)
     trainer.check_batch_shape()
-    trainer.refresh_clusters()
-    epoch_log = EpochLog(os.path.join(out_dir, "log.txt"))
-    metrics_csv = MetricsCSV(os.path.join(out_dir, "metrics.csv"))
+    state = RunState(out.file(RESUME_FILE), args, model, optimizer, scheduler, trainer)
+    if resume is not None:
+        return state, state.restore(resume)
+    try:
+        trainer.refresh_clusters()
+    except FloatingPointError as exc:
+        raise UsageError(f"before training: {exc} (check --pretrained-path)") from exc
+    return state, Position()
+
+
+def train(args, out: ExperimentDir, device: torch.device) -> str:
+    """Train ClusTR, or continue an interrupted run, and return the last checkpoint's path."""
+    state, start = build_run(args, out, device)
+    model, optimizer, scheduler, trainer = (state.model, state.optimizer, state.scheduler,
+                                            state.trainer)
+    epoch_log = EpochLog(out.file("log.txt"), keep_epochs=start.epoch if args.resume else None,
+                         write=False)
+    metrics_csv = MetricsCSV(out.file("metrics.csv"), keep_epochs=start.epoch if args.resume
+                             else None)
+    # every input is checked: from here on the experiment directory changes
+    out.prepare(evaluate_only=False, overwrite=args.overwrite, inputs=[args.pretrained_path])
+    if not args.resume:
+        state.save(start)  # from the first result on, --resume has a state to continue from
+    write_text_atomic(out.file("params.txt"), params_line(args) + "\n")
+    epoch_log.flush()
     extra = {"args": {k: v for k, v in vars(args).items()}, "dataset": args.dataset,
-             "classes": list(train_set.classes)}
-    ckpt_path = os.path.join(out_dir, "checkpoint.pth")
+             "classes": list(trainer.train.classes)}
+    ckpt_path = out.file("checkpoint.pth")
     log.info("%d steps of %d x %d examples per epoch", trainer.sampler.steps_per_epoch(),
              args.m, args.d)
-    for epoch in range(1, args.epochs + 1):
-        start = time.time()
+    for epoch in range(start.epoch + 1, args.epochs + 1):
+        begin = time.time()
         lr = optimizer.param_groups[0]["lr"]
-        metrics = trainer.run_epoch()
+        resumed = start if epoch == start.epoch + 1 else Position(epoch - 1)
+        trainer.after_step = state.step_saver(args.checkpoint_every, epoch)
+        metrics = run_epoch(trainer, epoch, resumed, ckpt_path)
         scheduler.step()
         epoch_log.append(epoch, lr, metrics.train_loss, metrics.train_acc, metrics.test_loss,
                          metrics.test_acc)
-        metrics_csv.append(epoch, lr, metrics, time.time() - start)
+        metrics_csv.append(epoch, lr, metrics, time.time() - begin)
         ckpt = build_checkpoint(model, trainer.head(), args.k, epoch, metrics.test_acc, extra,
                                 assignments=trainer.clusters.assignments)
         save_atomic(ckpt, ckpt_path)
         if args.save_all:
-            save_atomic(ckpt, os.path.join(out_dir, f"checkpoint_{epoch}.pth"))
+            save_atomic(ckpt, out.file(f"checkpoint_{epoch}.pth"))
+        state.save(Position(epoch))
         log.info("epoch %d/%d  lr %.2g  train loss %.4f acc %.2f%%  test loss %.4f acc "
                  "%.2f%%  (%.0fs)", epoch, args.epochs, lr, metrics.train_loss,
-                 metrics.train_acc, metrics.test_loss, metrics.test_acc, time.time() - start)
+                 metrics.train_acc, metrics.test_loss, metrics.test_acc, time.time() - begin)
     return ckpt_path
+
+
+def run_epoch(trainer: ClusTRTrainer, epoch: int, start: Position, ckpt_path: str):
+    """One epoch; a non-finite loss or a failed cluster refresh stops the run with one line
+    naming the epoch and step, before anything of this epoch is written."""
+    kept = (f"the last good checkpoint is kept ({ckpt_path}, epoch {epoch - 1})" if epoch > 1
+            else "no epoch finished, so there is no checkpoint yet")
+    try:
+        return trainer.run_epoch(start.step, start.totals)
+    except FloatingPointError as exc:
+        raise UsageError(f"training stopped in epoch {epoch}: {exc}; {kept}: lower --lr or "
+                         f"check the data") from exc
+    except UsageError as exc:  # e.g. the epoch's k-means left a cluster too small
+        raise UsageError(f"training stopped in epoch {epoch}: {exc}; {kept}") from exc
 
 
 def run(args) -> int:
     device = resolve_device(args.device)
     set_quiet(args.quiet)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    out_dir = args.checkpoint
-    os.makedirs(out_dir, exist_ok=True)
-    if args.evaluate_ckpt is None:
+    seed_everything(args.seed)
+    out = ExperimentDir(args.checkpoint)
+    evaluate_only = args.evaluate_ckpt is not None
+    out.check(evaluate_only, args.resume, args.overwrite)  # before anything is read or written
+    if not evaluate_only:
         args.L = 10 if args.L is None else args.L
         args.not_normalize = bool(args.not_normalize)
-    write_text_atomic(os.path.join(out_dir, "params.txt"), params_line(args) + "\n")
-    ckpt_path = args.evaluate_ckpt or train(args, out_dir, device)
-    evaluate_checkpoint(args, ckpt_path, out_dir, device)
+        ckpt_path = train(args, out, device)
+        evaluate_checkpoint(args, ckpt_path, out.path, device)
+        return 0
+    model, test = load_eval_inputs(args, args.evaluate_ckpt)
+    out.prepare(evaluate_only=True, overwrite=args.overwrite, inputs=[args.evaluate_ckpt])
+    write_text_atomic(out.file("params.txt"), params_line(args) + "\n")
+    evaluate_model(args, model, test, out.path, device)
     return 0
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def main(argv=None) -> int:
@@ -110,8 +175,16 @@ def main(argv=None) -> int:
     try:
         return run(args)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permission denied, ...: one line, not a traceback
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        saved = os.path.isfile(os.path.join(args.checkpoint, RESUME_FILE))
+        print("interrupted" + (": continue with the same command and --resume" if saved and
+                               args.evaluate_ckpt is None else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

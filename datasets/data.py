@@ -55,6 +55,7 @@ def load_dataset(name: str, root: str, split: str, download: bool = True,
     import torchvision.datasets as tvd
 
     train = split == "train"
+    created = not os.path.exists(root)
     try:
         if name == "cifar10":
             ds = tvd.CIFAR10(root, train=train, download=download)
@@ -63,6 +64,8 @@ def load_dataset(name: str, root: str, split: str, download: bool = True,
         else:
             ds = tvd.SVHN(root, split=split, download=download)
     except Exception as exc:  # offline download, corrupt archive, ...
+        if created and os.path.isdir(root) and not os.listdir(root):
+            os.rmdir(root)  # leave the disk as it was: only the empty folder we made goes
         raise UsageError(
             f"{name} {split} set not found in {os.path.abspath(root)} and could not be "
             f"downloaded ({type(exc).__name__}); place {_EXPECTED_FILES[name]} there, or pass "
@@ -94,7 +97,12 @@ def _load_image_folder(root: str, split: str, workers: int) -> ImageData:
         raise UsageError(f"no images in {os.path.abspath(folder)}: {exc}") from exc
 
     def read(path: str) -> np.ndarray:
-        img = ds.loader(path).convert("RGB")
+        try:
+            img = ds.loader(path).convert("RGB")
+        except (OSError, ValueError, SyntaxError) as exc:  # not an image, truncated, ...
+            raise UsageError(f"{path}: unreadable image ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                             f"remove or replace it") from exc
         if img.size != (32, 32):
             raise UsageError(f"{path} is {img.size[0]}x{img.size[1]}: --dataset imagefolder "
                              f"needs 32x32 RGB images")
@@ -111,8 +119,16 @@ def _load_image_folder(root: str, split: str, workers: int) -> ImageData:
                      list(ds.classes))
 
 
-def balanced_subset(data: ImageData, n: int | None, seed: int) -> ImageData:
-    """A seeded subset of ``n`` examples with the classes as balanced as the data allow."""
+def balanced_subset(data: ImageData, n: int | None, seed: int,
+                    flag: str = "the subset") -> ImageData:
+    """A seeded subset of ``n`` examples with the classes as balanced as the data allow.
+
+    ``n`` larger than the data set is refused (``flag`` names the option in the message)
+    rather than silently ignored.
+    """
+    if n and n > len(data):
+        raise UsageError(f"{flag} {n} is larger than the {len(data)} examples available: "
+                         f"lower it or leave it out to use them all")
     if not n or n >= len(data):
         return data
     if n < data.num_classes:

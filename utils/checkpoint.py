@@ -12,12 +12,13 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 
 import torch
 
 from models.classifier import ClusterClassifier
 from models.cluster_head import ClusterHead
-from models.resnet import ResNet18, normalization_for
+from models.resnet import EMBEDDING_DIM, ResNet18, normalization_for
 from utils.errors import UsageError
 
 FORMAT = "clustr-reference-1"
@@ -27,64 +28,108 @@ PREFIXES = ("module.", "model.")
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """``torch.load(path, weights_only=True)``, with a one-line error for every failure."""
+    """``torch.load(path, weights_only=True)``, with a one-line error for every failure.
+
+    ``weights_only=True`` only rebuilds tensors and plain Python types: a file that holds a
+    pickled object (a class instance, a numpy scalar, ...) is refused rather than executed.
+    """
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's own warnings would break the one-line answer
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only load failed" not in str(exc).lower():
-            raise UsageError(f"{path} is not a readable PyTorch file: {_one_line(exc)}") from exc
-        raise UsageError(f"{path} holds Python objects that are not tensors or plain "
-                         f"containers, and arbitrary unpickling is refused for safety "
-                         f"(weights_only=True): {_one_line(exc)}") from exc
-    except Exception as exc:  # a truncated zip, an empty or foreign file: many error types
+        raise UsageError(_refusal(path, str(exc))) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # truncated zip, text file, empty file, bad map_location, ...
         raise UsageError(f"{path} is not a readable PyTorch file (truncated or corrupt?): "
-                         f"{_one_line(exc)}") from exc
+                         f"{_first_line(exc)}") from exc
     if not isinstance(obj, dict):
         raise UsageError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
     return obj
 
 
-def _one_line(exc: BaseException) -> str:
-    """The informative part of a loader's message, as one short line."""
+def _refusal(path: str, message: str) -> str:
+    """The one-line reason a file was refused by the weights-only unpickler."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if found:
+        what = f"a pickled {found.group(1)} object"
+    else:
+        found = re.search(r"WeightsUnpickler error: \s*(.+)", message)
+        what = "pickled data" + (f" ({found.group(1).strip()[:80]})" if found else "")
+    return (f"{path} holds {what}: refused, because unpickling arbitrary objects can run code "
+            f"(weights_only=True); if you trust the file, re-save it with tensors and plain "
+            f"types only")
+
+
+def _first_line(exc: BaseException) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    refused = re.search(r"Unsupported global: GLOBAL \S+", text)
-    if refused:
-        return refused.group(0)
-    first = text.splitlines()[0].split(". ")[0] if text else ""
-    return f"{type(exc).__name__}: {first[:160]}" if first else type(exc).__name__
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first[:200]
 
 
 def save_atomic(obj, path: str) -> None:
     """Write ``obj`` with ``torch.save`` to a temporary file, then move it into place."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    A process killed at any moment leaves either the previous file or the new one, never a
+    partial one (at worst a hidden ``.<name>.*`` temporary, removed by the next run). The
+    data and the rename are both flushed to disk before returning.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=folder)
     try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; keep the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(folder)
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; put it back at once
-    os.umask(mask)
-    return mask
+def _file_mode(path: str) -> int:
+    """The replaced file's permissions, or those a plain ``open(path, "w")`` would give."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def temp_prefix(path: str) -> str:
+    """Temporary files of ``atomic_write(path)`` are named ``<prefix>XXXXXXXX``."""
+    return "." + os.path.basename(path) + "."
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform; the rename itself is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def extract_state_dict(obj: dict) -> dict:
@@ -108,6 +153,17 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     sd = extract_state_dict(load_checkpoint(path))
     if not sd:
         raise UsageError(f"{path} holds no tensors: not a weight file")
+    copy_weights(model, sd, path)
+
+
+def copy_weights(model: torch.nn.Module, sd: dict, source: str) -> None:
+    """``model.load_state_dict(sd, strict=True)``, refusing in one line weights with NaN/inf
+    and listing missing, unexpected and mis-shaped keys together."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UsageError(f"{source} holds non-finite values (NaN or inf) in "
+                         f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}: not usable "
+                         f"weights")
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -120,7 +176,7 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
             if keys:
                 more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
                 parts.append(f"{name}: {', '.join(keys[:5])}{more}")
-        raise UsageError(f"{path} does not match the {type(model).__name__} of this project "
+        raise UsageError(f"{source} does not match the {type(model).__name__} of this project "
                          f"({'; '.join(parts)})")
     model.load_state_dict(sd, strict=True)
 
@@ -173,18 +229,21 @@ def classifier_from_checkpoint(ckpt: dict, dataset: str | None = None, L: int | 
         raise UsageError("checkpoint lacks the cluster keys "
                          f"({', '.join(CLUSTER_KEYS)}): not a ClusTR checkpoint")
     backbone = backbone_from_state(ckpt, dataset)
-    classes = _tensor(ckpt["cluster_classes"], torch.long).reshape(-1)
-    centers = _tensor(ckpt["cluster_centers"], torch.float32)
-    variance = _tensor(ckpt["variance"], torch.float32).reshape(-1)
-    if centers.dim() != 2 or len(classes) != len(centers) or \
-            len(variance) not in (1, len(centers)):
-        raise UsageError(f"inconsistent cluster state: centers {tuple(centers.shape)}, "
-                         f"classes {tuple(classes.shape)}, variance {tuple(variance.shape)}")
-    valid = (len(centers) > 0 and torch.isfinite(centers).all() and (classes >= 0).all()
-             and torch.isfinite(variance).all() and (variance > 0).all())
-    if not valid:
-        raise UsageError("invalid cluster state: needs at least one cluster, finite centroids, "
-                         "non-negative cluster classes and positive finite variances")
+    try:
+        classes = _tensor(ckpt["cluster_classes"], torch.long).reshape(-1)
+        centers = _tensor(ckpt["cluster_centers"], torch.float32)
+        variance = _tensor(ckpt["variance"], torch.float32).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"checkpoint cluster state is not numeric tensors: {exc}") from exc
+    if centers.dim() != 2 or centers.shape[1] != EMBEDDING_DIM or len(centers) == 0 or \
+            len(classes) != len(centers) or len(variance) not in (1, len(centers)):
+        raise UsageError(f"inconsistent cluster state: centers {tuple(centers.shape)} (need "
+                         f"(C*K, {EMBEDDING_DIM})), classes {tuple(classes.shape)}, variance "
+                         f"{tuple(variance.shape)}")
+    if not (torch.isfinite(centers).all() and torch.isfinite(variance).all()
+            and (variance > 0).all() and (classes >= 0).all()):
+        raise UsageError("checkpoint cluster state holds NaN/inf, a non-positive variance or a "
+                         "negative class: not usable")
     num_classes = max(int(classes.max()) + 1, backbone.linear.out_features)
     head = ClusterHead(centers, classes, variance.expand(len(centers)), num_classes,
                        L=int(ckpt.get("L", 10)) if L is None else L,
@@ -203,9 +262,5 @@ def backbone_from_state(ckpt: dict, dataset: str | None = None) -> ResNet18:
     dataset = ckpt.get("dataset", dataset) if dataset is None else dataset
     mean, std = normalization_for(dataset or "cifar10")
     backbone = ResNet18(num_classes=sd["linear.weight"].shape[0], mean=mean, std=std)
-    try:
-        backbone.load_state_dict(sd, strict=True)
-    except RuntimeError as exc:
-        raise UsageError(f"checkpoint weights do not fit the ResNet18: "
-                         f"{str(exc).splitlines()[0]}") from exc
+    copy_weights(backbone, sd, "checkpoint")
     return backbone.eval()

@@ -23,12 +23,30 @@ def kmeans_settings(dataset: str) -> tuple[int, int]:
     return (1, 20) if dataset in ("cifar10", "imagefolder") else (10, 40)
 
 
+def check_class_sizes(labels: torch.Tensor, class_names: list[str], K: int) -> None:
+    """Refuse a --k that k-means cannot serve, before the costly embedding pass: every class
+    needs K clusters of at least 2 examples (the Magnet loss's minimum), so 2*K examples."""
+    counts = torch.bincount(labels.cpu(), minlength=len(class_names))
+    c = int(counts.argmin())
+    n = int(counts[c])
+    if n < K:
+        raise UsageError(f"--k {K} is larger than the {n} training examples of class "
+                         f"{class_names[c]!r}: lower --k or use more data")
+    if n < 2 * K:
+        raise UsageError(f"class {class_names[c]!r} has {n} training examples, too few for "
+                         f"--k {K} clusters of at least 2 (needs {2 * K}): lower --k or use "
+                         f"more data")
+
+
 def fit_clusters(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, K: int,
                  n_init: int, max_iter: int, seed: int) -> Clusters:
     """k-means (k-means++ init, fixed random state) on each class's embeddings separately."""
     from sklearn.cluster import KMeans
 
     emb = emb.detach().float().cpu()
+    if not torch.isfinite(emb).all():
+        raise FloatingPointError("the network gives non-finite embeddings, so k-means cannot "
+                                 "run")
     labels = labels.cpu()
     x = emb.numpy().astype(np.float64)
     centers = torch.empty(num_classes * K, emb.shape[1])

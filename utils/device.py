@@ -14,6 +14,11 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as exc:
         raise UsageError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)"
                          ) from exc
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: only auto, cpu, cuda and cuda:N are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s)")
     return device

@@ -18,6 +18,7 @@ from datasets.data import ImageData, balanced_subset, load_dataset
 from models.resnet import ResNet18
 from utils.attacks import LossFn, paper_loss, pgd, start_keys
 from utils.checkpoint import (
+    atomic_write,
     backbone_from_state,
     classifier_from_checkpoint,
     has_clusters,
@@ -141,10 +142,21 @@ def load_eval_model(args, ckpt_path: str):
     return LinearClassifier(backbone_from_state(ckpt, args.dataset))
 
 
-def evaluate_checkpoint(args, ckpt_path: str, out_dir: str, device: torch.device) -> SweepResult:
+def load_eval_inputs(args, ckpt_path: str):
+    """The model and the test set, loaded (and so checked) before any result is written."""
     model = load_eval_model(args, ckpt_path)
     test = load_dataset(args.dataset, args.data_root, "test", workers=args.workers)
-    test = balanced_subset(test, args.test_subset, args.seed)
+    test = balanced_subset(test, args.test_subset, args.seed, flag="--test-subset")
+    return model, test
+
+
+def evaluate_checkpoint(args, ckpt_path: str, out_dir: str, device: torch.device) -> SweepResult:
+    model, test = load_eval_inputs(args, ckpt_path)
+    return evaluate_model(args, model, test, out_dir, device)
+
+
+def evaluate_model(args, model, test: ImageData, out_dir: str,
+                   device: torch.device) -> SweepResult:
     result = run_sweep(model, test, EPSILONS, args.iterations, args.restarts, args.seed,
                        args.test_batch, device)
     log.info("clean accuracy %.2f%% on %d test images", result.clean_acc, len(test))
@@ -185,8 +197,7 @@ def plot_robustness(path: str, curves: dict[str, list[tuple[float, float]]]) -> 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path)
-                       + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)

@@ -5,6 +5,7 @@ Nothing is parsed at import time: ``parse_args(argv)`` is called from ``main()``
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from datasets.data import DATASETS
@@ -24,8 +25,8 @@ def _positive(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if not value > 0 or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
         return value
     parse.__name__ = f"positive {kind.__name__}"
     return parse
@@ -37,8 +38,8 @@ def _non_negative(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+        if not value >= 0 or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
         return value
     parse.__name__ = f"non-negative {kind.__name__}"
     return parse
@@ -46,6 +47,20 @@ def _non_negative(kind):
 
 pos_int, pos_float = _positive(int), _positive(float)
 nonneg_int, nonneg_float = _non_negative(int), _non_negative(float)
+
+
+def seed_int(text):
+    """A seed numpy, torch and scikit-learn all accept: 0 <= seed < 2**32."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32 - 1, got {text}")
+    return value
+
+
+seed_int.__name__ = "seed"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr", type=pos_float, default=1e-4, help="Adam learning rate")
     o.add_argument("--dataset", default="cifar10", choices=DATASETS, help="data set")
     o.add_argument("--checkpoint", required=True, help="experiment directory for the results")
-    o.add_argument("--seed", type=int, default=111, help="manual seed")
+    o.add_argument("--seed", type=seed_int, default=111, help="manual seed")
     o.add_argument("--arch", default="resnet18", choices=ARCHS, help="architecture")
     o.add_argument("--evaluate-ckpt", default=None, metavar="PATH",
                    help="evaluate this checkpoint only (no training)")
@@ -109,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bfloat16 autocast for training and embedding passes (CUDA only; "
                         "attacks stay in float32)")
     n.add_argument("--quiet", action="store_true", help="no progress bars")
+    r = p.add_argument_group("interrupted runs and existing results (see README, Failure "
+                             "behaviour)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --checkpoint from its resume.pth "
+                        "(same arguments; --epochs may grow)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the results already in --checkpoint instead of refusing")
+    r.add_argument("--checkpoint-every", type=nonneg_int, default=0, metavar="N",
+                   help="also save the resume state every N training steps within an epoch "
+                        "(0: only at the end of each epoch)")
     return p
 
 
@@ -120,6 +145,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.m < 2:
         parser.error(f"--m {args.m}: a Magnet batch needs the seed cluster and at least one "
                      f"impostor")
+    if len(set(args.milestones)) != len(args.milestones):
+        parser.error(f"--milestones {' '.join(map(str, args.milestones))}: an epoch is listed "
+                     f"twice")
+    if not args.checkpoint.strip():
+        parser.error("--checkpoint is empty: name the experiment directory")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the results in --checkpoint and --overwrite replaces "
+                     "them: give one of the two")
+    if args.resume and args.evaluate_ckpt is not None:
+        parser.error("--resume continues training; --evaluate-ckpt only evaluates: give one of "
+                     "the two")
     return args
 
 

@@ -69,6 +69,8 @@ class ClusTRTrainer:
         self.extras = ExtraTerms(cfg.consistency_lambda, cfg.xent_lambda, cfg.mse_consistency,
                                  cfg.actual_trades, cfg.amp)
         self.free = FreePerturbation() if cfg.minibatch_replays > 0 else None
+        # after_step(steps_done, totals) runs after every step (periodic resume saves)
+        self.after_step = None
 
     def check_batch_shape(self) -> None:
         """Refuse m, L and K that the cluster structure cannot serve."""
@@ -105,19 +107,21 @@ class ClusTRTrainer:
                            self.cfg.normalize)
 
     # -- one epoch --------------------------------------------------------------------------
-    def train_epoch(self, desc: str = "train") -> dict:
+    def train_epoch(self, desc: str = "train", start_step: int = 0,
+                    totals: dict | None = None) -> dict:
         """Magnet steps over one epoch; returns the mean of every loss term per optimiser step.
 
         With free training each batch is replayed ``minibatch_replays`` times, one optimiser
-        step per replay; the sampler records the losses of the last replay.
+        step per replay; the sampler records the losses of the last replay. A resumed run
+        starts at ``start_step`` with the running ``totals`` of the steps done.
         """
         self.model.train()
         head = self.head().to(self.device)  # this epoch's clusters, for the extra terms
         classes = head.classes
         replays = max(1, self.cfg.minibatch_replays)
-        totals: dict[str, float] = {}
+        totals: dict[str, float] = dict(totals or {})
         steps = self.sampler.steps_per_epoch()
-        bar = progress(range(steps), desc=desc, leave=False)
+        bar = progress(range(start_step, steps), desc=desc, leave=False)
         for step in bar:
             indices, cluster_ids = self.sampler.sample(self.generator)
             images = augment(self.train.images[indices], self.cfg.dataset, self.generator)
@@ -138,6 +142,8 @@ class ClusTRTrainer:
                     totals[name] = totals.get(name, 0.0) + value.item()
             self.sampler.record_losses(indices, per_example)
             bar.set_postfix(loss=f"{loss.item():.4f}")
+            if self.after_step is not None:
+                self.after_step(step + 1, totals)
         return {name: total / (steps * replays) for name, total in totals.items()}
 
     def batch_terms(self, x: torch.Tensor, cluster_ids: torch.Tensor, classes: torch.Tensor,
@@ -153,14 +159,35 @@ class ClusTRTrainer:
                                        self.generator))
         return terms, per_example
 
-    def run_epoch(self) -> EpochMetrics:
-        components = self.train_epoch()
+    def run_epoch(self, start_step: int = 0, totals: dict | None = None) -> EpochMetrics:
+        components = self.train_epoch(start_step=start_step, totals=totals)
         train_emb = self.refresh_clusters()
         train_loss, train_acc = self.metrics(train_emb, self.train.labels)
         test_emb = compute_embeddings(self.model, self.test.images, self.cfg.test_batch,
                                       self.device, desc="embed test", amp=self.cfg.amp)
         test_loss, test_acc = self.metrics(test_emb, self.test.labels)
         return EpochMetrics(train_loss, train_acc, test_loss, test_acc, components)
+
+    # -- resume -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the network and the optimiser: the clusters, the
+        sampler's per-example losses and the generator of batches and augmentation. Tensors
+        and plain types only, so it loads with ``weights_only=True``."""
+        c = self.clusters
+        state = {"generator": self.generator.get_state(), "sampler": self.sampler.state_dict(),
+                 "clusters": {"centers": c.centers, "classes": c.classes,
+                              "assignments": c.assignments, "variance": c.variance}}
+        if self.free is not None and self.free.delta is not None:
+            state["free_delta"] = self.free.delta.detach().cpu()  # carried across batches
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.clusters = Clusters(**state["clusters"])
+        self.sampler.update_clusters(self.clusters.assignments, self.clusters.centers)
+        if self.free is not None and "free_delta" in state:
+            self.free.delta = state["free_delta"].to(self.device)
 
     @torch.no_grad()
     def metrics(self, emb: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
