@@ -158,8 +158,8 @@ def test_overwrite_then_resume_between_epochs(noisy, reference, no_sweep, tmp_pa
         (exp / name).write_bytes(b"earlier run")
     (exp / "notes.md").write_bytes(b"mine")
     assert cli(train_argv(noisy, exp, epochs=1, every=0) + ["--overwrite"], capsys)[0] == 0
-    assert sorted(os.listdir(exp)) == ["checkpoint.pth", "log.txt", "notes.md", "params.txt",
-                                       "resume.pth"]
+    assert sorted(os.listdir(exp)) == ["checkpoint.pth", "log.txt", "metrics.csv", "notes.md",
+                                       "params.txt", "resume.pth"]
     assert (exp / "notes.md").read_bytes() == b"mine"
     assert (exp / "log.txt").read_text().count("\n") == 2  # header and epoch 1
     add_stale_rows(exp / "log.txt", 1)
