@@ -134,7 +134,7 @@ def run_sweep(model, data: ImageData, epsilons=EPSILONS, iterations: int = 20,
             linf[rows] = res.delta.flatten(1).abs().amax(1).cpu()
             steps[rows] = res.steps.cpu()
             robust += int(res.correct.sum())
-            bar.set_postfix(robust=f"{100.0 * robust / len(labels):.1f}%")
+            bar.set_postfix(robust=f"{robust}/{len(labels)}")  # robust so far, of all
         result.per_eps.append(EpsResult(eps, adv, linf, steps, time.perf_counter() - start))
         log.info("PGD eps %g/255: %.2f%% robust (%.0fs)", eps,
                  result.per_eps[-1].accuracy(labels), result.per_eps[-1].seconds)
