@@ -237,7 +237,7 @@ def plot_robustness(path: str, curves: dict[str, list[tuple[float, float]]]) -> 
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper right")
     fig.tight_layout()
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path)
                        + ".tmp.png")
