@@ -160,7 +160,7 @@ def run(args) -> int:
     model, test = load_eval_inputs(args, args.evaluate_ckpt)
     out.prepare(evaluate_only=True, overwrite=args.overwrite, inputs=[args.evaluate_ckpt])
     write_text_atomic(out.file("params.txt"), params_line(args) + "\n")
-    evaluate_model(args, model, test, out.path, device)
+    evaluate_model(args, model, test, out.path, device, args.evaluate_ckpt)
     return 0
 
 

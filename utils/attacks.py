@@ -43,7 +43,8 @@ def logit_ce_loss(model, x, y):
 class AttackResult:
     delta: torch.Tensor       # (N, 3, H, W) kept perturbation
     loss: torch.Tensor        # (N,) loss of the kept perturbation
-    correct: torch.Tensor     # (N,) bool, still classified correctly under it
+    pred: torch.Tensor        # (N,) arg-max of the loss's class scores under it
+    correct: torch.Tensor     # (N,) bool, pred == y
     steps: torch.Tensor       # (N,) gradient steps applied to the kept perturbation
 
 
@@ -67,39 +68,54 @@ def start_keys(seed: int, eps_index: int, restart: int, indices: torch.Tensor) -
 def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float,
         iterations: int, restarts: int, keys_fn: Callable[[int], list[int]],
         loss_fn: LossFn = paper_loss, shrink: bool = True) -> AttackResult:
-    """l-inf PGD with ``restarts`` random starts; ``keys_fn(restart)`` gives the start seeds."""
+    """l-inf PGD with ``restarts`` random starts; ``keys_fn(restart)`` gives the start seeds.
+
+    ``x`` (N, 3, H, W) in [0, 1]; returns, per example, the perturbation of the restart with
+    the highest loss (ties go to the later restart, as in the original).
+    """
+    if restarts < 1 or iterations < 0:
+        raise ValueError(f"pgd needs restarts >= 1 and iterations >= 0, got {restarts} and "
+                         f"{iterations}")
+    n, dev = len(x), x.device
+    best = AttackResult(delta=torch.zeros_like(x),
+                        loss=torch.full((n,), -float("inf"), device=dev),
+                        pred=y.clone(), correct=torch.ones(n, dtype=torch.bool, device=dev),
+                        steps=torch.zeros(n, dtype=torch.long, device=dev))
     with eval_mode(model):
-        best = AttackResult(torch.zeros_like(x), torch.full((len(x),), -float("inf"),
-                            device=x.device), torch.ones(len(x), dtype=torch.bool,
-                            device=x.device), torch.zeros(len(x), dtype=torch.long,
-                            device=x.device))
-        everyone = torch.arange(len(x), device=x.device)
         for restart in range(restarts):
             delta = random_start(x, eps, keys_fn(restart))
-            steps = torch.zeros(len(x), dtype=torch.long, device=x.device)
-            active = everyone
-            for _ in range(iterations):
-                rows = active if shrink else everyone
-                d = delta[rows].requires_grad_(True)
-                loss, scores = loss_fn(model, x[rows] + d, y[rows])
-                still = scores.argmax(1) == y[rows]
-                if not still.any():
-                    break
-                grad, = torch.autograd.grad(loss.sum(), d)
-                moved = rows[still]
-                delta[moved] = _project(x[moved], d.detach()[still] + step * grad[still].sign(),
-                                        eps)
-                steps[moved] += 1
-                active = moved
+            delta, steps = _ascend(model, x, y, delta, eps, step, iterations, loss_fn, shrink)
             with torch.no_grad():
                 loss, scores = loss_fn(model, x + delta, y)
-                correct = scores.argmax(1) == y
-            better = loss >= best.loss
+            better = loss >= best.loss  # the paper's rule: keep the highest loss so far
             best.delta[better] = delta[better]
-            best.loss = torch.maximum(best.loss, loss)
-            best.correct = torch.where(better, correct, best.correct)
+            best.loss = torch.where(better, loss, best.loss)
+            best.pred = torch.where(better, scores.argmax(1), best.pred)
             best.steps = torch.where(better, steps, best.steps)
+    best.correct = best.pred == y
     return best
+
+
+def _ascend(model, x, y, delta, eps, step, iterations, loss_fn, shrink):
+    """Signed-gradient ascent from ``delta``; each step moves only the examples still
+    classified correctly. Returns the final delta and the steps each example took."""
+    steps = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    everyone = torch.arange(len(x), device=x.device)
+    active = everyone  # rows still classified correctly at the last check
+    for _ in range(iterations):
+        rows = active if shrink else everyone
+        d = delta[rows].requires_grad_(True)
+        loss, scores = loss_fn(model, x[rows] + d, y[rows])
+        still = scores.argmax(1) == y[rows]
+        if not still.any():
+            break
+        # gradient with respect to the input only: parameter .grad is never touched
+        grad, = torch.autograd.grad(loss.sum(), d)
+        moved = rows[still]
+        delta[moved] = _project(x[moved], d.detach()[still] + step * grad[still].sign(), eps)
+        steps[moved] += 1
+        active = moved
+    return delta, steps
 
 
 def _project(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:

@@ -78,3 +78,24 @@ def assign_and_variance(emb: torch.Tensor, labels: torch.Tensor, centers: torch.
     best = (emb - centers[assignments]).pow(2).sum(1)  # exact, not the expanded form
     variance = best.sum() / (len(emb) - 1)
     return assignments, variance.expand(len(centers)).clone()
+
+
+def fit_cluster_classifier(backbone, train, dataset: str, K: int, L: int,
+                           normalize: bool = True, seed: int = 111, batch: int = 256,
+                           device="cpu"):
+    """The cluster classifier of a trained ResNet18, with no further training.
+
+    What training does after each epoch: embed the un-augmented training set in eval mode,
+    per-class k-means with the data set's settings, sigma^2. Used to evaluate pretrained
+    weights (benchmarks, tests) exactly as a ClusTR checkpoint would be.
+    """
+    from models.classifier import ClusterClassifier
+    from models.cluster_head import ClusterHead
+    from utils.embeddings import compute_embeddings
+
+    emb = compute_embeddings(backbone, train.images, batch, torch.device(device),
+                             desc="embed train")  # (N, 512)
+    n_init, max_iter = kmeans_settings(dataset)
+    c = fit_clusters(emb, train.labels, train.num_classes, K, n_init, max_iter, seed)
+    head = ClusterHead(c.centers, c.classes, c.variance, train.num_classes, L, normalize)
+    return ClusterClassifier(backbone, head)

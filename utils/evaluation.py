@@ -2,11 +2,13 @@
 
 ``evaluate_checkpoint`` reloads the checkpoint from disk into a fresh model (what was
 trained is never what gets evaluated), attacks the test set and writes
-``attack_results_ext.csv`` (the original's schema), ``predictions_eps<E>.csv`` per eps and
-``robustness.png``.
+``attack_results_ext.csv`` (the original's schema), ``predictions_eps<E>.csv`` per eps,
+``robustness.png`` and ``eval_summary.json`` (what was attacked: classifier, L, rule, attack
+settings, accuracies, seconds per eps).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -23,8 +25,10 @@ from utils.checkpoint import (
     classifier_from_checkpoint,
     has_clusters,
     load_checkpoint,
+    write_text_atomic,
 )
 from utils.embeddings import eval_mode, to_device
+from utils.errors import UsageError
 from utils.progress import progress
 from utils.results import write_csv
 
@@ -42,15 +46,24 @@ class LinearClassifier(torch.nn.Module):
         self.backbone = backbone
         self.eval()
 
+    @property
+    def num_classes(self) -> int:
+        return self.backbone.linear.out_features
+
     def forward(self, x):
-        return self.backbone.classify(x)
+        return self.backbone.classify(x)  # (N, C)
 
     def paper_scores(self, x):
-        return self.backbone.classify(x)
+        return self.backbone.classify(x)  # the original attacks a baseline's logits
 
     @torch.no_grad()
     def predict(self, x):
         return self(x).argmax(1)
+
+
+def percent(correct: torch.Tensor) -> float:
+    """Share of True in percent, in double precision (as the original's 100. * n / N)."""
+    return 100.0 * int(correct.sum()) / len(correct) if len(correct) else 0.0
 
 
 @dataclass
@@ -62,7 +75,7 @@ class EpsResult:
     seconds: float = 0.0
 
     def accuracy(self, labels: torch.Tensor) -> float:
-        return (self.adv_pred == labels).float().mean().item() * 100.0
+        return percent(self.adv_pred == labels)
 
 
 @dataclass
@@ -74,7 +87,7 @@ class SweepResult:
 
     @property
     def clean_acc(self) -> float:
-        return (self.clean_pred == self.labels).float().mean().item() * 100.0
+        return percent(self.clean_pred == self.labels)
 
 
 @torch.no_grad()
@@ -92,8 +105,11 @@ def run_sweep(model, data: ImageData, epsilons=EPSILONS, iterations: int = 20,
               shrink: bool = True) -> SweepResult:
     """Clean predictions, then PGD at each eps on the examples still classified correctly.
 
-    Examples misclassified without attack leave the batch and count as non-robust, so the
-    robust accuracy never exceeds the clean one.
+    Examples misclassified without attack count as non-robust (delta = 0 already fools
+    them) and are not attacked, so the robust accuracy never exceeds the clean one. The
+    original attacked them too and scored them at their random start. Each eps is attacked
+    independently, as in the paper; the random starts depend on (seed, eps index, restart,
+    example index), so the batch size does not change them.
     """
     device = torch.device(device)
     model = model.to(device)
@@ -102,44 +118,64 @@ def run_sweep(model, data: ImageData, epsilons=EPSILONS, iterations: int = 20,
     result = SweepResult(labels, data.indices, clean)
     attack = (clean == labels).nonzero().flatten()
     for e, eps in enumerate(epsilons):
-        start = time.time()
+        start = time.perf_counter()
         adv = clean.clone()
         linf = torch.zeros(len(labels))
         steps = torch.zeros(len(labels), dtype=torch.long)
-        for s in progress(range(0, len(attack), batch), desc=f"PGD eps {eps:g}/255",
-                          leave=False):
+        robust = 0
+        bar = progress(range(0, len(attack), batch), desc=f"PGD eps {eps:g}/255", leave=False)
+        for s in bar:
             rows = attack[s:s + batch]
             x = to_device(data.images[rows], device)
             y = labels[rows].to(device)
             keys = data.indices[rows]
             res = pgd(model, x, y, eps / 255, STEP, iterations, restarts,
                       lambda r, k=keys, ei=e: start_keys(seed, ei, r, k), loss_fn, shrink)
-            with torch.no_grad():
-                _, scores = loss_fn(model, x + res.delta, y)
-            adv[rows] = scores.argmax(1).cpu()
+            adv[rows] = res.pred.cpu()
             linf[rows] = res.delta.flatten(1).abs().amax(1).cpu()
             steps[rows] = res.steps.cpu()
-        result.per_eps.append(EpsResult(eps, adv, linf, steps, time.time() - start))
+            robust += int(res.correct.sum())
+            bar.set_postfix(robust=f"{robust}/{len(labels)}")  # robust so far, of all
+        result.per_eps.append(EpsResult(eps, adv, linf, steps, time.perf_counter() - start))
         log.info("PGD eps %g/255: %.2f%% robust (%.0fs)", eps,
-                 result.per_eps[-1].accuracy(labels), time.time() - start)
+                 result.per_eps[-1].accuracy(labels), result.per_eps[-1].seconds)
     return result
 
 
 def load_eval_model(args, ckpt_path: str):
     """A fresh model rebuilt from the file: ClusterClassifier, or LinearClassifier for a
     plain state_dict (evaluated through its linear head, as the original does for
-    baselines)."""
+    baselines). ``--L`` and ``--not-normalize`` win when given, else the file's values."""
     ckpt = load_checkpoint(ckpt_path)
+    if ckpt.get("dataset") not in (None, args.dataset):
+        log.warning("%s was trained on %s but is evaluated on --dataset %s", ckpt_path,
+                    ckpt["dataset"], args.dataset)
     if has_clusters(ckpt):
         normalize = None if args.not_normalize is None else not args.not_normalize
         model = classifier_from_checkpoint(ckpt, dataset=args.dataset, L=args.L,
                                            normalize=normalize)
-        log.info("evaluating %s: %d clusters, L %d, %s", ckpt_path, model.head.num_clusters,
-                 model.head.L, "L nearest" if model.head.normalize else "all clusters")
+        head = model.head
+        if head.L > head.num_clusters:
+            raise UsageError(f"--L {head.L} is larger than the checkpoint's "
+                             f"{head.num_clusters} clusters: pass --L {head.num_clusters} or "
+                             f"fewer")
+        log.info("evaluating %s: %d clusters, L %d%s, %s%s", ckpt_path, head.num_clusters,
+                 head.L, "" if args.L is not None else " (from the checkpoint)",
+                 "L nearest" if head.normalize else "all clusters (--not-normalize)",
+                 "" if args.not_normalize is not None else " (from the checkpoint)")
         return model
     log.info("evaluating %s as a plain classifier through its linear head (no cluster keys)",
              ckpt_path)
     return LinearClassifier(backbone_from_state(ckpt, args.dataset))
+
+
+def describe(model) -> dict:
+    """What was attacked: the classifier kind and, for clusters, the L and rule used."""
+    if isinstance(model, LinearClassifier):
+        return {"classifier": "linear head", "attack": "PGD, cross-entropy on the logits"}
+    return {"classifier": "clusters", "L": model.head.L,
+            "normalize_probs": model.head.normalize,
+            "attack": "paper PGD, cross-entropy on the cluster class scores"}
 
 
 def load_eval_inputs(args, ckpt_path: str):
@@ -147,26 +183,37 @@ def load_eval_inputs(args, ckpt_path: str):
     model = load_eval_model(args, ckpt_path)
     test = load_dataset(args.dataset, args.data_root, "test", workers=args.workers)
     test = balanced_subset(test, args.test_subset, args.seed, flag="--test-subset")
+    if model.num_classes != test.num_classes:
+        raise UsageError(f"{ckpt_path} classifies {model.num_classes} classes but the "
+                         f"{args.dataset} test set has {test.num_classes}: pass the --dataset "
+                         f"(and --data-root) it was trained on")
     return model, test
 
 
 def evaluate_checkpoint(args, ckpt_path: str, out_dir: str, device: torch.device) -> SweepResult:
     model, test = load_eval_inputs(args, ckpt_path)
-    return evaluate_model(args, model, test, out_dir, device)
+    return evaluate_model(args, model, test, out_dir, device, ckpt_path)
 
 
-def evaluate_model(args, model, test: ImageData, out_dir: str,
-                   device: torch.device) -> SweepResult:
+def evaluate_model(args, model, test: ImageData, out_dir: str, device: torch.device,
+                   ckpt_path: str) -> SweepResult:
     result = run_sweep(model, test, EPSILONS, args.iterations, args.restarts, args.seed,
                        args.test_batch, device)
     log.info("clean accuracy %.2f%% on %d test images", result.clean_acc, len(test))
-    write_results(result, out_dir)
+    setup = describe(model)
+    write_results(result, out_dir, curve=setup["attack"])
+    write_summary(os.path.join(out_dir, "eval_summary.json"), result, dict(
+        checkpoint=os.path.abspath(ckpt_path), dataset=args.dataset, test_images=len(test),
+        **setup, iterations=args.iterations, restarts=args.restarts, step=STEP * 255,
+        seed=args.seed))
     return result
 
 
-def write_results(result: SweepResult, out_dir: str) -> None:
-    rows = [[0, result.clean_acc]] + [[f"{r.eps:g}", r.accuracy(result.labels)]
-                                      for r in result.per_eps]
+def write_results(result: SweepResult, out_dir: str, curve: str = "paper PGD") -> None:
+    """``attack_results_ext.csv`` as the original's pandas file (``0.0``, ``2.0``, ...,
+    ``25.5``; accuracy in percent), ``predictions_eps<E>.csv`` and ``robustness.png``."""
+    rows = [[0.0, result.clean_acc]] + [[float(r.eps), r.accuracy(result.labels)]
+                                        for r in result.per_eps]
     write_csv(os.path.join(out_dir, "attack_results_ext.csv"), ["epsilons", "test_set_accs"],
               rows)
     for r in result.per_eps:
@@ -176,9 +223,16 @@ def write_results(result: SweepResult, out_dir: str) -> None:
                    for i, y, c, a, n, s in zip(result.indices, result.labels,
                                                result.clean_pred, r.adv_pred, r.linf,
                                                r.steps)])
-    plot_robustness(os.path.join(out_dir, "robustness.png"),
-                    {"paper PGD": [(0.0, result.clean_acc)] + [(r.eps, r.accuracy(
-                        result.labels)) for r in result.per_eps]})
+    plot_robustness(os.path.join(out_dir, "robustness.png"), {curve: rows})
+
+
+def write_summary(path: str, result: SweepResult, setup: dict) -> None:
+    """``eval_summary.json``: what was evaluated and how (L and rule included), the
+    accuracies and the seconds per eps."""
+    summary = dict(setup, clean_acc=result.clean_acc,
+                   robust_acc={f"{r.eps:g}": r.accuracy(result.labels) for r in result.per_eps},
+                   seconds={f"{r.eps:g}": round(r.seconds, 2) for r in result.per_eps})
+    write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
 
 
 def plot_robustness(path: str, curves: dict[str, list[tuple[float, float]]]) -> None:
@@ -195,7 +249,7 @@ def plot_robustness(path: str, curves: dict[str, list[tuple[float, float]]]) -> 
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper right")
     fig.tight_layout()
     try:
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))

@@ -24,7 +24,7 @@ RESUME_FILE = "resume.pth"
 TRAIN_OUTPUTS = ("log.txt", "params.txt", "checkpoint.pth", "checkpoint_*.pth", RESUME_FILE,
                  "metrics.csv")
 EVAL_OUTPUTS = ("params.txt", "attack_results_ext.csv", "predictions_eps*.csv",
-                "robustness.png")
+                "robustness.png", "eval_summary.json")
 
 
 class ExperimentDir:

@@ -1,0 +1,88 @@
+"""Models shared by the attack and evaluation tests, built once per session.
+
+* ``TinyNet``: a small CNN with BatchNorm and dropout (train mode would change its outputs
+  and its running statistics), fast enough to attack thousands of times.
+* ``real_*``: the shared CIFAR-10 ResNet18 and a cluster classifier built from it as the
+  CLI builds one (per-class k-means, K = 2, L = 20), on a class-balanced slice of the real
+  training set so that the tests stay fast.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from datasets.data import ImageData, balanced_subset, load_dataset, to_float
+from models.resnet import ResNet18
+from utils.checkpoint import load_weights
+from utils.clustering import fit_cluster_classifier
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
+TRAIN_SLICE = 200  # training images the test cluster classifier is fitted on
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes: int = 10, seed: int = 0):
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.features = nn.Sequential(
+                nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                nn.Dropout(0.5), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+                nn.Flatten())
+            self.linear = nn.Linear(8 * 8 * 8, num_classes)
+
+    def forward(self, x):
+        return self.linear(self.features(x))  # (N, C)
+
+    def paper_scores(self, x):
+        return self(x)
+
+    @torch.no_grad()
+    def predict(self, x):
+        return self(x).argmax(1)
+
+
+def edge_images(n: int, seed: int = 0) -> torch.Tensor:
+    """(n, 3, 32, 32) in [0, 1], with whole regions at 0, 1 and within 1e-4 of them, where
+    an unclipped random start or step would leave the image range."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 32, 32, generator=gen)
+    x[:, :, :8] = 0.0
+    x[:, :, 8:16] = 1.0
+    x[:, :, 16:20] = 1e-4
+    x[:, :, 20:24] = 1.0 - 1e-4
+    return x
+
+
+@functools.cache
+def real_test_data(subset_dir: str, n: int, seed: int = 0) -> ImageData:
+    """The class-balanced subset of n test images that ``--test-subset n --seed seed``
+    evaluates."""
+    return balanced_subset(_real_test_set(subset_dir), n, seed)
+
+
+@functools.cache
+def _real_test_set(subset_dir: str) -> ImageData:
+    return load_dataset("imagefolder", subset_dir, "test", workers=2)
+
+
+@functools.cache
+def real_backbone(weights: str) -> ResNet18:
+    model = ResNet18(10)
+    load_weights(model, weights)
+    return model.eval()
+
+
+@functools.cache
+def real_cluster_classifier(subset_dir: str, weights: str):
+    train = load_dataset("imagefolder", subset_dir, "train", workers=2)
+    train = balanced_subset(train, TRAIN_SLICE, 0)
+    return fit_cluster_classifier(real_backbone(weights), train, "imagefolder", K=2, L=20,
+                                  seed=111, batch=100)
+
+
+def images_of(data: ImageData) -> torch.Tensor:
+    return to_float(data.images)
