@@ -61,10 +61,21 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory_mib(device: torch.device) -> float:
-    """Peak memory of THIS process: CUDA memory allocated by torch on a GPU, else the
-    resident set size (``ru_maxrss``, which also sees torch's native allocations that
-    tracemalloc misses). Measure one workload per process for a meaningful CPU figure."""
+    """Peak memory of THIS process: torch's peak CUDA allocation on a GPU, else the peak
+    resident set size, which also sees torch's native allocations that tracemalloc misses.
+
+    On Linux the peak is ``VmHWM`` of /proc/self/status: ``ru_maxrss`` would do, but Linux
+    carries it over fork and exec, so a worker started by a large parent would report the
+    parent's size. Elsewhere ``ru_maxrss``. Measure one workload per process.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # KiB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes vs KiB

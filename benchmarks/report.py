@@ -134,6 +134,7 @@ def _scaling(rows_in: list[dict]) -> list[str]:
                     f"| {r['epoch_s'] / base['epoch_s']:.2f}x | "
                     f"{_s(1000 * r['epoch_s'] / r['size'])} | {r['peak_mib']:.0f} MiB "
                     f"| {r['setup_peak_mib']:.0f} MiB | {r['data_mib']:.1f} MiB |")
-    return rows + ["", "Peak memory: resident set size of the worker process on a CPU "
-                   "(`ru_maxrss`), torch's peak allocation on a GPU. The test set is the "
-                   "same at every size.", ""]
+    return rows + ["", "Peak memory: peak resident set size of the worker process on a CPU "
+                   "(`VmHWM` on Linux, `ru_maxrss` elsewhere), torch's peak allocation on a "
+                   "GPU; \"after setup\" is that peak before the first epoch. The test set is "
+                   "the same at every size.", ""]

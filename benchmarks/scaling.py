@@ -1,7 +1,7 @@
 """Epoch time and peak memory at 1x, 2x and 4x the training-set size, one process each.
 
-Peak memory is a per-process figure (``ru_maxrss`` on a CPU, torch's peak CUDA allocation
-on a GPU), so each size runs in its own subprocess:
+Peak memory is a per-process figure (the peak resident set size on a CPU, torch's peak
+CUDA allocation on a GPU), so each size runs in its own subprocess:
 
     python -m benchmarks.scaling --size 1200 ...   # prints one JSON line
 """
