@@ -125,7 +125,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {name!r}: not a device (use auto, cpu or cuda[:N])"
+                         ) from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine")
     return device
@@ -152,6 +156,8 @@ def training_data(args, kind: str):
 
 def run(args) -> dict:
     device = resolve_device(args.device)
+    if args.amp and device.type != "cuda":
+        raise UsageError("--amp is bfloat16 autocast on CUDA: it needs --device cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
     set_quiet(not args.progress)
