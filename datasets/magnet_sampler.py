@@ -8,6 +8,11 @@ State (owned here, refreshed by the training loop once per epoch):
 The seed cluster is drawn with probability proportional to the mean known loss of its
 examples. Before any loss is known the draw is uniform; a cluster none of whose examples has
 a loss yet gets the mean of the known cluster losses, so it is neither starved nor favoured.
+
+Every step needs those per-cluster means, so the sampler keeps each cluster's sum and count of
+known losses up to date in ``record_losses`` (O(batch) per step) and recounts them from
+scratch whenever the assignments or the losses are replaced, instead of scanning all N
+examples at every step.
 """
 from __future__ import annotations
 
@@ -43,20 +48,42 @@ class MagnetSampler:
         dist = torch.cdist(self.centers, self.centers)
         same = self.cluster_classes[:, None] == self.cluster_classes[None, :]
         self._impostors = dist.masked_fill(same, float("inf")).argsort(1)[:, : self.m - 1]
+        self._recount_losses()
+
+    def _recount_losses(self) -> None:
+        """Per-cluster sum (float64, so that step updates do not drift) and count of the
+        known losses, from scratch."""
+        known = ~self.losses.isnan()
+        a = self.assignments[known]
+        self._loss_sum = torch.zeros(self.num_clusters, dtype=torch.float64).index_add_(
+            0, a, self.losses[known].double())
+        self._loss_count = torch.bincount(a, minlength=self.num_clusters)
 
     def record_losses(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
-        self.losses[indices.cpu()] = losses.detach().float().cpu()
+        """Store the per-example losses (B,) of the distinct examples ``indices`` (B,)."""
+        indices = indices.cpu()
+        new = losses.detach().float().cpu()
+        if self.assignments is not None:
+            if len(indices.unique()) != len(indices):
+                raise ValueError("record_losses needs distinct example indices")
+            old = self.losses[indices]
+            a = self.assignments[indices]
+            old_known, new_known = ~old.isnan(), ~new.isnan()
+            delta = (torch.where(new_known, new, 0.0).double()
+                     - torch.where(old_known, old, 0.0).double())
+            self._loss_sum.index_add_(0, a, delta)
+            self._loss_count.index_add_(0, a, new_known.long() - old_known.long())
+        self.losses[indices] = new
 
     def cluster_weights(self) -> torch.Tensor:
         """Seed-cluster probabilities (C*K,), proportional to each cluster's mean loss."""
-        known = ~self.losses.isnan()
-        a = self.assignments[known]
-        total = torch.zeros(self.num_clusters).index_add_(0, a, self.losses[known])
-        count = torch.bincount(a, minlength=self.num_clusters).float()
+        count = self._loss_count
         has = count > 0
         if not has.any():
             return torch.full((self.num_clusters,), 1.0 / self.num_clusters)
+        total = self._loss_sum
         mean = torch.where(has, total / count.clamp_min(1), (total[has] / count[has]).mean())
+        mean = mean.float()
         mean = mean * (self._counts > 0)  # an empty cluster is never the seed
         if mean.sum() <= 0:
             mean = (self._counts > 0).float()
@@ -79,3 +106,5 @@ class MagnetSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.losses = state["losses"].clone().float()
+        if self.assignments is not None:
+            self._recount_losses()
