@@ -149,6 +149,9 @@ def evaluate_checkpoint(args, ckpt_path: str, out_dir: str, device: torch.device
                        args.test_batch, device)
     log.info("clean accuracy %.2f%% on %d test images", result.clean_acc, len(test))
     write_results(result, out_dir)
+    if getattr(args, "strong", False) or getattr(args, "autoattack", False):
+        from utils.strong_evaluation import evaluate_strong  # stronger attacks, same images
+        evaluate_strong(args, model, test, result, out_dir, device)
     return result
 
 

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bfloat16 autocast for training and embedding passes (CUDA only; "
                         "attacks stay in float32)")
     n.add_argument("--quiet", action="store_true", help="no progress bars")
+    from utils.strong_evaluation import add_strong_arguments
+    add_strong_arguments(p)
     return p
 
 
@@ -120,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.m < 2:
         parser.error(f"--m {args.m}: a Magnet batch needs the seed cluster and at least one "
                      f"impostor")
+    from utils.strong_evaluation import check_strong_arguments
+    check_strong_arguments(args, parser)
     return args
 
 
