@@ -66,6 +66,13 @@ class Budget:
 
 
 FULL = Budget()
+COST_NOTE = (
+    "the full budget is estimated, not measured, at about 30-35 minutes on 2 idle CPU cores "
+    "(ResNet18 forward+backward about 20-27 ms per image): pretrained clusters ~1 min, "
+    "ClusTR training ~4 min, ClusTR+QTRADES training ~4-7 min (the consistency adversary "
+    "adds a forward and backward per step), and per model ~7 min of evaluation, ~4.5 of them "
+    "AutoAttack. AutoAttack costs one to two more minutes for every image that survives "
+    "APGD-CE (APGD-T, FAB-T and Square then run on it), so a robust model takes longer.")
 QUICK = Budget(epochs=1, train_subset=480, test_images=10, iterations=2, restarts=1)
 
 
@@ -88,32 +95,40 @@ class Step:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.reproduce",
-                                description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data",
-                   help="folder with cifar10-subset/ and weights/resnet18_cifar10.pt")
-    p.add_argument("--out", default="docs/REPRODUCTION.md", help="the report to write")
+                   help="folder with cifar10-subset/ and weights/resnet18_cifar10.pt "
+                        "(../shared/data)")
+    p.add_argument("--out", default="docs/REPRODUCTION.md",
+                   help="the report to write (docs/REPRODUCTION.md)")
     p.add_argument("--work", default=None,
                    help="folder for the runs (default: reproduce_runs/<date-time>)")
     p.add_argument("--quick", action="store_true",
                    help="toy budget to check the pipeline in a few minutes")
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    p.add_argument("--device", default="auto", help="passed to every run")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                   help="which models to run (all)")
+    p.add_argument("--device", default="auto", help="passed to every run (auto)")
     p.add_argument("--render-only", action="store_true",
                    help="only rewrite --out from the finished runs in --work")
-    g = p.add_argument_group("scale-up knobs (defaults: the budget, full or --quick)")
+    g = p.add_argument_group("scale-up knobs (in brackets: the full budget's value)")
     g.add_argument("--dataset", default="imagefolder",
-                   help="cifar10 for the full data set (downloaded into --data-root)")
-    g.add_argument("--data-root", default=None, help="default: DATA/cifar10-subset")
+                   help="cifar10 for the full data set, downloaded into --data-root "
+                        "(imagefolder)")
+    g.add_argument("--data-root", default=None, help="(DATA/cifar10-subset)")
     g.add_argument("--pretrained-path", default=None,
-                   help="default: DATA/weights/resnet18_cifar10.pt")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--train-subset", type=int)
-    g.add_argument("--test-images", type=int)
-    g.add_argument("--iterations", type=int)
-    g.add_argument("--restarts", type=int)
-    g.add_argument("--autoattack-eps", type=float, nargs="+")
-    g.add_argument("--consistency-lambda", type=float)
+                   help="(DATA/weights/resnet18_cifar10.pt)")
+    g.add_argument("--epochs", type=int, help=f"training epochs ({FULL.epochs})")
+    g.add_argument("--train-subset", type=int, metavar="N",
+                   help="class-balanced training subset (all images)")
+    g.add_argument("--test-images", type=int, metavar="N",
+                   help=f"fixed, class-balanced test images attacked ({FULL.test_images})")
+    g.add_argument("--iterations", type=int,
+                   help=f"PGD iterations, paper's and adaptive ({FULL.iterations})")
+    g.add_argument("--restarts", type=int, help=f"PGD restarts ({FULL.restarts})")
+    g.add_argument("--autoattack-eps", type=float, nargs="+", metavar="E",
+                   help="AutoAttack eps values in units of 1/255 (8)")
+    g.add_argument("--consistency-lambda", type=float,
+                   help=f"lambda of ClusTR+QTRADES ({FULL.consistency_lambda:g})")
     return p
 
 
@@ -451,7 +466,8 @@ def _budget(b: Budget, args) -> list[str]:
             "* AutoAttack: pyautoattack 0.2.0, standard version (APGD-CE, APGD-T, FAB-T, "
             f"Square), eps {', '.join(f'{e:g}' for e in b.autoattack_eps)}/255, on the "
             "model's logit; its adversarial images are re-checked (inside the ball, in [0, 1],"
-            " misclassified) before they count.", ""]
+            " misclassified) before they count.",
+            f"* Cost: {COST_NOTE}", ""]
 
 
 def _scale_up(b: Budget) -> list[str]:

@@ -188,8 +188,13 @@ def run_autoattack(model, data: ImageData, eps: float, seed: int, batch: int, de
     adversary.apgd_targeted.n_target_classes = targets
     adversary.fab.n_target_classes = targets
     if iterations is not None:
-        for attack in (adversary.apgd, adversary.apgd_targeted, adversary.fab):
-            attack.n_iter = iterations
+        adversary.fab.n_iter = iterations
+        for apgd in (adversary.apgd, adversary.apgd_targeted):
+            # APGD derives its step-size checkpoints from n_iter at construction
+            apgd.n_iter = apgd.n_iter_orig = iterations
+            apgd.n_iter_2 = max(int(0.22 * iterations), 1)
+            apgd.n_iter_min = max(int(0.06 * iterations), 1)
+            apgd.size_decr = max(int(0.03 * iterations), 1)
     x = to_device(data.images, device).contiguous()
     y = data.labels.to(device)
     start = time.time()

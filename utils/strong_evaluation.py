@@ -103,8 +103,11 @@ def evaluate_strong(args, model, test: ImageData, paper: SweepResult, out_dir: s
     _write_table(outcomes, len(sub), os.path.join(out_dir, STRONG_CSV))
     diagnostics = _diagnostics(args, model, sub, outcomes, device)
     # the paper's scores and the logit must agree on the clean predictions
-    diagnostics["clean_prediction_disagreements"] = int((paper.clean_pred[pos] != clean_pred)
-                                                        .sum())
+    disagree = int((paper.clean_pred[pos] != clean_pred).sum())
+    diagnostics["clean_prediction_disagreements"] = disagree
+    if disagree:
+        log.warning("WARNING: the logit's and the paper scores' arg-max differ on %d clean "
+                    "image(s) (scores underflowing to 0?)", disagree)
     write_text_atomic(os.path.join(out_dir, DIAGNOSTICS), json.dumps(diagnostics, indent=2)
                       + "\n")
     _plot(paper, outcomes, len(sub), full, os.path.join(out_dir, "robustness.png"))
