@@ -206,6 +206,9 @@ def evaluate_model(args, model, test: ImageData, out_dir: str, device: torch.dev
         checkpoint=os.path.abspath(ckpt_path), dataset=args.dataset, test_images=len(test),
         **setup, iterations=args.iterations, restarts=args.restarts, step=STEP * 255,
         seed=args.seed))
+    if getattr(args, "strong", False) or getattr(args, "autoattack", False):
+        from utils.strong_evaluation import evaluate_strong  # stronger attacks, same images
+        evaluate_strong(args, model, test, result, out_dir, device)
     return result
 
 

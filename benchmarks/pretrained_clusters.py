@@ -1,0 +1,109 @@
+"""The untouched pretrained network as a cluster classifier: ClusTR at epoch 0.
+
+Embeds the un-augmented training set with the pretrained ResNet18 in eval mode, runs the
+per-class k-means of training (k-means++, the data set's settings, fixed seed), computes
+sigma^2, and writes a checkpoint with the original's keys (``epoch`` 0) that
+``main_clustr.py --evaluate-ckpt`` evaluates like any trained one. No weight changes:
+this is exactly the state ClusTR training starts its first epoch from.
+
+    python -m benchmarks.pretrained_clusters --dataset imagefolder \
+        --data-root ../shared/data/cifar10-subset \
+        --pretrained-path ../shared/data/weights/resnet18_cifar10.pt \
+        --k 2 --L 20 --out runs/pretrained_clusters/checkpoint.pth
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from datasets.data import DATASETS, ImageData, balanced_subset, load_dataset
+from main_clustr import resolve_device
+from models.cluster_head import ClusterHead
+from models.resnet import ResNet18, normalization_for
+from utils.checkpoint import build_checkpoint, load_weights, save_atomic
+from utils.clustering import fit_clusters, kmeans_settings
+from utils.embeddings import compute_embeddings
+from utils.errors import UsageError
+from utils.progress import set_quiet
+
+log = logging.getLogger("clustr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.pretrained_clusters",
+                                description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="checkpoint file to write")
+    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    p.add_argument("--data-root", default="./data")
+    p.add_argument("--pretrained-path", required=True, help="ResNet18 weights")
+    p.add_argument("--k", type=int, default=2, help="clusters per class")
+    p.add_argument("--L", type=int, default=20, help="nearest clusters used at inference")
+    p.add_argument("--seed", type=int, default=111, help="k-means random state")
+    p.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="seeded, class-balanced subset of N training images")
+    p.add_argument("--test-subset", type=int, default=None, metavar="N",
+                   help="test images for the checkpoint's test_acc")
+    p.add_argument("--embed-batch", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def fit_head(model: ResNet18, train: ImageData, dataset: str, K: int, L: int, seed: int,
+             batch: int, device) -> ClusterHead:
+    """Clusters of ``model``'s eval-mode embeddings of the un-augmented ``train`` images, as
+    training computes them before its first epoch (per-class k-means, sigma^2)."""
+    emb = compute_embeddings(model, train.images, batch, device, desc="embed train")  # (N, 512)
+    n_init, max_iter = kmeans_settings(dataset)
+    c = fit_clusters(emb, train.labels, train.num_classes, K, n_init, max_iter, seed)
+    if L > len(c.centers):
+        raise UsageError(f"--L {L} is larger than the {len(c.centers)} clusters")
+    return ClusterHead(c.centers, c.classes, c.variance, train.num_classes, L)
+
+
+def cluster_checkpoint(args) -> dict:
+    """The epoch-0 ClusTR checkpoint of the pretrained weights."""
+    device = resolve_device(args.device)
+    train = balanced_subset(load_dataset(args.dataset, args.data_root, "train",
+                                         workers=args.workers), args.train_subset, args.seed)
+    test = balanced_subset(load_dataset(args.dataset, args.data_root, "test",
+                                        workers=args.workers), args.test_subset, args.seed)
+    mean, std = normalization_for(args.dataset)
+    model = ResNet18(train.num_classes, mean, std)
+    load_weights(model, args.pretrained_path)
+    model.to(device).eval()
+    head = fit_head(model, train, args.dataset, args.k, args.L, args.seed, args.embed_batch,
+                    device)
+    test_emb = compute_embeddings(model, test.images, args.embed_batch, device,
+                                  desc="embed test")
+    test_acc = (head.predict(test_emb) == test.labels).float().mean()  # on the CPU
+    log.info("pretrained clusters: %d training images, %d clusters, test accuracy %.2f%% on "
+             "%d images", len(train), head.num_clusters, 100 * test_acc.item(), len(test))
+    extra = {"args": vars(args), "dataset": args.dataset, "classes": list(train.classes)}
+    return build_checkpoint(model, head, args.k, 0, 100 * test_acc.item(), extra)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout)
+    set_quiet(args.quiet)
+    try:
+        start = time.time()
+        ckpt = cluster_checkpoint(args)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        save_atomic(ckpt, args.out)
+        log.info("wrote %s (%.0fs)", args.out, time.time() - start)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
