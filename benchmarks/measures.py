@@ -150,7 +150,7 @@ def measure_pgd(model: ClusterClassifier, test: ImageData, device: torch.device,
     return {"images": len(test), "clean_acc": a.clean_acc, "iterations": iterations,
             "restarts": restarts, "seconds": med, "samples": seconds, "per_eps": per_eps,
             "differ": differ,
-            # SPEC section 6: at most one example per thousand may differ (float noise)
+            # at most one example per thousand may differ (float noise between batch shapes)
             "agree": differ * 1000 <= len(test) * len(per_eps),
             "R3": med["shrink"] / med["mask"]}
 

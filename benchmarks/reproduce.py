@@ -319,7 +319,7 @@ def render(args, run: dict, b: Budget, steps: list[Step], results: dict,
         f"at the end{_load_caveat(run)}. Total "
         f"{(run.get('ended', time.time()) - run['started']) / 60:.1f} min.", "",
         "## Published figures, for context", "",
-        f"The authors' {PUBLISHED} (SPEC section 4). The paper's protocol attacks a "
+        f"The authors' {PUBLISHED}. The paper's protocol attacks a "
         "cross-entropy on bounded cluster scores; AutoAttack attacks the proper logit.", "",
         f"## Results on {n} fixed test images", "",
         "Robust accuracy in %. *Paper PGD*: the paper's protocol (cross-entropy on the "

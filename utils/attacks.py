@@ -8,7 +8,8 @@
 * At each step only the examples still classified correctly move; with ``shrink=True`` the
   others leave the batch (fewer forward/backward rows), with ``shrink=False`` they are masked.
 * After each restart every example keeps the perturbation with the highest loss so far
-  (the paper's rule, kept for faithfulness; see SPEC section 6).
+  (the paper's rule, kept for faithfulness: that loss does not track
+  misclassification, so a later restart can replace a successful perturbation).
 * The random start of an example depends only on (seed, eps index, restart, example index):
   not on the batch it falls in, nor on the device.
 """

@@ -1,7 +1,7 @@
 """Attacks that do not trust the paper's loss: adaptive PGD on the logit, and AutoAttack.
 
 The paper's PGD maximises a cross-entropy on bounded cluster scores, which saturates far
-from the clusters and so overstates robustness (SPEC section 4). The attacks here target
+from the clusters and so overstates robustness. The attacks here target
 the classifier's proper logit, ``model(x)`` (per-class log-sum-exp of -d^2/2sigma^2 over the
 counted clusters; same arg-max as the paper's scores):
 
