@@ -19,12 +19,11 @@ import os
 import sys
 import time
 
-from datasets.data import DATASETS, ImageData, balanced_subset, load_dataset
+from datasets.data import DATASETS, balanced_subset, load_dataset
 from main_clustr import resolve_device
-from models.cluster_head import ClusterHead
 from models.resnet import ResNet18, normalization_for
 from utils.checkpoint import build_checkpoint, load_weights, save_atomic
-from utils.clustering import fit_clusters, kmeans_settings
+from utils.clustering import fit_cluster_classifier
 from utils.embeddings import compute_embeddings
 from utils.errors import UsageError
 from utils.progress import set_quiet
@@ -54,18 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def fit_head(model: ResNet18, train: ImageData, dataset: str, K: int, L: int, seed: int,
-             batch: int, device) -> ClusterHead:
-    """Clusters of ``model``'s eval-mode embeddings of the un-augmented ``train`` images, as
-    training computes them before its first epoch (per-class k-means, sigma^2)."""
-    emb = compute_embeddings(model, train.images, batch, device, desc="embed train")  # (N, 512)
-    n_init, max_iter = kmeans_settings(dataset)
-    c = fit_clusters(emb, train.labels, train.num_classes, K, n_init, max_iter, seed)
-    if L > len(c.centers):
-        raise UsageError(f"--L {L} is larger than the {len(c.centers)} clusters")
-    return ClusterHead(c.centers, c.classes, c.variance, train.num_classes, L)
-
-
 def cluster_checkpoint(args) -> dict:
     """The epoch-0 ClusTR checkpoint of the pretrained weights."""
     device = resolve_device(args.device)
@@ -77,8 +64,11 @@ def cluster_checkpoint(args) -> dict:
     model = ResNet18(train.num_classes, mean, std)
     load_weights(model, args.pretrained_path)
     model.to(device).eval()
-    head = fit_head(model, train, args.dataset, args.k, args.L, args.seed, args.embed_batch,
-                    device)
+    if args.L > train.num_classes * args.k:
+        raise UsageError(f"--L {args.L} is larger than the {train.num_classes * args.k} "
+                         f"clusters ({train.num_classes} classes x --k {args.k})")
+    head = fit_cluster_classifier(model, train, args.dataset, args.k, args.L, seed=args.seed,
+                                  batch=args.embed_batch, device=device).head
     test_emb = compute_embeddings(model, test.images, args.embed_batch, device,
                                   desc="embed test")
     test_acc = (head.predict(test_emb) == test.labels).float().mean()  # on the CPU

@@ -10,13 +10,11 @@ import torch.nn as nn
 
 import main_clustr
 from benchmarks import reproduce
-from benchmarks.pretrained_clusters import fit_head
-from datasets.data import ImageData, balanced_subset, load_dataset, to_float
+from datasets.data import ImageData, to_float
 from models.classifier import ClusterClassifier
 from models.cluster_head import ClusterHead
-from models.resnet import ResNet18
+from tests.eval_helpers import real_cluster_classifier, real_test_data
 from utils.attacks import logit_ce_loss, paper_loss, pgd, random_start, start_keys
-from utils.checkpoint import load_weights
 from utils.errors import UsageError
 from utils.evaluation import run_sweep
 from utils.masking import gradient_summary, robustness_gaps
@@ -118,20 +116,12 @@ def test_fooled_wins_is_the_and_of_the_single_restarts():
 @pytest.fixture(scope="module")
 def cluster_model(real_subset, real_weights):
     """The shared network with k-means clusters (K = 2, L = 20) of 200 training images."""
-    train = balanced_subset(load_dataset("imagefolder", str(real_subset), "train", workers=2),
-                            200, 0)
-    backbone = ResNet18(10)
-    load_weights(backbone, str(real_weights))
-    backbone.eval()
-    head = fit_head(backbone, train, "imagefolder", K=2, L=20, seed=111, batch=100,
-                    device=CPU)
-    return ClusterClassifier(backbone, head)
+    return real_cluster_classifier(str(real_subset), str(real_weights))
 
 
 @pytest.fixture(scope="module")
 def test_images(real_subset) -> ImageData:
-    return balanced_subset(load_dataset("imagefolder", str(real_subset), "test", workers=2),
-                           20, 111)
+    return real_test_data(str(real_subset), 20, 111)
 
 
 def test_logit_argmax_is_the_cluster_prediction(cluster_model, test_images):

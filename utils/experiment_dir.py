@@ -24,7 +24,8 @@ RESUME_FILE = "resume.pth"
 TRAIN_OUTPUTS = ("log.txt", "params.txt", "checkpoint.pth", "checkpoint_*.pth", RESUME_FILE,
                  "metrics.csv")
 EVAL_OUTPUTS = ("params.txt", "attack_results_ext.csv", "predictions_eps*.csv",
-                "robustness.png", "eval_summary.json")
+                "robustness.png", "eval_summary.json", "attack_results_strong.csv",
+                "diagnostics.json")
 
 
 class ExperimentDir:

@@ -76,9 +76,9 @@ def pgd_fooled_wins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
     depends on which others are still in the batch.
     """
     n = len(x)
-    best = AttackResult(torch.zeros_like(x), x.new_full((n,), -float("inf")),
-                        torch.ones(n, dtype=torch.bool, device=x.device),
-                        torch.zeros(n, dtype=torch.long, device=x.device))
+    best = AttackResult(delta=torch.zeros_like(x), loss=x.new_full((n,), -float("inf")),
+                        pred=y.clone(), correct=torch.ones(n, dtype=torch.bool, device=x.device),
+                        steps=torch.zeros(n, dtype=torch.long, device=x.device))
     for restart in range(restarts):
         rows = best.correct.nonzero().flatten()                         # still robust
         if len(rows) == 0:
@@ -90,6 +90,7 @@ def pgd_fooled_wins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
         best.delta[rows[take]] = res.delta[take]
         best.loss[rows[take]] = res.loss[take]
         best.steps[rows[take]] = res.steps[take]
+        best.pred[rows[take]] = res.pred[take]
         best.correct[rows[fooled]] = False
     return best
 
