@@ -10,7 +10,7 @@ from datasets.data import ImageData, augment
 from models.classifier import ClusterClassifier
 from models.cluster_head import ClusterHead
 from utils.clustering import fit_clusters, kmeans_settings
-from utils.embeddings import compute_embeddings, to_device
+from utils.embeddings import compute_embeddings, default_embed_batch, to_device
 from utils.evaluation import run_sweep
 from utils.magnet_loss import magnet_loss
 
@@ -113,7 +113,7 @@ def cluster_classifier(train: ImageData, weights, device: torch.device, K: int, 
     """The classifier the CLI evaluates: the network, per-class k-means (CIFAR-10 settings)
     on its un-augmented, eval-mode training embeddings, the L nearest clusters voting."""
     backbone = build_model(train.num_classes, weights, device, seed)
-    emb = compute_embeddings(backbone, train.images, 256, device)
+    emb = compute_embeddings(backbone, train.images, default_embed_batch(device), device)
     n_init, max_iter = kmeans_settings("cifar10")
     c = fit_clusters(emb, train.labels, train.num_classes, K, n_init, max_iter, seed)
     head = ClusterHead(c.centers, c.classes, c.variance, train.num_classes, L)
@@ -186,4 +186,5 @@ def embedding_batch_sweep(w: Workload, batches, repeats: int, images: int = 512)
             if round_ > 0:
                 times[b].append(s / len(x))
     return {"images": len(x), "per_image_s": {b: median(v) for b, v in times.items()},
-            "embed_batch": t.cfg.embed_batch, "test_batch": t.cfg.test_batch}
+            "embed_batch": t.cfg.embed_batch or default_embed_batch(dev),
+            "test_batch": t.cfg.test_batch}

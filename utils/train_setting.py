@@ -118,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeded, class-balanced subset of N training images")
     n.add_argument("--test-subset", type=pos_int, default=None, metavar="N",
                    help="seeded, class-balanced subset of N test images")
-    n.add_argument("--embed-batch", type=pos_int, default=256,
-                   help="batch size of the per-epoch embedding pass over the training set")
+    n.add_argument("--embed-batch", type=pos_int, default=None,
+                   help="batch size of the per-epoch embedding pass over the training set "
+                        "(none given: 64 on a CPU, 256 on CUDA)")
     n.add_argument("--amp", action="store_true",
                    help="bfloat16 autocast for training and embedding passes (CUDA only; "
                         "attacks stay in float32)")

@@ -19,7 +19,7 @@ from models.cluster_head import ClusterHead
 from models.resnet import ResNet18
 from utils.clustering import Clusters, fit_clusters, kmeans_settings
 from utils.consistency import ExtraTerms
-from utils.embeddings import autocast, compute_embeddings, to_device
+from utils.embeddings import autocast, compute_embeddings, default_embed_batch, to_device
 from utils.free_adversarial import FreePerturbation
 from utils.magnet_loss import magnet_loss, magnet_loss_full
 from utils.progress import progress
@@ -36,7 +36,7 @@ class TrainConfig:
     alpha: float = 12.5
     seed: int = 111
     test_batch: int = 64
-    embed_batch: int = 256
+    embed_batch: int | None = None  # None: default_embed_batch(device)
     amp: bool = False
     consistency_lambda: float = 0.0  # QTRADES (0 = plain ClusTR)
     xent_lambda: float = 0.0
@@ -93,8 +93,9 @@ class ClusTRTrainer:
 
         Returns the embeddings (N, 512) so the caller can reuse them for the metrics.
         """
-        emb = compute_embeddings(self.model, self.train.images, self.cfg.embed_batch,
-                                 self.device, desc="embed train", amp=self.cfg.amp)
+        batch = self.cfg.embed_batch or default_embed_batch(self.device)
+        emb = compute_embeddings(self.model, self.train.images, batch, self.device,
+                                 desc="embed train", amp=self.cfg.amp)
         n_init, max_iter = kmeans_settings(self.cfg.dataset)
         self.clusters = fit_clusters(emb, self.train.labels, self.num_classes, self.cfg.K,
                                      n_init, max_iter, self.cfg.seed)
