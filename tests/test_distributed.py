@@ -109,13 +109,15 @@ def _predictions(folder) -> dict[str, list[str]]:
     return found
 
 
-def test_evaluate_ckpt_two_processes_agree_with_one(two_process_run, tiny_folder, tmp_path):
+def test_two_process_sweep_agrees_with_one_process_evaluate_ckpt(two_process_run, tiny_folder,
+                                                                  tmp_path):
+    """The training run's sweep (two processes, reloaded from checkpoint.pth as
+    --evaluate-ckpt does) against --evaluate-ckpt of that file in one process."""
     out, _, _ = two_process_run
-    args = ("--evaluate-ckpt", out / "checkpoint.pth", "--data-root", tiny_folder, *SMALL)
-    one = launch("--checkpoint", tmp_path / "one", *args, procs=0)
-    two = launch("--checkpoint", tmp_path / "two", *args)
-    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
-    p1, p2 = _predictions(tmp_path / "one"), _predictions(tmp_path / "two")
+    one = launch("--checkpoint", tmp_path / "one", "--evaluate-ckpt", out / "checkpoint.pth",
+                 "--data-root", tiny_folder, *SMALL, procs=0)
+    assert one.returncode == 0, one.stderr[-2000:]
+    p1, p2 = _predictions(tmp_path / "one"), _predictions(out)
     assert len(p1) == 4 and p1.keys() == p2.keys()
     for name in p1:
         same = sum(a == b for a, b in zip(p1[name], p2[name]))
