@@ -136,7 +136,8 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
         scheduler.step()
         c = trainer.clusters
         test_state_dump(dist, epoch, {"centers": c.centers, "assignments": c.assignments,
-                                      "variance": c.variance, "losses": trainer.sampler.losses})
+                                      "variance": c.variance, "losses": trainer.sampler.losses,
+                                      **model.state_dict()})
         if dist.is_main:
             epoch_log.append(epoch, lr, metrics.train_loss, metrics.train_acc,
                              metrics.test_loss, metrics.test_acc)

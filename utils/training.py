@@ -95,6 +95,14 @@ class ClusTRTrainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
+    def _sync_buffers(self) -> None:
+        """Rank 0's BatchNorm statistics on every process. DDP broadcasts them before each
+        forward, so after the last step each process holds its own update; the embedding
+        passes (split over processes) and the saved checkpoint need one set."""
+        if self.dist.enabled:
+            for buf in self.model.buffers():
+                buf.copy_(self.dist.broadcast(buf))
+
     def steps_per_epoch(self) -> int:
         return self.sampler.steps_per_epoch(self.dist.world_size)
 
@@ -197,6 +205,7 @@ class ClusTRTrainer:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if self.after_step is not None:
                 self.after_step(step + 1, totals)
+        self._sync_buffers()
         return {name: total / (steps * replays) for name, total in totals.items()}
 
     def _mean_over_ranks(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
