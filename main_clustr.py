@@ -22,6 +22,14 @@ from models.resnet import ResNet18, normalization_for
 from utils.checkpoint import build_checkpoint, load_weights, save_atomic, write_text_atomic
 from utils.clustering import check_class_sizes
 from utils.device import resolve_device
+from utils.distributed import (
+    Dist,
+    close_distributed,
+    init_distributed,
+    process_device,
+    test_fail_hook,
+    test_state_dump,
+)
 from utils.errors import UsageError
 from utils.evaluation import evaluate_checkpoint, evaluate_model, load_eval_inputs
 from utils.experiment_dir import RESUME_FILE, ExperimentDir
@@ -51,7 +59,7 @@ def load_data(args):
     return train, test
 
 
-def build_run(args, out: ExperimentDir, device: torch.device):
+def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist | None = None):
     """Data, network, optimiser, scheduler and trainer, every input checked; restored from
     ``resume.pth`` with ``--resume``. Nothing is written here."""
     train_set, test_set = load_data(args)
@@ -76,7 +84,7 @@ def build_run(args, out: ExperimentDir, device: torch.device):
                       consistency_lambda=args.consistency_lambda, xent_lambda=args.xent_lambda,
                       mse_consistency=args.mse_consistency, actual_trades=args.actual_trades,
                       minibatch_replays=args.minibatch_replays)
-    trainer = ClusTRTrainer(model, optimizer, train_set, test_set, cfg, device)
+    trainer = ClusTRTrainer(model, optimizer, train_set, test_set, cfg, device, dist)
     trainer.check_batch_shape()
     state = RunState(out.file(RESUME_FILE), args, model, optimizer, scheduler, trainer)
     if resume is not None:
@@ -88,41 +96,57 @@ def build_run(args, out: ExperimentDir, device: torch.device):
     return state, Position()
 
 
-def train(args, out: ExperimentDir, device: torch.device) -> str:
-    """Train ClusTR, or continue an interrupted run, and return the last checkpoint's path."""
-    state, start = build_run(args, out, device)
+def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = None) -> str:
+    """Train ClusTR, or continue an interrupted run, and return the last checkpoint's path.
+    Under torchrun every process trains; only the main one writes."""
+    dist = dist or Dist.single()
+    state, start = build_run(args, out, device, dist)
     model, optimizer, scheduler, trainer = (state.model, state.optimizer, state.scheduler,
                                             state.trainer)
     epoch_log = EpochLog(out.file("log.txt"), keep_epochs=start.epoch if args.resume else None,
                          write=False)
     metrics_csv = MetricsCSV(out.file("metrics.csv"), keep_epochs=start.epoch if args.resume
                              else None)
-    # every input is checked: from here on the experiment directory changes
-    out.prepare(evaluate_only=False, overwrite=args.overwrite, inputs=[args.pretrained_path])
+    # every input is checked on every process: from here on the experiment directory changes
+    dist.barrier()
+    if dist.is_main:
+        out.prepare(evaluate_only=False, overwrite=args.overwrite,
+                    inputs=[args.pretrained_path])
     if not args.resume:
         state.save(start)  # from the first result on, --resume has a state to continue from
-    write_text_atomic(out.file("params.txt"), params_line(args) + "\n")
-    epoch_log.flush()
+    if dist.is_main:
+        write_text_atomic(out.file("params.txt"), params_line(args) + "\n")
+        epoch_log.flush()
     extra = {"args": {k: v for k, v in vars(args).items()}, "dataset": args.dataset,
              "classes": list(trainer.train.classes)}
     ckpt_path = out.file("checkpoint.pth")
-    log.info("%d steps of %d x %d examples per epoch", trainer.sampler.steps_per_epoch(),
-             args.m, args.d)
+    log.info("%d steps of %d x %d examples per epoch", trainer.steps_per_epoch(), args.m,
+             args.d)
+    if dist.enabled:
+        log.info("%d processes: effective batch %d x %d x %d = %d examples per step (the "
+                 "learning rate is not rescaled)", dist.world_size, dist.world_size, args.m,
+                 args.d, dist.world_size * args.m * args.d)
     for epoch in range(start.epoch + 1, args.epochs + 1):
+        test_fail_hook(dist, f"epoch {epoch}")
         begin = time.time()
         lr = optimizer.param_groups[0]["lr"]
         resumed = start if epoch == start.epoch + 1 else Position(epoch - 1)
         trainer.after_step = state.step_saver(args.checkpoint_every, epoch)
         metrics = run_epoch(trainer, epoch, resumed, ckpt_path)
         scheduler.step()
-        epoch_log.append(epoch, lr, metrics.train_loss, metrics.train_acc, metrics.test_loss,
-                         metrics.test_acc)
-        metrics_csv.append(epoch, lr, metrics, time.time() - begin)
-        ckpt = build_checkpoint(model, trainer.head(), args.k, epoch, metrics.test_acc, extra,
-                                assignments=trainer.clusters.assignments)
-        save_atomic(ckpt, ckpt_path)
-        if args.save_all:
-            save_atomic(ckpt, out.file(f"checkpoint_{epoch}.pth"))
+        c = trainer.clusters
+        test_state_dump(dist, epoch, {"centers": c.centers, "assignments": c.assignments,
+                                      "variance": c.variance, "losses": trainer.sampler.losses,
+                                      **model.state_dict()})
+        if dist.is_main:
+            epoch_log.append(epoch, lr, metrics.train_loss, metrics.train_acc,
+                             metrics.test_loss, metrics.test_acc)
+            metrics_csv.append(epoch, lr, metrics, time.time() - begin)
+            ckpt = build_checkpoint(model, trainer.head(), args.k, epoch, metrics.test_acc,
+                                    extra, assignments=c.assignments)
+            save_atomic(ckpt, ckpt_path)
+            if args.save_all:
+                save_atomic(ckpt, out.file(f"checkpoint_{epoch}.pth"))
         state.save(Position(epoch))
         log.info("epoch %d/%d  lr %.2g  train loss %.4f acc %.2f%%  test loss %.4f acc "
                  "%.2f%%  (%.0fs)", epoch, args.epochs, lr, metrics.train_loss,
@@ -145,8 +169,20 @@ def run_epoch(trainer: ClusTRTrainer, epoch: int, start: Position, ckpt_path: st
 
 
 def run(args) -> int:
-    device = resolve_device(args.device)
-    set_quiet(args.quiet)
+    """Under torchrun each process joins the group and runs this same code (the same checks,
+    so a bad input fails every process alike); plain python is a world of one."""
+    device = process_device(resolve_device(args.device))
+    dist = init_distributed(device, args.dist_timeout)
+    try:
+        return run_process(args, device, dist)
+    finally:
+        close_distributed(dist)
+
+
+def run_process(args, device: torch.device, dist: Dist) -> int:
+    if not dist.is_main:  # one voice: the main process logs and shows progress
+        logging.getLogger().setLevel(logging.WARNING)
+    set_quiet(args.quiet or not dist.is_main)
     seed_everything(args.seed)
     out = ExperimentDir(args.checkpoint)
     evaluate_only = args.evaluate_ckpt is not None
@@ -154,13 +190,16 @@ def run(args) -> int:
     if not evaluate_only:
         args.L = 10 if args.L is None else args.L
         args.not_normalize = bool(args.not_normalize)
-        ckpt_path = train(args, out, device)
-        evaluate_checkpoint(args, ckpt_path, out.path, device)
+        ckpt_path = train(args, out, device, dist)
+        dist.barrier()  # the main process has written the checkpoint
+        evaluate_checkpoint(args, ckpt_path, out.path, device, dist)
         return 0
     model, test = load_eval_inputs(args, args.evaluate_ckpt)
-    out.prepare(evaluate_only=True, overwrite=args.overwrite, inputs=[args.evaluate_ckpt])
-    write_text_atomic(out.file("params.txt"), params_line(args) + "\n")
-    evaluate_model(args, model, test, out.path, device, args.evaluate_ckpt)
+    dist.barrier()  # every process checked its inputs before anything is written
+    if dist.is_main:
+        out.prepare(evaluate_only=True, overwrite=args.overwrite, inputs=[args.evaluate_ckpt])
+        write_text_atomic(out.file("params.txt"), params_line(args) + "\n")
+    evaluate_model(args, model, test, out.path, device, args.evaluate_ckpt, dist)
     return 0
 
 

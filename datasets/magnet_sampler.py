@@ -32,8 +32,10 @@ class MagnetSampler:
     def num_clusters(self) -> int:
         return self.num_classes * self.K
 
-    def steps_per_epoch(self) -> int:
-        return max(1, len(self.labels) // (self.m * self.d))
+    def steps_per_epoch(self, world_size: int = 1) -> int:
+        """One pass over the training set: each of ``world_size`` processes draws its own
+        m*d batch per step, so the effective batch is world_size*m*d."""
+        return max(1, len(self.labels) // (world_size * self.m * self.d))
 
     def update_clusters(self, assignments: torch.Tensor, centers: torch.Tensor) -> None:
         """Take new cluster assignments (N,) and centroids (C*K, D)."""

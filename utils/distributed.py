@@ -7,6 +7,7 @@ RANK, WORLD_SIZE and LOCAL_RANK are set and ``init_distributed`` joins the group
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -89,8 +90,21 @@ class Dist:
         return torch.device("cpu")
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s batch and augmentation stream: ``seed`` itself on rank 0
+    (so a world of one replays the single-process run), far-apart streams elsewhere."""
+    return seed if rank == 0 else seed + 1_000_003 * rank
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def process_device(device: torch.device) -> torch.device:
+    """Under torchrun on CUDA, this process's own GPU (cuda:LOCAL_RANK); else ``device``."""
+    if launched_by_torchrun() and device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
 
 
 def init_distributed(device: torch.device, timeout_s: float = 600.0) -> Dist:
@@ -101,6 +115,8 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> Dist:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":  # collectives fail (instead of hanging) after the timeout
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
@@ -110,3 +126,27 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> Dist:
 def close_distributed(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# -- test-only hooks: inert unless their environment variable is set -------------------------
+FAIL_RANK_ENV = "CLUSTR_TEST_FAIL_RANK"
+STATE_DIR_ENV = "CLUSTR_TEST_STATE_DIR"
+
+
+def test_fail_hook(d: Dist, where: str) -> None:
+    """Raise on the rank named by CLUSTR_TEST_FAIL_RANK, so tests can check that one failing
+    process ends the whole job."""
+    if os.environ.get(FAIL_RANK_ENV) == str(d.rank):
+        raise RuntimeError(f"{FAIL_RANK_ENV}: rank {d.rank} fails on purpose ({where})")
+
+
+def test_state_dump(d: Dist, epoch: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Write one SHA-256 per tensor of this rank to CLUSTR_TEST_STATE_DIR, so tests can
+    check that every rank holds the same clusters, sigma^2 and sampler state."""
+    folder = os.environ.get(STATE_DIR_ENV)
+    if not folder:
+        return
+    lines = [f"{name} {hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()}"
+             for name, t in tensors.items()]
+    with open(os.path.join(folder, f"rank{d.rank}_epoch{epoch}.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")

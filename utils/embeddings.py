@@ -56,3 +56,13 @@ def autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def compute_embeddings_split(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
+                             device: torch.device, dist, desc: str = "embed",
+                             amp: bool = False) -> torch.Tensor:
+    """``compute_embeddings`` with each process embedding its own disjoint slice
+    (``dist.shard``), gathered back in data-set order on every process: (N, 512)."""
+    start, end = dist.shard(len(images))
+    local = compute_embeddings(model, images[start:end], batch_size, device, desc, amp)
+    return dist.gather_rows(local, len(images))

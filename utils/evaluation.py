@@ -27,6 +27,7 @@ from utils.checkpoint import (
     load_checkpoint,
     write_text_atomic,
 )
+from utils.distributed import Dist
 from utils.embeddings import eval_mode, to_device
 from utils.errors import UsageError
 from utils.progress import progress
@@ -91,32 +92,41 @@ class SweepResult:
 
 
 @torch.no_grad()
-def predict_all(model, images: torch.Tensor, batch: int, device) -> torch.Tensor:
-    out = []
+def predict_all(model, images: torch.Tensor, batch: int, device,
+                dist: Dist | None = None) -> torch.Tensor:
+    """Predictions (N,) in data-set order; each process predicts its shard."""
+    dist = dist or Dist.single()
+    lo, hi = dist.shard(len(images))
+    out = [torch.empty(0, dtype=torch.long)]
     with eval_mode(model):
-        for s in range(0, len(images), batch):
-            out.append(model.predict(to_device(images[s:s + batch], device)).cpu())
-    return torch.cat(out)
+        for s in range(lo, hi, batch):
+            out.append(model.predict(to_device(images[s:min(s + batch, hi)], device)).cpu())
+    return dist.gather_rows(torch.cat(out), len(images))
 
 
 def run_sweep(model, data: ImageData, epsilons=EPSILONS, iterations: int = 20,
               restarts: int = 10, seed: int = 111, batch: int = 64,
               device="cpu", loss_fn: LossFn = paper_loss,
-              shrink: bool = True) -> SweepResult:
+              shrink: bool = True, dist: Dist | None = None) -> SweepResult:
     """Clean predictions, then PGD at each eps on the examples still classified correctly.
 
     Examples misclassified without attack count as non-robust (delta = 0 already fools
     them) and are not attacked, so the robust accuracy never exceeds the clean one. The
     original attacked them too and scored them at their random start. Each eps is attacked
     independently, as in the paper; the random starts depend on (seed, eps index, restart,
-    example index), so the batch size does not change them.
+    example index), so the batch size does not change them, and neither does the number of
+    processes: under torchrun each attacks its shard of the examples and the per-example
+    results are gathered back in order on every process.
     """
     device = torch.device(device)
+    dist = dist or Dist.single()
     model = model.to(device)
     labels = data.labels
-    clean = predict_all(model, data.images, batch, device)
+    clean = predict_all(model, data.images, batch, device, dist)
     result = SweepResult(labels, data.indices, clean)
-    attack = (clean == labels).nonzero().flatten()
+    attack_all = (clean == labels).nonzero().flatten()
+    lo, hi = dist.shard(len(attack_all))
+    attack = attack_all[lo:hi]  # this process's examples
     for e, eps in enumerate(epsilons):
         start = time.perf_counter()
         adv = clean.clone()
@@ -136,6 +146,11 @@ def run_sweep(model, data: ImageData, epsilons=EPSILONS, iterations: int = 20,
             steps[rows] = res.steps.cpu()
             robust += int(res.correct.sum())
             bar.set_postfix(robust=f"{robust}/{len(labels)}")  # robust so far, of all
+        if dist.enabled:  # every process's attacked rows, back in order
+            n = len(attack_all)
+            adv[attack_all] = dist.gather_rows(adv[attack], n)
+            linf[attack_all] = dist.gather_rows(linf[attack], n)
+            steps[attack_all] = dist.gather_rows(steps[attack], n)
         result.per_eps.append(EpsResult(eps, adv, linf, steps, time.perf_counter() - start))
         log.info("PGD eps %g/255: %.2f%% robust (%.0fs)", eps,
                  result.per_eps[-1].accuracy(labels), result.per_eps[-1].seconds)
@@ -190,16 +205,21 @@ def load_eval_inputs(args, ckpt_path: str):
     return model, test
 
 
-def evaluate_checkpoint(args, ckpt_path: str, out_dir: str, device: torch.device) -> SweepResult:
+def evaluate_checkpoint(args, ckpt_path: str, out_dir: str, device: torch.device,
+                        dist: Dist | None = None) -> SweepResult:
     model, test = load_eval_inputs(args, ckpt_path)
-    return evaluate_model(args, model, test, out_dir, device, ckpt_path)
+    return evaluate_model(args, model, test, out_dir, device, ckpt_path, dist)
 
 
 def evaluate_model(args, model, test: ImageData, out_dir: str, device: torch.device,
-                   ckpt_path: str) -> SweepResult:
+                   ckpt_path: str, dist: Dist | None = None) -> SweepResult:
+    """The sweep (split over the processes under torchrun); the main process writes."""
+    dist = dist or Dist.single()
     result = run_sweep(model, test, EPSILONS, args.iterations, args.restarts, args.seed,
-                       args.test_batch, device)
+                       args.test_batch, device, dist=dist)
     log.info("clean accuracy %.2f%% on %d test images", result.clean_acc, len(test))
+    if not dist.is_main:
+        return result
     setup = describe(model)
     write_results(result, out_dir, curve=setup["attack"])
     write_summary(os.path.join(out_dir, "eval_summary.json"), result, dict(

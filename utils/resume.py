@@ -33,7 +33,7 @@ REQUIRED = ("format", "epoch", "step", "totals", "args", "model", "optimizer", "
 MAY_DIFFER = frozenset({
     "checkpoint", "data_root", "pretrained_path", "device", "workers", "quiet", "resume",
     "overwrite", "checkpoint_every", "save_all", "epochs", "iterations", "restarts",
-    "test_batch", "embed_batch", "evaluate_ckpt",
+    "test_batch", "embed_batch", "evaluate_ckpt", "dist_timeout",
 })
 
 
@@ -114,6 +114,8 @@ class RunState:
                                                                     scheduler, trainer)
 
     def save(self, position: Position) -> None:
+        """Every process calls this (the trainer's state gathers from all of them); only
+        the main process writes."""
         state = {
             "format": FORMAT,
             "epoch": int(position.epoch),
@@ -126,7 +128,8 @@ class RunState:
             "trainer": self.trainer.state_dict(),
             "rng": rng_state(),
         }
-        save_atomic(state, self.path)
+        if self.trainer.dist.is_main:
+            save_atomic(state, self.path)
 
     def restore(self, state: dict) -> Position:
         """Put the saved state into the run's objects; returns where to continue."""
@@ -155,7 +158,7 @@ class RunState:
     def step_saver(self, every: int, epoch: int):
         """``trainer.after_step`` hook saving every ``every`` steps of epoch ``epoch``
         (1-based); the epoch's last step is covered by the end-of-epoch save."""
-        steps = self.trainer.sampler.steps_per_epoch()
+        steps = self.trainer.steps_per_epoch()
 
         def after_step(done: int, totals: dict) -> None:
             if done % every == 0 and done < steps:

@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bfloat16 autocast for training and embedding passes (CUDA only; "
                         "attacks stay in float32)")
     n.add_argument("--quiet", action="store_true", help="no progress bars")
+    n.add_argument("--dist-timeout", type=pos_float, default=600.0, metavar="SECONDS",
+                   help="under torchrun: a collective waiting longer than this fails the job "
+                        "instead of hanging")
     r = p.add_argument_group("interrupted runs and existing results (see README, Failure "
                              "behaviour)")
     r.add_argument("--resume", action="store_true",

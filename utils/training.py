@@ -19,7 +19,9 @@ from models.cluster_head import ClusterHead
 from models.resnet import ResNet18
 from utils.clustering import Clusters, fit_clusters, kmeans_settings
 from utils.consistency import ExtraTerms
-from utils.embeddings import autocast, compute_embeddings, default_embed_batch, to_device
+from utils.distributed import Dist, rank_seed
+from utils.embeddings import autocast, compute_embeddings_split, default_embed_batch, to_device
+from utils.errors import UsageError
 from utils.free_adversarial import FreePerturbation
 from utils.magnet_loss import magnet_loss, magnet_loss_full
 from utils.progress import progress
@@ -55,15 +57,25 @@ class EpochMetrics:
 
 
 class ClusTRTrainer:
-    """Owns the network, the optimiser, the clusters and the sampler of one training run."""
+    """Owns the network, the optimiser, the clusters and the sampler of one training run.
+
+    Under torchrun (``dist`` of several processes) every process holds the same clusters and
+    sampler state; the training forward/backward goes through DistributedDataParallel, while
+    the embedding passes and the adversaries use the plain module.
+    """
 
     def __init__(self, model: ResNet18, optimizer: torch.optim.Optimizer, train: ImageData,
-                 test: ImageData, cfg: TrainConfig, device: torch.device):
+                 test: ImageData, cfg: TrainConfig, device: torch.device,
+                 dist: Dist | None = None):
         self.model, self.optimizer, self.train, self.test = model, optimizer, train, test
         self.cfg, self.device = cfg, device
+        self.dist = dist or Dist.single()
         self.num_classes = train.num_classes
         self.sampler = MagnetSampler(train.labels, self.num_classes, cfg.K, cfg.m, cfg.d)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        # each process draws its own batches and augmentations; rank 0's stream is the
+        # single-process one
+        self.generator = torch.Generator().manual_seed(rank_seed(cfg.seed, self.dist.rank))
+        self.train_model = self._wrap_ddp(model)
         self.clusters: Clusters | None = None
         self.train_embeddings: torch.Tensor | None = None
         self.extras = ExtraTerms(cfg.consistency_lambda, cfg.xent_lambda, cfg.mse_consistency,
@@ -72,10 +84,30 @@ class ClusTRTrainer:
         # after_step(steps_done, totals) runs after every step (periodic resume saves)
         self.after_step = None
 
+    def _wrap_ddp(self, model: ResNet18) -> torch.nn.Module:
+        """The module the training steps call: DDP (gradients averaged over the processes)
+        when a process group was joined, else the model itself. The linear head takes no part
+        in the Magnet loss, hence find_unused_parameters."""
+        if not self.dist.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+    def _sync_buffers(self) -> None:
+        """Rank 0's BatchNorm statistics on every process. DDP broadcasts them before each
+        forward, so after the last step each process holds its own update; the embedding
+        passes (split over processes) and the saved checkpoint need one set."""
+        if self.dist.enabled:
+            for buf in self.model.buffers():
+                buf.copy_(self.dist.broadcast(buf))
+
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch(self.dist.world_size)
+
     def check_batch_shape(self) -> None:
         """Refuse m, L and K that the cluster structure cannot serve."""
-        from utils.errors import UsageError
-
         total, other = self.num_classes * self.cfg.K, (self.num_classes - 1) * self.cfg.K
         if self.cfg.m > total:
             raise UsageError(f"--m {self.cfg.m} is larger than the {total} clusters "
@@ -94,13 +126,40 @@ class ClusTRTrainer:
         Returns the embeddings (N, 512) so the caller can reuse them for the metrics.
         """
         batch = self.cfg.embed_batch or default_embed_batch(self.device)
-        emb = compute_embeddings(self.model, self.train.images, batch, self.device,
-                                 desc="embed train", amp=self.cfg.amp)
-        n_init, max_iter = kmeans_settings(self.cfg.dataset)
-        self.clusters = fit_clusters(emb, self.train.labels, self.num_classes, self.cfg.K,
-                                     n_init, max_iter, self.cfg.seed)
+        emb = self.embed(self.train.images, batch, "embed train")
+        self.clusters = self._fit_once(emb)
         self.sampler.update_clusters(self.clusters.assignments, self.clusters.centers)
         return emb
+
+    def embed(self, images: torch.Tensor, batch: int, desc: str) -> torch.Tensor:
+        """Embeddings (N, 512) of a whole set; each process embeds its shard."""
+        return compute_embeddings_split(self.model, images, batch, self.device, self.dist,
+                                        desc=desc, amp=self.cfg.amp)
+
+    def _fit_once(self, emb: torch.Tensor) -> Clusters:
+        """k-means on the main process, its result broadcast, so every process holds the
+        very same clusters and sigma^2. A failure there fails every process alike."""
+        n_init, max_iter = kmeans_settings(self.cfg.dataset)
+        fit, error = None, None
+        if self.dist.is_main:
+            try:
+                fit = fit_clusters(emb, self.train.labels, self.num_classes, self.cfg.K,
+                                   n_init, max_iter, self.cfg.seed)
+            except (UsageError, FloatingPointError) as exc:
+                error = exc
+        if not self.dist.all_agree(error is None):
+            if error is not None:
+                raise error
+            raise UsageError("k-means failed on the main process (see its message)")
+        if not self.dist.enabled:
+            return fit
+        n_clusters, n = self.num_classes * self.cfg.K, len(self.train)
+        empty = Clusters(torch.zeros(n_clusters, emb.shape[1]),
+                         torch.zeros(n_clusters, dtype=torch.long),
+                         torch.zeros(n, dtype=torch.long), torch.zeros(n_clusters))
+        fit = fit or empty
+        return Clusters(*(self.dist.broadcast(t) for t in (fit.centers, fit.classes,
+                                                            fit.assignments, fit.variance)))
 
     def head(self) -> ClusterHead:
         c = self.clusters
@@ -121,7 +180,7 @@ class ClusTRTrainer:
         classes = head.classes
         replays = max(1, self.cfg.minibatch_replays)
         totals: dict[str, float] = dict(totals or {})
-        steps = self.sampler.steps_per_epoch()
+        steps = self.steps_per_epoch()
         bar = progress(range(start_step, steps), desc=desc, leave=False)
         for step in bar:
             indices, cluster_ids = self.sampler.sample(self.generator)
@@ -139,13 +198,24 @@ class ClusTRTrainer:
                 self.optimizer.step()
                 if self.free:
                     self.free.step(x)
-                for name, value in terms.items():
-                    totals[name] = totals.get(name, 0.0) + value.item()
-            self.sampler.record_losses(indices, per_example)
+                for name, value in self._mean_over_ranks(terms).items():
+                    totals[name] = totals.get(name, 0.0) + value
+            # every process records every process's batch: the sampler states stay equal
+            self.sampler.record_losses(self.dist.gather_cat(indices.cpu()),
+                                       self.dist.gather_cat(per_example.detach().float().cpu()))
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if self.after_step is not None:
                 self.after_step(step + 1, totals)
+        self._sync_buffers()
         return {name: total / (steps * replays) for name, total in totals.items()}
+
+    def _mean_over_ranks(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Each loss term averaged over the processes' batches (one value per process)."""
+        if not self.dist.enabled:
+            return {name: v.item() for name, v in terms.items()}
+        values = torch.tensor([[v.item() for v in terms.values()]], dtype=torch.float64)  # (1, T)
+        means = self.dist.gather_cat(values).mean(0)  # (T,)
+        return {name: float(m) for name, m in zip(terms, means)}
 
     def batch_terms(self, x: torch.Tensor, cluster_ids: torch.Tensor, classes: torch.Tensor,
                     head: ClusterHead) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -153,7 +223,7 @@ class ClusTRTrainer:
         Magnet losses (N,). Their sum is the training loss; plain ClusTR has 'magnet' alone.
         """
         with autocast(self.device, self.cfg.amp):
-            emb = self.model(x).float()  # (N, 512)
+            emb = self.train_model(x).float()  # (N, 512)
         per_example, _ = magnet_loss(emb, cluster_ids, classes, self.cfg.alpha)
         terms = {"magnet": per_example.mean()}
         terms.update(self.extras.terms(self.model, head, x, emb, classes[cluster_ids],
@@ -164,8 +234,7 @@ class ClusTRTrainer:
         components = self.train_epoch(start_step=start_step, totals=totals)
         train_emb = self.refresh_clusters()
         train_loss, train_acc = self.metrics(train_emb, self.train.labels)
-        test_emb = compute_embeddings(self.model, self.test.images, self.cfg.test_batch,
-                                      self.device, desc="embed test", amp=self.cfg.amp)
+        test_emb = self.embed(self.test.images, self.cfg.test_batch, "embed test")
         test_loss, test_acc = self.metrics(test_emb, self.test.labels)
         return EpochMetrics(train_loss, train_acc, test_loss, test_acc, components)
 
@@ -175,7 +244,7 @@ class ClusTRTrainer:
         sampler's per-example losses and the generator of batches and augmentation. Tensors
         and plain types only, so it loads with ``weights_only=True``."""
         c = self.clusters
-        state = {"generator": self.generator.get_state(), "sampler": self.sampler.state_dict(),
+        state = {"generator": self._generator_state(), "sampler": self.sampler.state_dict(),
                  "clusters": {"centers": c.centers, "classes": c.classes,
                               "assignments": c.assignments, "variance": c.variance}}
         if self.free is not None and self.free.delta is not None:
@@ -183,12 +252,27 @@ class ClusTRTrainer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        self._set_generator_state(state["generator"])
         self.sampler.load_state_dict(state["sampler"])
         self.clusters = Clusters(**state["clusters"])
         self.sampler.update_clusters(self.clusters.assignments, self.clusters.centers)
         if self.free is not None and "free_delta" in state:
             self.free.delta = state["free_delta"].to(self.device)
+
+    def _generator_state(self) -> torch.Tensor:
+        """This process's generator state (G,) alone, or every process's (world, G)."""
+        own = self.generator.get_state()
+        return self.dist.gather_cat(own[None]) if self.dist.enabled else own
+
+    def _set_generator_state(self, saved: torch.Tensor) -> None:
+        if saved.dim() == 1 and not self.dist.enabled:
+            self.generator.set_state(saved)
+            return
+        world = 1 if saved.dim() == 1 else len(saved)
+        if world != self.dist.world_size:
+            raise UsageError(f"the run was interrupted with {world} process(es) and continues "
+                             f"with {self.dist.world_size}: resume with the same number")
+        self.generator.set_state(saved.reshape(world, -1)[self.dist.rank].contiguous())
 
     @torch.no_grad()
     def metrics(self, emb: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
