@@ -59,7 +59,7 @@ def test_train_then_sweep_writes_the_seed_outputs(tiny_folder, tmp_path):
     with open(out / "attack_results_ext.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["epsilons", "test_set_accs"]
-    assert [r[0] for r in rows[1:]] == ["0", "2", "8", "16", "25.5"]
+    assert [float(r[0]) for r in rows[1:]] == [0.0, 2.0, 8.0, 16.0, 25.5]
     assert float(rows[1][1]) == ckpt["test_acc"]
 
 
