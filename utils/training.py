@@ -280,6 +280,6 @@ class ClusTRTrainer:
         head = self.head()
         losses = magnet_loss_full(emb, labels, head.centers, head.classes, head.variance,
                                   self.cfg.alpha)
-        acc = (head.predict(emb) == labels).float().mean().item() * 100.0
+        acc = 100.0 * int((head.predict(emb) == labels).sum()) / len(labels)  # exact, as sweep
         loss = losses.mean().item()
         return (loss if math.isfinite(loss) else float("nan")), acc
