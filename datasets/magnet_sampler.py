@@ -62,12 +62,20 @@ class MagnetSampler:
         self._loss_count = torch.bincount(a, minlength=self.num_clusters)
 
     def record_losses(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
-        """Store the per-example losses (B,) of the distinct examples ``indices`` (B,)."""
+        """Store the per-example losses (B,) of the examples ``indices`` (B,).
+
+        An example listed twice (drawn by two processes in the same step) keeps its last
+        loss, so every process, given the same gathered lists, holds the same state.
+        """
         indices = indices.cpu()
         new = losses.detach().float().cpu()
+        if len(indices.unique()) != len(indices):
+            pos = torch.arange(len(indices))
+            last = torch.full((len(self.losses),), -1, dtype=torch.long).scatter_reduce(
+                0, indices, pos, reduce="amax")
+            keep = last[indices] == pos
+            indices, new = indices[keep], new[keep]
         if self.assignments is not None:
-            if len(indices.unique()) != len(indices):
-                raise ValueError("record_losses needs distinct example indices")
             old = self.losses[indices]
             a = self.assignments[indices]
             old_known, new_known = ~old.isnan(), ~new.isnan()
