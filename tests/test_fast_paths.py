@@ -166,10 +166,13 @@ def test_cluster_weights_equal_a_loop_through_recording_reloading_and_refreshing
     torch.testing.assert_close(s.cluster_weights(), _loop_weights(s))
 
 
-def test_record_losses_refuses_repeated_indices():
+def test_record_losses_repeated_index_keeps_the_last_loss():
     s, _ = _sampler()
-    with pytest.raises(ValueError, match="distinct"):
-        s.record_losses(torch.tensor([3, 3]), torch.tensor([1.0, 2.0]))
+    s.record_losses(torch.tensor([3, 5, 3]), torch.tensor([1.0, 4.0, 2.0]))
+    assert s.losses[3] == 2.0 and s.losses[5] == 4.0
+    running = s.cluster_weights()
+    s._recount_losses()  # the incremental sums equal a recount from scratch
+    assert torch.allclose(running, s.cluster_weights())
 
 
 def test_sample_is_the_seed_cluster_and_its_nearest_impostors():
