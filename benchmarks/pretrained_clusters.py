@@ -20,10 +20,10 @@ import sys
 import time
 
 from datasets.data import DATASETS, balanced_subset, load_dataset
-from main_clustr import resolve_device
 from models.resnet import ResNet18, normalization_for
 from utils.checkpoint import build_checkpoint, load_weights, save_atomic
 from utils.clustering import fit_cluster_classifier
+from utils.device import resolve_device
 from utils.embeddings import compute_embeddings
 from utils.errors import UsageError
 from utils.progress import set_quiet

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from utils.device import resolve_device
 from utils.errors import UsageError
 from utils.evaluation import EPSILONS
 from utils.progress import set_quiet
@@ -120,19 +121,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.data_dir is None:
         args.data_dir = default_data_dir()
     return args
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {name!r}: not a device (use auto, cpu or cuda[:N])"
-                         ) from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def data_for(section: str, args) -> str:
