@@ -74,8 +74,9 @@ class ClusterHead(nn.Module):
         counted = log_scores.masked_fill(~mask, neg_inf)
         best_counted = log_scores.new_full((n, c), neg_inf).scatter_reduce(
             1, index, counted, reduce="amax")
-        has_counted = mask.new_zeros(n, c).scatter_reduce(
-            1, index, mask, reduce="amax")
+        # counted clusters per class (a float sum: CUDA has no scatter kernels for bool)
+        has_counted = log_scores.new_zeros(n, c).index_add_(1, self.classes,
+                                                            mask.to(log_scores.dtype)) > 0
         # log-sum-exp per class, shifted by the class's best counted value for stability
         shift = torch.where(has_counted, best_counted, best_any)
         rel = (log_scores - shift.gather(1, index)).exp() * mask
