@@ -44,17 +44,20 @@ def magnet_loss(emb: torch.Tensor, clusters: torch.Tensor, cluster_classes: torc
     cluster. Returns the per-example losses (N,) and the batch variance sigma^2 (not detached:
     the original back-propagates through it).
     """
-    uniq, local = clusters.unique(return_inverse=True)  # M clusters in the batch
-    m = len(uniq)
-    counts = torch.bincount(local, minlength=m).to(emb.dtype)
-    means = emb.new_zeros(m, emb.shape[1]).index_add_(0, local, emb) / counts[:, None]  # (M, D)
-    sq_dist = squared_distances(emb, means)  # (N, M)
-    own_dist = (emb - means[local]).pow(2).sum(1)
+    # Every cluster gets a column and the clusters absent from the batch are masked out of
+    # the denominator: the same loss as over the batch's M clusters alone, with no data-
+    # dependent shapes (torch.unique would wait for the GPU at every step).
+    cluster_classes = cluster_classes.to(emb.device)
+    total = len(cluster_classes)
+    counts = emb.new_zeros(total).index_add_(0, clusters, emb.new_ones(len(emb)))  # (C*K,)
+    sums = emb.new_zeros(total, emb.shape[1]).index_add_(0, clusters, emb)
+    means = sums / counts.clamp_min(1.0)[:, None]  # (C*K, D); 0 for an absent cluster
+    sq_dist = squared_distances(emb, means)  # (N, C*K)
+    own_dist = (emb - means[clusters]).pow(2).sum(1)
     variance = own_dist.sum() / (len(emb) - 1)
-    sq_dist = sq_dist.scatter(1, local[:, None], own_dist[:, None])  # exact own distance
-    classes = cluster_classes.to(emb.device)[uniq]
-    other = classes[None, :] != classes[local][:, None]
-    return magnet_from_distances(sq_dist, local, other, variance, alpha), variance
+    sq_dist = sq_dist.scatter(1, clusters[:, None], own_dist[:, None])  # exact own distance
+    other = (counts > 0)[None, :] & (cluster_classes[None, :] != cluster_classes[clusters][:, None])
+    return magnet_from_distances(sq_dist, clusters, other, variance, alpha), variance
 
 
 def magnet_loss_full(emb: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
