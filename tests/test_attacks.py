@@ -14,6 +14,7 @@ from tests.eval_helpers import (
     real_cluster_classifier,
     real_test_data,
 )
+from utils import attacks
 from utils.attacks import logit_ce_loss, paper_loss, pgd, random_start, start_keys
 
 EPS = 8 / 255
@@ -126,6 +127,31 @@ def test_more_restarts_never_leave_more_examples_correct_when_the_loss_tracks_er
     assert not (four.correct & ~one.correct).any()
     assert int(four.correct.sum()) <= int(one.correct.sum())
     assert ((one.loss >= math.log(2)) == ~one.correct).all()
+
+
+def test_padding_the_shrinking_set_changes_nothing(monkeypatch):
+    """The GPU's shape-limited shrinking (active rows padded to a power of two with rows
+    that are evaluated but never moved) finds what plain shrinking finds; run here on the
+    CPU by padding on it too."""
+    model = TinyNet(3, seed=2).eval()
+    x = torch.rand(50, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    y = model.predict(x)
+    plain = pgd(model, x, y, 4 / 255, 1 / 255, 6, 2, keys_for(50), logit_ce_loss)
+    monkeypatch.setattr(attacks, "PADDED_DEVICES", {"cpu"})
+    sizes = []
+
+    def spy(active, n):
+        rows, movable = padded_rows(active, n)
+        sizes.append((len(active), len(rows)))
+        return rows, movable
+
+    padded_rows = attacks._padded_rows
+    monkeypatch.setattr(attacks, "_padded_rows", spy)
+    padded = pgd(model, x, y, 4 / 255, 1 / 255, 6, 2, keys_for(50), logit_ce_loss)
+    assert any(a < r for a, r in sizes)  # some steps did run padded batches
+    assert {r for _, r in sizes} <= {1, 2, 4, 8, 16, 32, 50}
+    assert torch.equal(padded.pred, plain.pred) and torch.equal(padded.steps, plain.steps)
+    assert torch.allclose(padded.delta, plain.delta, atol=1e-6)
 
 
 @pytest.mark.slow

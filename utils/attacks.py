@@ -49,6 +49,10 @@ class AttackResult:
     steps: torch.Tensor       # (N,) gradient steps applied to the kept perturbation
 
 
+# devices on which the shrinking active set is padded to a power of two (see _padded_rows)
+PADDED_DEVICES = {"cuda"}
+
+
 def random_start(x: torch.Tensor, eps: float, keys: list[int]) -> torch.Tensor:
     """Uniform noise in the eps-ball, one CPU generator per example key, clipped to [0, 1]."""
     noise = torch.empty(x.shape, dtype=torch.float32)
@@ -104,10 +108,17 @@ def _ascend(model, x, y, delta, eps, step, iterations, loss_fn, shrink):
     everyone = torch.arange(len(x), device=x.device)
     active = everyone  # rows still classified correctly at the last check
     for _ in range(iterations):
-        rows = active if shrink else everyone
+        if not shrink:
+            rows, movable = everyone, None
+        elif x.device.type in PADDED_DEVICES:
+            rows, movable = _padded_rows(active, len(x))
+        else:
+            rows, movable = active, None
         d = delta[rows].requires_grad_(True)
         loss, scores = loss_fn(model, x[rows] + d, y[rows])
         still = scores.argmax(1) == y[rows]
+        if movable is not None:
+            still &= movable
         if not still.any():
             break
         # gradient with respect to the input only: parameter .grad is never touched
@@ -117,6 +128,21 @@ def _ascend(model, x, y, delta, eps, step, iterations, loss_fn, shrink):
         steps[moved] += 1
         active = moved
     return delta, steps
+
+
+def _padded_rows(active: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``active`` padded with other rows to the next power of two (at most ``n``), and the
+    mask of the active ones. On a GPU every new batch shape costs a kernel selection, so the
+    shrinking set keeps to a few shapes; the padding rows are evaluated but never moved."""
+    size = min(n, 1 << max(len(active) - 1, 0).bit_length())
+    if size == len(active):
+        return active, None
+    others = torch.ones(n, dtype=torch.bool, device=active.device)
+    others[active] = False
+    pad = others.nonzero().flatten()[:size - len(active)]
+    movable = torch.zeros(size, dtype=torch.bool, device=active.device)
+    movable[:len(active)] = True
+    return torch.cat([active, pad]), movable
 
 
 def _project(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
