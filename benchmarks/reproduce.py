@@ -301,6 +301,14 @@ def _strongest(res: dict, eps: float) -> tuple[float | None, str]:
                                                           if v == low)
 
 
+def _accelerator(device: str) -> str:
+    """', <GPU name>' when the runs will use a GPU, else ''."""
+    if device == "cpu" or not torch.cuda.is_available():
+        return ""
+    index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+    return f", {torch.cuda.get_device_name(index)}"
+
+
 def render(args, run: dict, b: Budget, steps: list[Step], results: dict,
            consistency: tuple[str, bool] | None) -> str:
     quick = args.quick
@@ -314,7 +322,8 @@ def render(args, run: dict, b: Budget, steps: list[Step], results: dict,
         f"Generated {time.strftime('%Y-%m-%d %H:%M', time.localtime(run['started']))} by",
         "", "```bash", "python -m benchmarks.reproduce " + shlex.join(run["argv"]), "```", "",
         f"on {platform.node() or 'this machine'} ({platform.processor() or platform.machine()},"
-        f" {os.cpu_count()} cores, torch {torch.__version__}, device `{args.device}`); load "
+        f" {os.cpu_count()} cores, torch {torch.__version__}, device `{args.device}`"
+        f"{run.get('accelerator') or ''}); load "
         f"average {run['load']:.1f} at the start and {run.get('load_end', float('nan')):.1f} "
         f"at the end{_load_caveat(run)}. Total "
         f"{(run.get('ended', time.time()) - run['started']) / 60:.1f} min.", "",
@@ -502,7 +511,8 @@ def main(argv=None) -> int:
         print(f"error: {args.data}: no such folder (expected cifar10-subset/ and weights/)",
               file=sys.stderr)
         return 2
-    run = {"argv": argv, "work": work, "started": time.time(), "load": os.getloadavg()[0]}
+    run = {"argv": argv, "work": work, "started": time.time(), "load": os.getloadavg()[0],
+           "accelerator": _accelerator(args.device)}
     steps = plan(args, budget_from(args), work)
     for step in steps:
         run_step(step)
