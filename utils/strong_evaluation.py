@@ -60,7 +60,8 @@ def add_strong_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{STRONG_CSV} and {DIAGNOSTICS}")
     g.add_argument("--autoattack", action="store_true",
                    help="also run AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, "
-                        "Square; needs pyautoattack; about 3 s per image on 2 CPU cores)")
+                        "Square; needs pyautoattack; about 0.7 s per image on 2 CPU cores "
+                        "for a non-robust model, more for a robust one)")
     g.add_argument("--autoattack-eps", type=pos_float, nargs="+", default=[8.0], metavar="E",
                    help="AutoAttack eps values, in units of 1/255")
     g.add_argument("--strong-subset", type=pos_int, default=None, metavar="N",
