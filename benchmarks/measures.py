@@ -128,8 +128,7 @@ def measure_pgd(model: ClusterClassifier, test: ImageData, device: torch.device,
     def sweep(data, shrink, its=iterations, eps=epsilons):
         return run_sweep(model, data, eps, its, restarts, seed, batch, device, shrink=shrink)
 
-    warm = ImageData(test.images[:batch], test.labels[:batch], test.classes,
-                     test.indices[:batch])
+    warm = test.take(slice(batch))
     for shrink in (True, False):
         sweep(warm, shrink, its=1, eps=epsilons[:1])
     seconds: dict[str, list[float]] = {"shrink": [], "mask": []}

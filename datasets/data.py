@@ -37,6 +37,10 @@ class ImageData:
         if self.indices is None:
             self.indices = torch.arange(len(self.labels))
 
+    def take(self, rows) -> ImageData:
+        """The examples at ``rows`` (a slice or an index tensor), keeping their indices."""
+        return ImageData(self.images[rows], self.labels[rows], self.classes, self.indices[rows])
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -145,8 +149,7 @@ def balanced_subset(data: ImageData, n: int | None, seed: int,
     # take by rank first, so every class gets its share before any gets more
     keys = ranks * data.num_classes + labels
     chosen = order[keys.argsort()[:n]].sort().values
-    return ImageData(data.images[chosen], data.labels[chosen], data.classes,
-                     data.indices[chosen])
+    return data.take(chosen)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

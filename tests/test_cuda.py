@@ -95,8 +95,7 @@ def test_adaptive_pgd_on_the_gpu_is_no_weaker_than_the_papers(gpu_model, images)
 def test_autoattack_runs_on_the_gpu(gpu_model, images):
     pytest.importorskip("pyautoattack", reason="pyautoattack not installed "
                         "(pip install pyautoattack==0.2.0)")
-    few = ImageData(images.images[:20], images.labels[:20], images.classes,
-                    images.indices[:20])
+    few = images.take(slice(20))
     out = run_autoattack(gpu_model, few, 8.0, seed=0, batch=20, device=GPU,
                          version="custom", attacks=["apgd-ce"], iterations=10)
     with torch.no_grad():

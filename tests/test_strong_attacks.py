@@ -152,8 +152,7 @@ def test_adaptive_attack_is_no_weaker_than_the_papers(cluster_model, test_images
 def test_autoattack_runs_end_to_end(cluster_model, test_images):
     pytest.importorskip("pyautoattack", reason="pyautoattack not installed "
                         "(pip install pyautoattack==0.2.0)")
-    few = ImageData(test_images.images[:4], test_images.labels[:4], test_images.classes,
-                    test_images.indices[:4])
+    few = test_images.take(slice(4))
     out = run_autoattack(cluster_model, few, 8.0, seed=0, batch=4, device=CPU,
                          version="custom", attacks=["apgd-ce"], iterations=3)
     clean = cluster_model.predict(to_float(few.images)) == few.labels
