@@ -30,7 +30,7 @@ from utils.distributed import (
     test_fail_hook,
     test_state_dump,
 )
-from utils.errors import UsageError
+from utils.errors import UsageError, one_line
 from utils.evaluation import evaluate_checkpoint, evaluate_model, load_eval_inputs
 from utils.experiment_dir import RESUME_FILE, ExperimentDir
 from utils.progress import set_quiet
@@ -201,10 +201,6 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
         write_text_atomic(out.file("params.txt"), params_line(args) + "\n")
     evaluate_model(args, model, test, out.path, device, args.evaluate_ckpt, dist)
     return 0
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,7 @@ from utils.checkpoint import build_checkpoint, load_weights, save_atomic
 from utils.clustering import fit_cluster_classifier
 from utils.device import resolve_device
 from utils.embeddings import compute_embeddings
-from utils.errors import UsageError
+from utils.errors import UsageError, exit_status
 from utils.progress import set_quiet
 
 log = logging.getLogger("clustr")
@@ -83,16 +83,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout)
     set_quiet(args.quiet)
-    try:
-        start = time.time()
-        ckpt = cluster_checkpoint(args)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        save_atomic(ckpt, args.out)
-        log.info("wrote %s (%.0fs)", args.out, time.time() - start)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: write_clusters(args))
+
+
+def write_clusters(args) -> None:
+    start = time.time()
+    ckpt = cluster_checkpoint(args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_atomic(ckpt, args.out)
+    log.info("wrote %s (%.0fs)", args.out, time.time() - start)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from utils.device import resolve_device
-from utils.errors import UsageError
+from utils.errors import UsageError, exit_status
 from utils.evaluation import EPSILONS
 from utils.progress import set_quiet
 
@@ -219,12 +219,11 @@ def contention_warnings(load: dict, threads: int) -> list[str]:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout)
-    try:
-        args = parse_args(argv)
-        res = run(args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: run_and_write(parse_args(argv)))
+
+
+def run_and_write(args) -> None:
+    res = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(res))
     log.info("wrote %s", args.out)
@@ -232,7 +231,6 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(res, indent=1, default=str) + "\n")
     for w in res["warnings"]:
         log.warning("%s", w)
-    return 0
 
 
 if __name__ == "__main__":

@@ -96,16 +96,10 @@ def run_scaling(base: int, test_size: int, data: str, data_dir, m: int, d: int, 
 
 
 def main(argv=None) -> int:
-    from utils.errors import UsageError
+    from utils.errors import exit_status
 
     logging.basicConfig(level=logging.WARNING)
-    try:
-        result = run_worker(worker_args(argv))
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+    return exit_status(lambda: print(json.dumps(run_worker(worker_args(argv)))))
 
 
 if __name__ == "__main__":

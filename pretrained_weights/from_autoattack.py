@@ -32,7 +32,7 @@ import torch
 
 from models.resnet import CIFAR_MEAN, CIFAR_STD, ResNet18
 from utils.checkpoint import load_weights, save_atomic
-from utils.errors import UsageError
+from utils.errors import UsageError, exit_status
 
 PACKAGE = "pyautoattack"
 PACKAGE_PIN = "pyautoattack==0.2.0"
@@ -112,12 +112,7 @@ def main(argv=None) -> int:
                         help=f"where to write the weights (default: {DEFAULT_OUT})")
     parser.add_argument("--force", action="store_true", help="overwrite an existing file")
     args = parser.parse_args(argv)
-    try:
-        run(args.out, args.force)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run(args.out, args.force))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,24 @@
 """The one exception type a user sees as a one-line message and exit status 2."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
 
 
 class UsageError(Exception):
     """A problem with the user's input: the CLI prints the message alone and exits 2."""
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def exit_status(command: Callable[[], int | None]) -> int:
+    """Run a command-line tool's work: its own status (0 for None), or 2 with the message
+    of a ``UsageError`` on one line of stderr."""
+    try:
+        status = command()
+    except UsageError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    return 0 if status is None else status

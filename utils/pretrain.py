@@ -27,7 +27,7 @@ from models.resnet import ResNet18, normalization_for
 from utils.checkpoint import save_atomic
 from utils.device import resolve_device
 from utils.embeddings import autocast, eval_mode, to_device
-from utils.errors import UsageError
+from utils.errors import UsageError, exit_status
 from utils.progress import progress, set_quiet
 from utils.train_setting import _Parser, nonneg_float, nonneg_int, pos_float, pos_int
 
@@ -196,11 +196,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout)
-    try:
-        return run(args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: run(args))
 
 
 if __name__ == "__main__":
