@@ -19,10 +19,10 @@ import torch
 
 from datasets.data import balanced_subset, load_dataset
 from models.resnet import ResNet18, normalization_for
-from utils.checkpoint import build_checkpoint, load_weights, save_atomic, write_text_atomic
-from utils.clustering import check_class_sizes
-from utils.device import resolve_device
-from utils.distributed import (
+from models.checkpoint import build_checkpoint, load_weights, save_atomic, write_text_atomic
+from utils.train.clustering import check_class_sizes
+from base.device import resolve_device
+from base.distributed import (
     Dist,
     close_distributed,
     init_distributed,
@@ -30,14 +30,14 @@ from utils.distributed import (
     test_fail_hook,
     test_state_dump,
 )
-from utils.errors import UsageError, one_line
-from utils.evaluation import evaluate_checkpoint, evaluate_model, load_eval_inputs
-from utils.experiment_dir import RESUME_FILE, ExperimentDir
-from utils.progress import set_quiet
-from utils.results import EpochLog, MetricsCSV
-from utils.resume import Position, RunState, read_resume
+from base.errors import UsageError, one_line
+from utils.eval.evaluation import evaluate_checkpoint, evaluate_model, load_eval_inputs
+from utils.outputs.experiment_dir import RESUME_FILE, ExperimentDir
+from base.progress import set_quiet
+from utils.outputs.results import EpochLog, MetricsCSV
+from utils.train.resume import Position, RunState, read_resume
 from utils.train_setting import params_line, parse_args
-from utils.training import ClusTRTrainer, TrainConfig
+from utils.train.training import ClusTRTrainer, TrainConfig
 
 log = logging.getLogger("clustr")
 

@@ -9,10 +9,10 @@ import torch
 from datasets.data import ImageData, augment
 from models.classifier import ClusterClassifier
 from models.cluster_head import ClusterHead
-from utils.clustering import fit_clusters, kmeans_settings
-from utils.embeddings import compute_embeddings, default_embed_batch, to_device
-from utils.evaluation import run_sweep
-from utils.magnet_loss import magnet_loss
+from utils.train.clustering import fit_clusters, kmeans_settings
+from utils.train.embeddings import compute_embeddings, default_embed_batch, to_device
+from utils.eval.evaluation import run_sweep
+from utils.train.magnet_loss import magnet_loss
 
 from .timing import StepClock, median, median_call, timed
 from .workloads import Workload, build_model

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from utils.device import resolve_device
-from utils.errors import UsageError, exit_status
-from utils.evaluation import EPSILONS
-from utils.progress import set_quiet
+from base.device import resolve_device
+from base.errors import UsageError, exit_status
+from utils.eval.evaluation import EPSILONS
+from base.progress import set_quiet
 
 from .machine import load_average, machine_info, usable_cores
 from .measures import (

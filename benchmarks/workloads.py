@@ -19,10 +19,10 @@ import torch.nn.functional as F
 
 from datasets.data import ImageData, augment, balanced_subset, load_dataset
 from models.resnet import ResNet18
-from utils.checkpoint import load_weights
-from utils.embeddings import autocast, compute_embeddings, to_device
-from utils.errors import UsageError
-from utils.training import ClusTRTrainer, TrainConfig
+from models.checkpoint import load_weights
+from utils.train.embeddings import autocast, compute_embeddings, to_device
+from base.errors import UsageError
+from utils.train.training import ClusTRTrainer, TrainConfig
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from utils.errors import UsageError
+from base.errors import UsageError
 
 DATASETS = ("cifar10", "cifar100", "svhn", "imagefolder")
 

@@ -65,7 +65,7 @@ class ClusterClassifier(nn.Module):
         ``dataset`` picks the input normalisation where the checkpoint does not record it
         (the original's do not; CIFAR's is assumed then).
         """
-        from utils.checkpoint import classifier_from_checkpoint, load_checkpoint
+        from models.checkpoint import classifier_from_checkpoint, load_checkpoint
 
         model = classifier_from_checkpoint(load_checkpoint(path, "cpu"), dataset=dataset, L=L,
                                            normalize=normalize)

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from models.resnet import CIFAR_MEAN, CIFAR_STD, ResNet18
-from utils.checkpoint import load_weights, save_atomic
-from utils.errors import UsageError, exit_status
+from models.checkpoint import load_weights, save_atomic
+from base.errors import UsageError, exit_status
 
 PACKAGE = "pyautoattack"
 PACKAGE_PIN = "pyautoattack==0.2.0"

@@ -18,9 +18,9 @@ from datasets.data import ImageData, to_float
 from models.classifier import ClusterClassifier
 from tests.conftest import ROOT
 from tests.eval_helpers import real_backbone, real_cluster_classifier, real_test_data
-from utils.embeddings import compute_embeddings, to_device
-from utils.evaluation import predict_all, run_sweep
-from utils.strong_attacks import adaptive_sweep, run_autoattack
+from utils.train.embeddings import compute_embeddings, to_device
+from utils.eval.evaluation import predict_all, run_sweep
+from utils.attacks.adaptive import adaptive_sweep, run_autoattack
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device on this machine")

@@ -67,8 +67,8 @@ def _embed_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     import torch.distributed as dist
 
     from models.resnet import ResNet18, normalization_for
-    from utils.distributed import Dist
-    from utils.embeddings import compute_embeddings_split
+    from base.distributed import Dist
+    from utils.train.embeddings import compute_embeddings_split
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -86,7 +86,7 @@ def _embed_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
 
 def test_split_embedding_pass_equals_single_pass(tmp_path):
     from models.resnet import ResNet18, normalization_for
-    from utils.embeddings import compute_embeddings
+    from utils.train.embeddings import compute_embeddings
 
     out_file = str(tmp_path / "emb.pt")
     torch.multiprocessing.spawn(_embed_worker, args=(2, str(tmp_path / "init"), out_file),

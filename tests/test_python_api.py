@@ -13,9 +13,9 @@ import main_clustr
 from datasets.data import balanced_subset, load_dataset, to_float
 from models import ClusterClassifier, ClusterHead, ResNet18
 from utils import inspect_ckpt
-from utils.checkpoint import load_checkpoint, load_weights
-from utils.clustering import fit_clusters
-from utils.embeddings import compute_embeddings
+from models.checkpoint import load_checkpoint, load_weights
+from utils.train.clustering import fit_clusters
+from utils.train.embeddings import compute_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

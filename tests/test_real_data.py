@@ -9,9 +9,9 @@ from datasets.data import load_dataset
 from models.cluster_head import ClusterHead
 from models.resnet import ResNet18
 from tests.conftest import ROOT
-from utils.checkpoint import load_weights
-from utils.clustering import fit_clusters
-from utils.embeddings import compute_embeddings
+from models.checkpoint import load_weights
+from utils.train.clustering import fit_clusters
+from utils.train.embeddings import compute_embeddings
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ import sys
 import torch
 
 from models.classifier import ClusterClassifier
-from utils.checkpoint import (
+from models.checkpoint import (
     CLUSTER_KEYS,
     FORMAT,
     backbone_from_state,
@@ -30,7 +30,7 @@ from utils.checkpoint import (
     has_clusters,
     load_checkpoint,
 )
-from utils.errors import UsageError
+from base.errors import UsageError
 
 ORIGINAL_KEYS = ("state_dict", "epoch", "test_acc", "cluster_centers", "cluster_classes",
                  "variance", "K", "L", "normalize_probs")

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint-every", type=nonneg_int, default=0, metavar="N",
                    help="also save the resume state every N training steps within an epoch "
                         "(0: only at the end of each epoch)")
-    from utils.strong_evaluation import add_strong_arguments
+    from utils.eval.strong_evaluation import add_strong_arguments
     add_strong_arguments(p)
     return p
 
@@ -162,7 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.resume and args.evaluate_ckpt is not None:
         parser.error("--resume continues training; --evaluate-ckpt only evaluates: give one of "
                      "the two")
-    from utils.strong_evaluation import check_strong_arguments
+    from utils.eval.strong_evaluation import check_strong_arguments
     check_strong_arguments(args, parser)
     return args
 

@@ -1,0 +1,280 @@
+"""The paper's robustness evaluation: clean accuracy, then a PGD l-inf sweep over eps.
+
+``evaluate_checkpoint`` reloads the checkpoint from disk into a fresh model (what was
+trained is never what gets evaluated), attacks the test set and writes
+``attack_results_ext.csv`` (the original's schema), ``predictions_eps<E>.csv`` per eps,
+``robustness.png`` and ``eval_summary.json`` (what was attacked: classifier, L, rule, attack
+settings, accuracies, seconds per eps).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from datasets.data import ImageData, balanced_subset, load_dataset
+from models.resnet import ResNet18
+from utils.attacks.pgd import LossFn, paper_loss, pgd, start_keys
+from models.checkpoint import (
+    atomic_write,
+    backbone_from_state,
+    classifier_from_checkpoint,
+    has_clusters,
+    load_checkpoint,
+    write_text_atomic,
+)
+from base.distributed import Dist
+from utils.train.embeddings import eval_mode, to_device
+from base.errors import UsageError
+from base.progress import progress
+from utils.outputs.results import write_csv
+
+log = logging.getLogger("clustr")
+
+EPSILONS = (2.0, 8.0, 16.0, 25.5)  # in units of 1/255
+STEP = 2.0 / 255
+
+
+class LinearClassifier(torch.nn.Module):
+    """A plain ResNet18 classifier (linear head) with the interface the attacks use."""
+
+    def __init__(self, backbone: ResNet18):
+        super().__init__()
+        self.backbone = backbone
+        self.eval()
+
+    @property
+    def num_classes(self) -> int:
+        return self.backbone.linear.out_features
+
+    def forward(self, x):
+        return self.backbone.classify(x)  # (N, C)
+
+    def paper_scores(self, x):
+        return self.backbone.classify(x)  # the original attacks a baseline's logits
+
+    @torch.no_grad()
+    def predict(self, x):
+        return self(x).argmax(1)
+
+
+def percent(correct: torch.Tensor) -> float:
+    """Share of True in percent, in double precision (as the original's 100. * n / N)."""
+    return 100.0 * int(correct.sum()) / len(correct) if len(correct) else 0.0
+
+
+@dataclass
+class EpsResult:
+    eps: float                  # in units of 1/255
+    adv_pred: torch.Tensor      # (N,) prediction under the kept perturbation
+    linf: torch.Tensor          # (N,) l-inf norm of the kept perturbation (0 if not attacked)
+    steps: torch.Tensor         # (N,) gradient steps of the kept perturbation
+    seconds: float = 0.0
+
+    def accuracy(self, labels: torch.Tensor) -> float:
+        return percent(self.adv_pred == labels)
+
+
+@dataclass
+class SweepResult:
+    labels: torch.Tensor
+    indices: torch.Tensor
+    clean_pred: torch.Tensor
+    per_eps: list[EpsResult] = field(default_factory=list)
+
+    @property
+    def clean_acc(self) -> float:
+        return percent(self.clean_pred == self.labels)
+
+
+@torch.no_grad()
+def predict_all(model, images: torch.Tensor, batch: int, device,
+                dist: Dist | None = None) -> torch.Tensor:
+    """Predictions (N,) in data-set order; each process predicts its shard."""
+    dist = dist or Dist.single()
+    lo, hi = dist.shard(len(images))
+    out = [torch.empty(0, dtype=torch.long)]
+    with eval_mode(model):
+        for s in range(lo, hi, batch):
+            out.append(model.predict(to_device(images[s:min(s + batch, hi)], device)).cpu())
+    return dist.gather_rows(torch.cat(out), len(images))
+
+
+def run_sweep(model, data: ImageData, epsilons=EPSILONS, iterations: int = 20,
+              restarts: int = 10, seed: int = 111, batch: int = 64,
+              device="cpu", loss_fn: LossFn = paper_loss,
+              shrink: bool = True, dist: Dist | None = None) -> SweepResult:
+    """Clean predictions, then PGD at each eps on the examples still classified correctly.
+
+    Examples misclassified without attack count as non-robust (delta = 0 already fools
+    them) and are not attacked, so the robust accuracy never exceeds the clean one. The
+    original attacked them too and scored them at their random start. Each eps is attacked
+    independently, as in the paper; the random starts depend on (seed, eps index, restart,
+    example index), so the batch size does not change them, and neither does the number of
+    processes: under torchrun each attacks its shard of the examples and the per-example
+    results are gathered back in order on every process.
+    """
+    device = torch.device(device)
+    dist = dist or Dist.single()
+    model = model.to(device)
+    labels = data.labels
+    clean = predict_all(model, data.images, batch, device, dist)
+    result = SweepResult(labels, data.indices, clean)
+    attack_all = (clean == labels).nonzero().flatten()
+    lo, hi = dist.shard(len(attack_all))
+    attack = attack_all[lo:hi]  # this process's examples
+    for e, eps in enumerate(epsilons):
+        start = time.perf_counter()
+        adv = clean.clone()
+        linf = torch.zeros(len(labels))
+        steps = torch.zeros(len(labels), dtype=torch.long)
+        robust = 0
+        bar = progress(range(0, len(attack), batch), desc=f"PGD eps {eps:g}/255", leave=False)
+        for s in bar:
+            rows = attack[s:s + batch]
+            x = to_device(data.images[rows], device)
+            y = labels[rows].to(device)
+            keys = data.indices[rows]
+            res = pgd(model, x, y, eps / 255, STEP, iterations, restarts,
+                      lambda r, k=keys, ei=e: start_keys(seed, ei, r, k), loss_fn, shrink)
+            adv[rows] = res.pred.cpu()
+            linf[rows] = res.delta.flatten(1).abs().amax(1).cpu()
+            steps[rows] = res.steps.cpu()
+            robust += int(res.correct.sum())
+            bar.set_postfix(robust=f"{robust}/{len(labels)}")  # robust so far, of all
+        if dist.enabled:  # every process's attacked rows, back in order
+            n = len(attack_all)
+            adv[attack_all] = dist.gather_rows(adv[attack], n)
+            linf[attack_all] = dist.gather_rows(linf[attack], n)
+            steps[attack_all] = dist.gather_rows(steps[attack], n)
+        result.per_eps.append(EpsResult(eps, adv, linf, steps, time.perf_counter() - start))
+        log.info("PGD eps %g/255: %.2f%% robust (%.0fs)", eps,
+                 result.per_eps[-1].accuracy(labels), result.per_eps[-1].seconds)
+    return result
+
+
+def load_eval_model(args, ckpt_path: str):
+    """A fresh model rebuilt from the file: ClusterClassifier, or LinearClassifier for a
+    plain state_dict (evaluated through its linear head, as the original does for
+    baselines). ``--L`` and ``--not-normalize`` win when given, else the file's values."""
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt.get("dataset") not in (None, args.dataset):
+        log.warning("%s was trained on %s but is evaluated on --dataset %s", ckpt_path,
+                    ckpt["dataset"], args.dataset)
+    if has_clusters(ckpt):
+        normalize = None if args.not_normalize is None else not args.not_normalize
+        model = classifier_from_checkpoint(ckpt, dataset=args.dataset, L=args.L,
+                                           normalize=normalize)
+        head = model.head
+        if head.L > head.num_clusters:
+            raise UsageError(f"--L {head.L} is larger than the checkpoint's "
+                             f"{head.num_clusters} clusters: pass --L {head.num_clusters} or "
+                             f"fewer")
+        log.info("evaluating %s: %d clusters, L %d%s, %s%s", ckpt_path, head.num_clusters,
+                 head.L, "" if args.L is not None else " (from the checkpoint)",
+                 "L nearest" if head.normalize else "all clusters (--not-normalize)",
+                 "" if args.not_normalize is not None else " (from the checkpoint)")
+        return model
+    log.info("evaluating %s as a plain classifier through its linear head (no cluster keys)",
+             ckpt_path)
+    return LinearClassifier(backbone_from_state(ckpt, args.dataset))
+
+
+def describe(model) -> dict:
+    """What was attacked: the classifier kind and, for clusters, the L and rule used."""
+    if isinstance(model, LinearClassifier):
+        return {"classifier": "linear head", "attack": "PGD, cross-entropy on the logits"}
+    return {"classifier": "clusters", "L": model.head.L,
+            "normalize_probs": model.head.normalize,
+            "attack": "paper PGD, cross-entropy on the cluster class scores"}
+
+
+def load_eval_inputs(args, ckpt_path: str):
+    """The model and the test set, loaded (and so checked) before any result is written."""
+    model = load_eval_model(args, ckpt_path)
+    test = load_dataset(args.dataset, args.data_root, "test", workers=args.workers)
+    test = balanced_subset(test, args.test_subset, args.seed, flag="--test-subset")
+    if model.num_classes != test.num_classes:
+        raise UsageError(f"{ckpt_path} classifies {model.num_classes} classes but the "
+                         f"{args.dataset} test set has {test.num_classes}: pass the --dataset "
+                         f"(and --data-root) it was trained on")
+    return model, test
+
+
+def evaluate_checkpoint(args, ckpt_path: str, out_dir: str, device: torch.device,
+                        dist: Dist | None = None) -> SweepResult:
+    model, test = load_eval_inputs(args, ckpt_path)
+    return evaluate_model(args, model, test, out_dir, device, ckpt_path, dist)
+
+
+def evaluate_model(args, model, test: ImageData, out_dir: str, device: torch.device,
+                   ckpt_path: str, dist: Dist | None = None) -> SweepResult:
+    """The sweep (split over the processes under torchrun); the main process writes."""
+    dist = dist or Dist.single()
+    result = run_sweep(model, test, EPSILONS, args.iterations, args.restarts, args.seed,
+                       args.test_batch, device, dist=dist)
+    log.info("clean accuracy %.2f%% on %d test images", result.clean_acc, len(test))
+    if not dist.is_main:
+        return result
+    setup = describe(model)
+    write_results(result, out_dir, curve=setup["attack"])
+    write_summary(os.path.join(out_dir, "eval_summary.json"), result, dict(
+        checkpoint=os.path.abspath(ckpt_path), dataset=args.dataset, test_images=len(test),
+        **setup, iterations=args.iterations, restarts=args.restarts, step=STEP * 255,
+        seed=args.seed))
+    if getattr(args, "strong", False) or getattr(args, "autoattack", False):
+        from utils.eval.strong_evaluation import evaluate_strong  # stronger attacks, same images
+        evaluate_strong(args, model, test, result, out_dir, device)
+    return result
+
+
+def write_results(result: SweepResult, out_dir: str, curve: str = "paper PGD") -> None:
+    """``attack_results_ext.csv`` as the original's pandas file (``0.0``, ``2.0``, ...,
+    ``25.5``; accuracy in percent), ``predictions_eps<E>.csv`` and ``robustness.png``."""
+    rows = [[0.0, result.clean_acc]] + [[float(r.eps), r.accuracy(result.labels)]
+                                        for r in result.per_eps]
+    write_csv(os.path.join(out_dir, "attack_results_ext.csv"), ["epsilons", "test_set_accs"],
+              rows)
+    for r in result.per_eps:
+        write_csv(os.path.join(out_dir, f"predictions_eps{r.eps:g}.csv"),
+                  ["index", "label", "clean_pred", "adv_pred", "linf", "steps"],
+                  [[int(i), int(y), int(c), int(a), f"{float(n):.6f}", int(s)]
+                   for i, y, c, a, n, s in zip(result.indices, result.labels,
+                                               result.clean_pred, r.adv_pred, r.linf,
+                                               r.steps)])
+    plot_robustness(os.path.join(out_dir, "robustness.png"), {curve: rows})
+
+
+def write_summary(path: str, result: SweepResult, setup: dict) -> None:
+    """``eval_summary.json``: what was evaluated and how (L and rule included), the
+    accuracies and the seconds per eps."""
+    summary = dict(setup, clean_acc=result.clean_acc,
+                   robust_acc={f"{r.eps:g}": r.accuracy(result.labels) for r in result.per_eps},
+                   seconds={f"{r.eps:g}": round(r.seconds, 2) for r in result.per_eps})
+    write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
+
+
+def plot_robustness(path: str, curves: dict[str, list[tuple[float, float]]]) -> None:
+    """Accuracy (%) against eps (x/255), one line per attack; written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, points in curves.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel("eps (x/255)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
