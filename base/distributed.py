@@ -7,7 +7,6 @@ RANK, WORLD_SIZE and LOCAL_RANK are set and ``init_distributed`` joins the group
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -127,26 +126,3 @@ def close_distributed(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
-
-# -- test-only hooks: inert unless their environment variable is set -------------------------
-FAIL_RANK_ENV = "CLUSTR_TEST_FAIL_RANK"
-STATE_DIR_ENV = "CLUSTR_TEST_STATE_DIR"
-
-
-def test_fail_hook(d: Dist, where: str) -> None:
-    """Raise on the rank named by CLUSTR_TEST_FAIL_RANK, so tests can check that one failing
-    process ends the whole job."""
-    if os.environ.get(FAIL_RANK_ENV) == str(d.rank):
-        raise RuntimeError(f"{FAIL_RANK_ENV}: rank {d.rank} fails on purpose ({where})")
-
-
-def test_state_dump(d: Dist, epoch: int, tensors: dict[str, torch.Tensor]) -> None:
-    """Write one SHA-256 per tensor of this rank to CLUSTR_TEST_STATE_DIR, so tests can
-    check that every rank holds the same clusters, sigma^2 and sampler state."""
-    folder = os.environ.get(STATE_DIR_ENV)
-    if not folder:
-        return
-    lines = [f"{name} {hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()}"
-             for name, t in tensors.items()]
-    with open(os.path.join(folder, f"rank{d.rank}_epoch{epoch}.txt"), "w") as f:
-        f.write("\n".join(lines) + "\n")

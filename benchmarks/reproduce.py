@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from models.checkpoint import extract_state_dict, load_checkpoint, write_text_atomic
+from base.io import load_checkpoint, write_text_atomic
+from models.checkpoint import extract_state_dict
 from utils.outputs.results import read_csv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -24,8 +24,8 @@ import torch
 
 from base.device import resolve_device
 from base.errors import UsageError, exit_status
-from utils.eval.evaluation import EPSILONS
 from base.progress import set_quiet
+from utils.eval.evaluation import EPSILONS
 
 from .machine import load_average, machine_info, usable_cores
 from .measures import (

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from datasets.data import ImageData, balanced_subset, load_dataset, to_float
-from models.resnet import ResNet18
 from models.checkpoint import load_weights
+from models.resnet import ResNet18
 from utils.train.clustering import fit_cluster_classifier
 
 ROOT_DIR = Path(__file__).resolve().parents[1]

@@ -14,13 +14,14 @@ import sys
 import pytest
 import torch
 
+from base.tensors import to_device
 from datasets.data import ImageData, to_float
 from models.classifier import ClusterClassifier
 from tests.conftest import ROOT
 from tests.eval_helpers import real_backbone, real_cluster_classifier, real_test_data
-from utils.train.embeddings import compute_embeddings, to_device
-from utils.eval.evaluation import predict_all, run_sweep
 from utils.attacks.adaptive import adaptive_sweep, run_autoattack
+from utils.eval.evaluation import predict_all, run_sweep
+from utils.train.embeddings import compute_embeddings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device on this machine")

@@ -66,8 +66,8 @@ def test_ranks_hold_identical_clusters_and_sampler_state(two_process_run):
 def _embed_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     import torch.distributed as dist
 
-    from models.resnet import ResNet18, normalization_for
     from base.distributed import Dist
+    from models.resnet import ResNet18, normalization_for
     from utils.train.embeddings import compute_embeddings_split
 
     torch.set_num_threads(1)

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import main_clustr
+from base.io import load_checkpoint
 from datasets.data import balanced_subset, load_dataset, to_float
 from models import ClusterClassifier, ClusterHead, ResNet18
+from models.checkpoint import load_weights
 from utils import inspect_ckpt
-from models.checkpoint import load_checkpoint, load_weights
 from utils.train.clustering import fit_clusters
 from utils.train.embeddings import compute_embeddings
 

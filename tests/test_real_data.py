@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from datasets.data import load_dataset
+from models.checkpoint import load_weights
 from models.cluster_head import ClusterHead
 from models.resnet import ResNet18
 from tests.conftest import ROOT
-from models.checkpoint import load_weights
 from utils.train.clustering import fit_clusters
 from utils.train.embeddings import compute_embeddings
 

@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 import main_clustr
+from base.io import load_checkpoint, save_atomic
 from models.resnet import ResNet18
-from models.checkpoint import load_checkpoint, save_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,16 +21,10 @@ import sys
 
 import torch
 
-from models.classifier import ClusterClassifier
-from models.checkpoint import (
-    CLUSTER_KEYS,
-    FORMAT,
-    backbone_from_state,
-    classifier_from_checkpoint,
-    has_clusters,
-    load_checkpoint,
-)
 from base.errors import UsageError
+from base.io import load_checkpoint
+from models.checkpoint import CLUSTER_KEYS, FORMAT, backbone_from_state, has_clusters
+from models.classifier import ClusterClassifier, classifier_from_checkpoint
 
 ORIGINAL_KEYS = ("state_dict", "epoch", "test_acc", "cluster_centers", "cluster_classes",
                  "variance", "K", "L", "normalize_probs")

@@ -9,16 +9,12 @@ import torch
 import torch.nn as nn
 
 import main_clustr
+from base.errors import UsageError
 from benchmarks import reproduce
 from datasets.data import ImageData, to_float
 from models.classifier import ClusterClassifier
 from models.cluster_head import ClusterHead
 from tests.eval_helpers import real_cluster_classifier, real_test_data
-from utils.attacks.pgd import logit_ce_loss, paper_loss, pgd, random_start, start_keys
-from base.errors import UsageError
-from utils.eval.evaluation import run_sweep
-from utils.attacks.gradient_masking import gradient_summary, robustness_gaps
-from utils.outputs.results import read_csv
 from utils.attacks.adaptive import (
     AUTOATTACK_HINT,
     Outcome,
@@ -28,7 +24,11 @@ from utils.attacks.adaptive import (
     pgd_fooled_wins,
     run_autoattack,
 )
+from utils.attacks.gradient_masking import gradient_summary, robustness_gaps
+from utils.attacks.pgd import logit_ce_loss, paper_loss, pgd, random_start, start_keys
+from utils.eval.evaluation import run_sweep
 from utils.eval.strong_evaluation import worst_case
+from utils.outputs.results import read_csv
 from utils.train_setting import parse_args
 
 CPU = torch.device("cpu")

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import utils.attacks.pgd as attacks
 from tests.eval_helpers import (
     TinyNet,
     edge_images,
@@ -14,7 +15,6 @@ from tests.eval_helpers import (
     real_cluster_classifier,
     real_test_data,
 )
-import utils.attacks.pgd as attacks
 from utils.attacks.pgd import logit_ce_loss, paper_loss, pgd, random_start, start_keys
 
 EPS = 8 / 255
@@ -145,8 +145,8 @@ def test_padding_the_shrinking_set_changes_nothing(monkeypatch):
         sizes.append((len(active), len(rows)))
         return rows, movable
 
-    padded_rows = attacks._padded_rows
-    monkeypatch.setattr(attacks, "_padded_rows", spy)
+    padded_rows = attacks.padded_rows
+    monkeypatch.setattr(attacks, "padded_rows", spy)
     padded = pgd(model, x, y, 4 / 255, 1 / 255, 6, 2, keys_for(50), logit_ce_loss)
     assert any(a < r for a, r in sizes)  # some steps did run padded batches
     assert {r for _, r in sizes} <= {1, 2, 4, 8, 16, 32, 50}

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from datasets.data import augment, balanced_subset, load_dataset
 from base.errors import UsageError
+from datasets.data import augment, balanced_subset, load_dataset
 
 
 def test_image_folder_loads_uint8(tiny_folder):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import main_clustr
+from models.classifier import LinearClassifier
 from tests.eval_helpers import (
     ROOT_DIR,
     images_of,
@@ -24,7 +25,7 @@ from tests.eval_helpers import (
     real_test_data,
 )
 from utils.attacks.pgd import logit_ce_loss, paper_loss
-from utils.eval.evaluation import EPSILONS, LinearClassifier, run_sweep, write_results
+from utils.eval.evaluation import EPSILONS, run_sweep, write_results
 from utils.outputs.results import read_csv
 
 pytestmark = pytest.mark.slow

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from models.resnet import ResNet18
-from models.checkpoint import load_weights
 from base.errors import UsageError
+from models.checkpoint import load_weights
+from models.resnet import ResNet18
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
+from base.io import load_checkpoint
+from models.checkpoint import load_weights
 from models.resnet import CIFAR_MEAN, CIFAR_STD, ResNet18
 from pretrained_weights import from_autoattack
-from models.checkpoint import load_checkpoint, load_weights
 
 
 def _require_package():
@@ -74,7 +75,8 @@ def test_same_tensors_as_the_shared_weights(written, real_weights):
 @pytest.mark.slow
 def test_written_weights_reach_93_percent_with_the_linear_head(written, real_subset):
     from datasets.data import load_dataset
-    from utils.eval.evaluation import LinearClassifier, predict_all
+    from models.classifier import LinearClassifier
+    from utils.eval.evaluation import predict_all
 
     model = ResNet18(10)
     load_weights(model, str(written))  # what --pretrained-path does

@@ -5,9 +5,10 @@ import math
 
 import torch
 
+from base.io import load_checkpoint
 from datasets.data import balanced_subset, load_dataset
+from models.checkpoint import load_weights
 from models.resnet import ResNet18
-from models.checkpoint import load_checkpoint, load_weights
 from utils.train.pretrain import PretrainConfig, main, pretrain
 
 CPU = torch.device("cpu")

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from datasets.data import ImageData
-from utils.attacks.pgd import AttackResult, LossFn, logit_ce_loss, pgd, start_keys
-from utils.train.embeddings import eval_mode, to_device
 from base.errors import UsageError
 from base.progress import progress
+from base.tensors import eval_mode, to_device
+from datasets.data import ImageData
+from utils.attacks.pgd import AttackResult, LossFn, logit_ce_loss, pgd, start_keys
 
 log = logging.getLogger("clustr")
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from base.tensors import eval_mode, to_device
 from datasets.data import ImageData
 from utils.attacks.pgd import LossFn, random_start, start_keys
-from utils.train.embeddings import eval_mode, to_device
 
 GAP_THRESHOLD = 5.0  # percentage points
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from utils.train.embeddings import eval_mode
+from base.tensors import eval_mode
 
 # loss_fn(model, x, y) -> (per-example loss (N,), class scores whose arg-max predicts (N, C))
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor],
@@ -49,7 +49,7 @@ class AttackResult:
     steps: torch.Tensor       # (N,) gradient steps applied to the kept perturbation
 
 
-# devices on which the shrinking active set is padded to a power of two (see _padded_rows)
+# devices on which the shrinking active set is padded to a power of two (see padded_rows)
 PADDED_DEVICES = {"cuda"}
 
 
@@ -111,7 +111,7 @@ def _ascend(model, x, y, delta, eps, step, iterations, loss_fn, shrink):
         if not shrink:
             rows, movable = everyone, None
         elif x.device.type in PADDED_DEVICES:
-            rows, movable = _padded_rows(active, len(x))
+            rows, movable = padded_rows(active, len(x))
         else:
             rows, movable = active, None
         d = delta[rows].requires_grad_(True)
@@ -124,13 +124,13 @@ def _ascend(model, x, y, delta, eps, step, iterations, loss_fn, shrink):
         # gradient with respect to the input only: parameter .grad is never touched
         grad, = torch.autograd.grad(loss.sum(), d)
         moved = rows[still]
-        delta[moved] = _project(x[moved], d.detach()[still] + step * grad[still].sign(), eps)
+        delta[moved] = project_linf(x[moved], d.detach()[still] + step * grad[still].sign(), eps)
         steps[moved] += 1
         active = moved
     return delta, steps
 
 
-def _padded_rows(active: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_rows(active: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``active`` padded with other rows to the next power of two (at most ``n``), and the
     mask of the active ones. On a GPU every new batch shape costs a kernel selection, so the
     shrinking set keeps to a few shapes; the padding rows are evaluated but never moved."""
@@ -145,7 +145,7 @@ def _padded_rows(active: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     return torch.cat([active, pad]), movable
 
 
-def _project(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
+def project_linf(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
     """Into the eps-ball, then so that x + delta stays in [0, 1]."""
     delta = delta.clamp(-eps, eps)
     return (x + delta).clamp(0.0, 1.0) - x

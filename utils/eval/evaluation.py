@@ -16,21 +16,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from datasets.data import ImageData, balanced_subset, load_dataset
-from models.resnet import ResNet18
-from utils.attacks.pgd import LossFn, paper_loss, pgd, start_keys
-from models.checkpoint import (
-    atomic_write,
-    backbone_from_state,
-    classifier_from_checkpoint,
-    has_clusters,
-    load_checkpoint,
-    write_text_atomic,
-)
 from base.distributed import Dist
-from utils.train.embeddings import eval_mode, to_device
 from base.errors import UsageError
+from base.io import atomic_write, load_checkpoint, write_text_atomic
 from base.progress import progress
+from base.tensors import eval_mode, to_device
+from datasets.data import ImageData, balanced_subset, load_dataset
+from models.checkpoint import backbone_from_state, has_clusters
+from models.classifier import LinearClassifier, classifier_from_checkpoint
+from utils.attacks.pgd import LossFn, paper_loss, pgd, start_keys
+from utils.outputs import files
 from utils.outputs.results import write_csv
 
 log = logging.getLogger("clustr")
@@ -39,27 +34,36 @@ EPSILONS = (2.0, 8.0, 16.0, 25.5)  # in units of 1/255
 STEP = 2.0 / 255
 
 
-class LinearClassifier(torch.nn.Module):
-    """A plain ResNet18 classifier (linear head) with the interface the attacks use."""
+@dataclass
+class EvalConfig:
+    """What is evaluated: the test data and the classifier's inference settings."""
 
-    def __init__(self, backbone: ResNet18):
-        super().__init__()
-        self.backbone = backbone
-        self.eval()
+    dataset: str = "cifar10"
+    data_root: str = "./data"
+    workers: int = 4
+    test_subset: int | None = None  # a seeded, class-balanced subset of the test set
+    test_batch: int = 64
+    seed: int = 111                 # the subset's draw
+    L: int | None = None            # None: the checkpoint's own value
+    normalize: bool | None = None   # None: the checkpoint's own normalize_probs
+
+
+@dataclass
+class AttackConfig:
+    """How it is attacked: the paper's PGD sweep and, optionally, the honest evaluation."""
+
+    iterations: int = 20
+    restarts: int = 10
+    seed: int = 111                 # the per-example random starts
+    test_batch: int = 64
+    strong: bool = False            # PGD-CE and PGD-DLR on the logit
+    autoattack: bool = False        # AutoAttack, standard version
+    autoattack_eps: tuple[float, ...] = (8.0,)  # units of 1/255
+    strong_subset: int | None = None  # the strong attacks on this many of the test images
 
     @property
-    def num_classes(self) -> int:
-        return self.backbone.linear.out_features
-
-    def forward(self, x):
-        return self.backbone.classify(x)  # (N, C)
-
-    def paper_scores(self, x):
-        return self.backbone.classify(x)  # the original attacks a baseline's logits
-
-    @torch.no_grad()
-    def predict(self, x):
-        return self(x).argmax(1)
+    def honest(self) -> bool:
+        return self.strong or self.autoattack
 
 
 def percent(correct: torch.Tensor) -> float:
@@ -157,31 +161,30 @@ def run_sweep(model, data: ImageData, epsilons=EPSILONS, iterations: int = 20,
     return result
 
 
-def load_eval_model(args, ckpt_path: str):
+def load_eval_model(cfg: EvalConfig, ckpt_path: str):
     """A fresh model rebuilt from the file: ClusterClassifier, or LinearClassifier for a
     plain state_dict (evaluated through its linear head, as the original does for
-    baselines). ``--L`` and ``--not-normalize`` win when given, else the file's values."""
+    baselines). ``cfg.L`` and ``cfg.normalize`` win when given, else the file's values."""
     ckpt = load_checkpoint(ckpt_path)
-    if ckpt.get("dataset") not in (None, args.dataset):
+    if ckpt.get("dataset") not in (None, cfg.dataset):
         log.warning("%s was trained on %s but is evaluated on --dataset %s", ckpt_path,
-                    ckpt["dataset"], args.dataset)
+                    ckpt["dataset"], cfg.dataset)
     if has_clusters(ckpt):
-        normalize = None if args.not_normalize is None else not args.not_normalize
-        model = classifier_from_checkpoint(ckpt, dataset=args.dataset, L=args.L,
-                                           normalize=normalize)
+        model = classifier_from_checkpoint(ckpt, dataset=cfg.dataset, L=cfg.L,
+                                           normalize=cfg.normalize)
         head = model.head
         if head.L > head.num_clusters:
             raise UsageError(f"--L {head.L} is larger than the checkpoint's "
                              f"{head.num_clusters} clusters: pass --L {head.num_clusters} or "
                              f"fewer")
         log.info("evaluating %s: %d clusters, L %d%s, %s%s", ckpt_path, head.num_clusters,
-                 head.L, "" if args.L is not None else " (from the checkpoint)",
+                 head.L, "" if cfg.L is not None else " (from the checkpoint)",
                  "L nearest" if head.normalize else "all clusters (--not-normalize)",
-                 "" if args.not_normalize is not None else " (from the checkpoint)")
+                 "" if cfg.normalize is not None else " (from the checkpoint)")
         return model
     log.info("evaluating %s as a plain classifier through its linear head (no cluster keys)",
              ckpt_path)
-    return LinearClassifier(backbone_from_state(ckpt, args.dataset))
+    return LinearClassifier(backbone_from_state(ckpt, cfg.dataset))
 
 
 def describe(model) -> dict:
@@ -193,42 +196,36 @@ def describe(model) -> dict:
             "attack": "paper PGD, cross-entropy on the cluster class scores"}
 
 
-def load_eval_inputs(args, ckpt_path: str):
+def load_eval_inputs(cfg: EvalConfig, ckpt_path: str):
     """The model and the test set, loaded (and so checked) before any result is written."""
-    model = load_eval_model(args, ckpt_path)
-    test = load_dataset(args.dataset, args.data_root, "test", workers=args.workers)
-    test = balanced_subset(test, args.test_subset, args.seed, flag="--test-subset")
+    model = load_eval_model(cfg, ckpt_path)
+    test = load_dataset(cfg.dataset, cfg.data_root, "test", workers=cfg.workers)
+    test = balanced_subset(test, cfg.test_subset, cfg.seed, flag="--test-subset")
     if model.num_classes != test.num_classes:
         raise UsageError(f"{ckpt_path} classifies {model.num_classes} classes but the "
-                         f"{args.dataset} test set has {test.num_classes}: pass the --dataset "
+                         f"{cfg.dataset} test set has {test.num_classes}: pass the --dataset "
                          f"(and --data-root) it was trained on")
     return model, test
 
 
-def evaluate_checkpoint(args, ckpt_path: str, out_dir: str, device: torch.device,
-                        dist: Dist | None = None) -> SweepResult:
-    model, test = load_eval_inputs(args, ckpt_path)
-    return evaluate_model(args, model, test, out_dir, device, ckpt_path, dist)
-
-
-def evaluate_model(args, model, test: ImageData, out_dir: str, device: torch.device,
-                   ckpt_path: str, dist: Dist | None = None) -> SweepResult:
-    """The sweep (split over the processes under torchrun); the main process writes."""
+def evaluate_model(model, test: ImageData, attack: AttackConfig, out_dir: str,
+                   device: torch.device, ckpt_path: str, dataset: str,
+                   dist: Dist | None = None) -> SweepResult:
+    """The paper's sweep (split over the processes under torchrun); the main process writes
+    its files. The honest evaluation (``utils.eval.strong_evaluation``) follows on the
+    same images when ``attack.honest``."""
     dist = dist or Dist.single()
-    result = run_sweep(model, test, EPSILONS, args.iterations, args.restarts, args.seed,
-                       args.test_batch, device, dist=dist)
+    result = run_sweep(model, test, EPSILONS, attack.iterations, attack.restarts, attack.seed,
+                       attack.test_batch, device, dist=dist)
     log.info("clean accuracy %.2f%% on %d test images", result.clean_acc, len(test))
     if not dist.is_main:
         return result
     setup = describe(model)
     write_results(result, out_dir, curve=setup["attack"])
-    write_summary(os.path.join(out_dir, "eval_summary.json"), result, dict(
-        checkpoint=os.path.abspath(ckpt_path), dataset=args.dataset, test_images=len(test),
-        **setup, iterations=args.iterations, restarts=args.restarts, step=STEP * 255,
-        seed=args.seed))
-    if getattr(args, "strong", False) or getattr(args, "autoattack", False):
-        from utils.eval.strong_evaluation import evaluate_strong  # stronger attacks, same images
-        evaluate_strong(args, model, test, result, out_dir, device)
+    write_summary(os.path.join(out_dir, files.SUMMARY), result, dict(
+        checkpoint=os.path.abspath(ckpt_path), dataset=dataset, test_images=len(test),
+        **setup, iterations=attack.iterations, restarts=attack.restarts, step=STEP * 255,
+        seed=attack.seed))
     return result
 
 
@@ -237,16 +234,15 @@ def write_results(result: SweepResult, out_dir: str, curve: str = "paper PGD") -
     ``25.5``; accuracy in percent), ``predictions_eps<E>.csv`` and ``robustness.png``."""
     rows = [[0.0, result.clean_acc]] + [[float(r.eps), r.accuracy(result.labels)]
                                         for r in result.per_eps]
-    write_csv(os.path.join(out_dir, "attack_results_ext.csv"), ["epsilons", "test_set_accs"],
-              rows)
+    write_csv(os.path.join(out_dir, files.PAPER_RESULTS), ["epsilons", "test_set_accs"], rows)
     for r in result.per_eps:
-        write_csv(os.path.join(out_dir, f"predictions_eps{r.eps:g}.csv"),
+        write_csv(os.path.join(out_dir, files.PREDICTIONS.format(eps=r.eps)),
                   ["index", "label", "clean_pred", "adv_pred", "linf", "steps"],
                   [[int(i), int(y), int(c), int(a), f"{float(n):.6f}", int(s)]
                    for i, y, c, a, n, s in zip(result.indices, result.labels,
                                                result.clean_pred, r.adv_pred, r.linf,
                                                r.steps)])
-    plot_robustness(os.path.join(out_dir, "robustness.png"), {curve: rows})
+    plot_robustness(os.path.join(out_dir, files.PLOT), {curve: rows})
 
 
 def write_summary(path: str, result: SweepResult, setup: dict) -> None:

@@ -18,8 +18,6 @@ and write, next to ``attack_results_ext.csv``:
 """
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -27,64 +25,32 @@ import time
 
 import torch
 
+from base.io import write_text_atomic
 from datasets.data import ImageData, balanced_subset
-from utils.attacks.pgd import logit_ce_loss, paper_loss
-from models.checkpoint import write_text_atomic
-from utils.eval.evaluation import EPSILONS, STEP, SweepResult, plot_robustness
-from utils.attacks.gradient_masking import GAP_THRESHOLD, gradient_summary, robustness_gaps
-from utils.outputs.results import write_csv
 from utils.attacks.adaptive import (
     ADAPTIVE_LOSSES,
-    AUTOATTACK_HINT,
     Outcome,
     adaptive_sweep,
     logit_dlr_loss,
     logit_predictions,
     run_autoattack,
 )
+from utils.attacks.gradient_masking import GAP_THRESHOLD, gradient_summary, robustness_gaps
+from utils.attacks.pgd import logit_ce_loss, paper_loss
+from utils.eval.evaluation import EPSILONS, STEP, AttackConfig, SweepResult, plot_robustness
+from utils.outputs import files
+from utils.outputs.results import write_csv
 
 log = logging.getLogger("clustr")
 
-STRONG_CSV = "attack_results_strong.csv"
-DIAGNOSTICS = "diagnostics.json"
 DIAGNOSTIC_EPS = 8.0  # the random start of the gradient diagnostics, units of 1/255
 
 
-def add_strong_arguments(parser: argparse.ArgumentParser) -> None:
-    from utils.train_setting import pos_float, pos_int
-
-    g = parser.add_argument_group("honest evaluation (added by this project; off by default)")
-    g.add_argument("--strong", action="store_true",
-                   help="also attack the proper logit with PGD-CE and PGD-DLR on the paper's "
-                        "eps grid, step, --iterations and --restarts; writes "
-                        f"{STRONG_CSV} and {DIAGNOSTICS}")
-    g.add_argument("--autoattack", action="store_true",
-                   help="also run AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, "
-                        "Square; needs pyautoattack; about 0.7 s per image on 2 CPU cores "
-                        "for a non-robust model, more for a robust one)")
-    g.add_argument("--autoattack-eps", type=pos_float, nargs="+", default=[8.0], metavar="E",
-                   help="AutoAttack eps values, in units of 1/255")
-    g.add_argument("--strong-subset", type=pos_int, default=None, metavar="N",
-                   help="run the strong attacks on a seeded, class-balanced subset of N of "
-                        "the evaluated test images; without it, all of them")
-
-
-def check_strong_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Refuse, at parse time (before any training), what the evaluation could not run."""
-    if args.autoattack and importlib.util.find_spec("pyautoattack") is None:
-        parser.error(AUTOATTACK_HINT)
-    extras = [flag for flag, given in (("--strong-subset", args.strong_subset is not None),
-                                       ("--autoattack-eps", args.autoattack_eps != [8.0]))
-              if given]
-    if extras and not (args.strong or args.autoattack):
-        parser.error(f"{' and '.join(extras)} only apply with --strong or --autoattack")
-
-
-def evaluate_strong(args, model, test: ImageData, paper: SweepResult, out_dir: str,
-                    device) -> dict:
+def evaluate_strong(model, test: ImageData, paper: SweepResult, attack: AttackConfig,
+                    out_dir: str, device) -> dict:
     """Strong attacks on the images the paper's sweep attacked; returns the diagnostics."""
-    sub, pos = _strong_images(test, args.strong_subset, args.seed)
-    batch = args.test_batch
+    sub, pos = strong_images(test, attack.strong_subset, attack.seed)
+    batch = attack.test_batch
     start = time.time()
     clean_pred = logit_predictions(model, sub.images, batch, device)
     clean = clean_pred == sub.labels
@@ -93,29 +59,29 @@ def evaluate_strong(args, model, test: ImageData, paper: SweepResult, out_dir: s
     for r in paper.per_eps:
         outcomes.append(Outcome("paper-pgd", r.eps, r.adv_pred[pos] == sub.labels,
                                 r.seconds if full else float("nan")))
-    if args.strong:
-        for attack in ADAPTIVE_LOSSES:
-            outcomes += adaptive_sweep(model, sub, attack, EPSILONS, args.iterations,
-                                       args.restarts, args.seed, batch, device, clean=clean)
-    if args.autoattack:
-        for eps in args.autoattack_eps:
-            outcomes.append(run_autoattack(model, sub, eps, args.seed, batch, device))
+    if attack.strong:
+        for name in ADAPTIVE_LOSSES:
+            outcomes += adaptive_sweep(model, sub, name, EPSILONS, attack.iterations,
+                                       attack.restarts, attack.seed, batch, device, clean=clean)
+    if attack.autoattack:
+        for eps in attack.autoattack_eps:
+            outcomes.append(run_autoattack(model, sub, eps, attack.seed, batch, device))
     outcomes += worst_case(outcomes, clean)
-    _write_table(outcomes, len(sub), os.path.join(out_dir, STRONG_CSV))
-    diagnostics = _diagnostics(args, model, sub, outcomes, device)
+    write_table(outcomes, len(sub), os.path.join(out_dir, files.STRONG_RESULTS))
+    diagnostics = masking_diagnostics(attack, model, sub, outcomes, device)
     # the paper's scores and the logit must agree on the clean predictions
     disagree = int((paper.clean_pred[pos] != clean_pred).sum())
     diagnostics["clean_prediction_disagreements"] = disagree
     if disagree:
         log.warning("WARNING: the logit's and the paper scores' arg-max differ on %d clean "
                     "image(s) (scores underflowing to 0?)", disagree)
-    write_text_atomic(os.path.join(out_dir, DIAGNOSTICS), json.dumps(diagnostics, indent=2)
-                      + "\n")
-    _plot(paper, outcomes, len(sub), full, os.path.join(out_dir, "robustness.png"))
+    write_text_atomic(os.path.join(out_dir, files.DIAGNOSTICS),
+                      json.dumps(diagnostics, indent=2) + "\n")
+    plot_all(paper, outcomes, len(sub), full, os.path.join(out_dir, files.PLOT))
     return diagnostics
 
 
-def _strong_images(test: ImageData, n: int | None, seed: int) -> tuple[ImageData, torch.Tensor]:
+def strong_images(test: ImageData, n: int | None, seed: int) -> tuple[ImageData, torch.Tensor]:
     """The images to attack and their positions in ``test``."""
     sub = balanced_subset(test, n, seed)
     where = {int(i): p for p, i in enumerate(test.indices.tolist())}
@@ -134,24 +100,25 @@ def worst_case(outcomes: list[Outcome], clean: torch.Tensor) -> list[Outcome]:
     return out
 
 
-def _write_table(outcomes: list[Outcome], n: int, path: str) -> None:
+def write_table(outcomes: list[Outcome], n: int, path: str) -> None:
     rows = [[f"{o.eps:g}", o.attack, f"{o.accuracy:.2f}", n,
              "" if o.seconds != o.seconds else f"{o.seconds:.1f}"]  # NaN: not measured here
             for o in sorted(outcomes, key=lambda o: o.eps)]
     write_csv(path, ["epsilon", "attack", "robust_accuracy", "examples", "seconds"], rows)
 
 
-def _diagnostics(args, model, sub: ImageData, outcomes: list[Outcome], device) -> dict:
+def masking_diagnostics(attack: AttackConfig, model, sub: ImageData, outcomes: list[Outcome],
+                        device) -> dict:
     losses = {"paper": paper_loss, "pgd-ce": logit_ce_loss, "pgd-dlr": logit_dlr_loss}
     start_eps = DIAGNOSTIC_EPS if DIAGNOSTIC_EPS in EPSILONS else None
-    grads = gradient_summary(model, sub, losses, args.test_batch, device, start_eps,
-                             args.seed, EPSILONS.index(DIAGNOSTIC_EPS) if start_eps else 0)
+    grads = gradient_summary(model, sub, losses, attack.test_batch, device, start_eps,
+                             attack.seed, EPSILONS.index(DIAGNOSTIC_EPS) if start_eps else 0)
     for point, stats in grads.items():
         log.info("input gradients at %s: %s", point, ", ".join(
             f"{name} {100 * s['zero_fraction']:.1f}% exactly zero (median l1 "
             f"{s['median_l1']:.3g})" for name, s in stats.items()))
     paper = {o.eps: o.robust for o in outcomes if o.attack == "paper-pgd"}
-    strongest = {o.eps: (_worst_name(outcomes, o.eps), o.robust) for o in outcomes
+    strongest = {o.eps: (worst_name(outcomes, o.eps), o.robust) for o in outcomes
                  if o.attack == "worst-case"}
     gaps, warnings = robustness_gaps(paper, strongest, GAP_THRESHOLD)
     for w in warnings:
@@ -159,10 +126,10 @@ def _diagnostics(args, model, sub: ImageData, outcomes: list[Outcome], device) -
     return {
         "examples": len(sub),
         "image_indices": [int(i) for i in sub.indices],
-        "settings": {"iterations": args.iterations, "restarts": args.restarts,
-                     "step": STEP * 255, "seed": args.seed,
-                     "strong": bool(args.strong), "autoattack": bool(args.autoattack),
-                     "autoattack_eps": list(args.autoattack_eps) if args.autoattack else [],
+        "settings": {"iterations": attack.iterations, "restarts": attack.restarts,
+                     "step": STEP * 255, "seed": attack.seed,
+                     "strong": bool(attack.strong), "autoattack": bool(attack.autoattack),
+                     "autoattack_eps": list(attack.autoattack_eps) if attack.autoattack else [],
                      "L": getattr(getattr(model, "head", None), "L", None),
                      "normalize": getattr(getattr(model, "head", None), "normalize", None)},
         "input_gradients": grads,
@@ -172,12 +139,12 @@ def _diagnostics(args, model, sub: ImageData, outcomes: list[Outcome], device) -
     }
 
 
-def _worst_name(outcomes: list[Outcome], eps: float) -> str:
+def worst_name(outcomes: list[Outcome], eps: float) -> str:
     names = [o.attack for o in outcomes if o.eps == eps and o.attack != "worst-case"]
     return "worst case of " + ", ".join(names)
 
 
-def _plot(paper: SweepResult, outcomes: list[Outcome], n: int, full: bool, path: str) -> None:
+def plot_all(paper: SweepResult, outcomes: list[Outcome], n: int, full: bool, path: str) -> None:
     curves = {"paper PGD": [(0.0, paper.clean_acc)] + [(r.eps, r.accuracy(paper.labels))
                                                        for r in paper.per_eps]}
     suffix = "" if full else f" ({n} images)"

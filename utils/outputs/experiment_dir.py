@@ -14,18 +14,11 @@ import fnmatch
 import logging
 import os
 
-from models.checkpoint import temp_prefix
 from base.errors import UsageError
+from base.io import temp_prefix
+from utils.outputs.files import EVAL_OUTPUTS, RESUME, TRAIN_OUTPUTS
 
 log = logging.getLogger("clustr")
-
-RESUME_FILE = "resume.pth"
-# file names (glob patterns) this project writes; extend these when adding an output
-TRAIN_OUTPUTS = ("log.txt", "params.txt", "checkpoint.pth", "checkpoint_*.pth", RESUME_FILE,
-                 "metrics.csv")
-EVAL_OUTPUTS = ("params.txt", "attack_results_ext.csv", "predictions_eps*.csv",
-                "robustness.png", "eval_summary.json", "attack_results_strong.csv",
-                "diagnostics.json")
 
 
 class ExperimentDir:
@@ -54,8 +47,8 @@ class ExperimentDir:
                              f"another experiment directory")
         self._check_writable()
         if resume:
-            if not os.path.isfile(self.file(RESUME_FILE)):
-                raise UsageError(f"--resume: {self.file(RESUME_FILE)} not found, so there is "
+            if not os.path.isfile(self.file(RESUME)):
+                raise UsageError(f"--resume: {self.file(RESUME)} not found, so there is "
                                  f"no interrupted run to continue in {self.path} (run without "
                                  f"--resume to start one)")
             return

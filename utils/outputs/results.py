@@ -5,8 +5,8 @@ import csv
 import io
 import os
 
-from models.checkpoint import write_text_atomic
 from base.errors import UsageError
+from base.io import write_text_atomic
 
 LOG_HEADER = ("Epoch", "LR", "Train loss", "Train acc.", "Test loss", "Test acc.")
 

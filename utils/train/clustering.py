@@ -6,8 +6,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.cluster_head import squared_distances
 from base.errors import UsageError
+from models.classifier import ClusterClassifier
+from models.cluster_head import ClusterHead, squared_distances
+from utils.train.embeddings import compute_embeddings
 
 
 @dataclass
@@ -87,12 +89,9 @@ def fit_cluster_classifier(backbone, train, dataset: str, K: int, L: int,
 
     What training does after each epoch: embed the un-augmented training set in eval mode,
     per-class k-means with the data set's settings, sigma^2. Used to evaluate pretrained
-    weights (benchmarks, tests) exactly as a ClusTR checkpoint would be.
+    weights (benchmarks, tests) exactly as a ClusTR checkpoint would be: this is the one
+    place that builds "pretrained network + k-means clusters".
     """
-    from models.classifier import ClusterClassifier
-    from models.cluster_head import ClusterHead
-    from utils.train.embeddings import compute_embeddings
-
     emb = compute_embeddings(backbone, train.images, batch, torch.device(device),
                              desc="embed train")  # (N, 512)
     n_init, max_iter = kmeans_settings(dataset)

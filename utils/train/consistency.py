@@ -35,9 +35,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from base.tensors import autocast, eval_mode
 from models.cluster_head import ClusterHead
-from utils.attacks.pgd import _project as project_linf
-from utils.train.embeddings import autocast, eval_mode
+from utils.attacks.pgd import project_linf
 
 log = logging.getLogger("clustr")
 

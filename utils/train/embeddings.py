@@ -1,23 +1,10 @@
 """The no-grad, eval-mode embedding pass over a whole data set."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from datasets.data import to_float
 from base.progress import progress
-
-
-@contextlib.contextmanager
-def eval_mode(module: torch.nn.Module):
-    """Put ``module`` in eval mode and restore the caller's mode afterwards."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
+from base.tensors import autocast, eval_mode, to_device
 
 
 @torch.no_grad()
@@ -37,25 +24,9 @@ def compute_embeddings(model: torch.nn.Module, images: torch.Tensor, batch_size:
 def default_embed_batch(device: torch.device) -> int:
     """Batch size of the embedding pass when none is given: 256 on a GPU, which needs large
     batches to stay busy, 64 on a CPU, where a batch's activations should fit in cache (the
-    first stage's output is 16 MB for 64 images, 67 MB for 256). On a 2-core EPYC, 64 took
-    about 2.7 ms per image against 3.3-4.3 ms at 256; ``python -m benchmarks.run`` lists
-    the time per image at each batch size."""
+    first stage's output is 16 MB for 64 images, 67 MB for 256). ``python -m benchmarks.run``
+    measures the time per image at each batch size on the machine at hand."""
     return 256 if device.type == "cuda" else 64
-
-
-def to_device(images_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 batch -> float [0, 1] on ``device`` in channels_last, copied without blocking."""
-    if device.type == "cuda":
-        images_uint8 = images_uint8.pin_memory().to(device, non_blocking=True)
-    x = to_float(images_uint8.to(device))
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bfloat16 autocast on CUDA when ``enabled``; a no-op otherwise."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def compute_embeddings_split(model: torch.nn.Module, images: torch.Tensor, batch_size: int,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.attacks.pgd import _project as project_linf
+from utils.attacks.pgd import project_linf
 
 EPS = 8.0 / 255
 

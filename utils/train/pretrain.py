@@ -22,14 +22,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from base.cli import ArgParser, config, nonneg_float, nonneg_int, pos_float, pos_int
+from base.device import resolve_device
+from base.errors import UsageError, exit_status
+from base.io import save_atomic
+from base.progress import progress, set_quiet
+from base.tensors import autocast, eval_mode, to_device
 from datasets.data import DATASETS, ImageData, augment, balanced_subset, load_dataset
 from models.resnet import ResNet18, normalization_for
-from models.checkpoint import save_atomic
-from base.device import resolve_device
-from utils.train.embeddings import autocast, eval_mode, to_device
-from base.errors import UsageError, exit_status
-from base.progress import progress, set_quiet
-from utils.train_setting import _Parser, nonneg_float, nonneg_int, pos_float, pos_int
 
 log = logging.getLogger("clustr")
 
@@ -134,7 +134,7 @@ def pretrain(model: ResNet18, train: ImageData, test: ImageData, cfg: PretrainCo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m utils.train.pretrain",
+    p = ArgParser(prog="python -m utils.train.pretrain",
                 description="Cross-entropy pre-training of the CIFAR ResNet18 for "
                             "--pretrained-path.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -182,10 +182,7 @@ def run(args: argparse.Namespace) -> int:
              args.dataset, len(train), len(test), train.num_classes)
     mean, std = normalization_for(args.dataset)
     model = ResNet18(train.num_classes, mean, std).to(device, memory_format=torch.channels_last)
-    cfg = PretrainConfig(dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
-                         test_batch=args.test_batch, lr=args.lr, momentum=args.momentum,
-                         weight_decay=args.weight_decay, schedule=args.schedule,
-                         milestones=tuple(args.milestones), seed=args.seed, amp=args.amp)
+    cfg = config(PretrainConfig, args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     pretrain(model, train, test, cfg, device, out=args.out)
     log.info("wrote %s (use it with main_clustr.py --pretrained-path %s)", args.out, args.out)

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models.checkpoint import load_checkpoint, save_atomic
 from base.errors import UsageError
+from base.io import load_checkpoint, save_atomic
 
 log = logging.getLogger("clustr")
 
@@ -45,11 +45,6 @@ class Position:
     epoch: int = 0
     step: int = 0
     totals: dict = field(default_factory=dict)
-
-
-def plain_args(args) -> dict:
-    """The arguments as plain types (lists for tuples), for ``weights_only`` loading."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
 
 
 # -- random states --------------------------------------------------------------------------
@@ -84,32 +79,36 @@ def set_rng_state(state: dict) -> None:
 
 
 # -- the file -------------------------------------------------------------------------------
-def read_resume(path: str, args) -> dict:
-    """Load and check ``resume.pth``: this project's format, and the same run's arguments."""
+def read_resume(path: str, run_args: dict, epochs: int) -> dict:
+    """Load and check ``resume.pth``: this project's format, and the same run's arguments.
+
+    ``run_args`` are this run's arguments as plain types (flag name without dashes ->
+    value), ``epochs`` the number of epochs it is to complete."""
     state = load_checkpoint(path)
     missing = [k for k in REQUIRED if k not in state]
     if missing or state.get("format") != FORMAT:
         raise UsageError(f"{path} is not a resume state of this project (missing "
                          f"{', '.join(missing) or 'format ' + FORMAT}): start afresh with "
                          f"--overwrite")
-    saved, now = state["args"], plain_args(args)
+    saved, now = state["args"], run_args
     differ = [k for k in saved if k in now and k not in MAY_DIFFER and saved[k] != now[k]]
     if differ:
         shown = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {now[k]!r})"
                           for k in differ[:3])
         raise UsageError(f"--resume needs the interrupted run's arguments: it had {shown}; "
                          f"repeat its command with --resume, or start afresh with --overwrite")
-    if state["epoch"] > args.epochs:
+    if state["epoch"] > epochs:
         raise UsageError(f"--resume: the run already completed {state['epoch']} epochs, more "
-                         f"than --epochs {args.epochs}")
+                         f"than --epochs {epochs}")
     return state
 
 
 class RunState:
     """The objects of one training run whose state a resume must restore, and its file."""
 
-    def __init__(self, path: str, args, model: torch.nn.Module, optimizer, scheduler, trainer):
-        self.path, self.args = path, args
+    def __init__(self, path: str, run_args: dict, model: torch.nn.Module, optimizer, scheduler,
+                 trainer):
+        self.path, self.run_args = path, run_args
         self.model, self.optimizer, self.scheduler, self.trainer = (model, optimizer,
                                                                     scheduler, trainer)
 
@@ -121,7 +120,7 @@ class RunState:
             "epoch": int(position.epoch),
             "step": int(position.step),
             "totals": {k: float(v) for k, v in position.totals.items()},
-            "args": plain_args(self.args),
+            "args": self.run_args,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),

@@ -13,18 +13,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from base.distributed import Dist, rank_seed
+from base.errors import UsageError
+from base.progress import progress
+from base.tensors import autocast, to_device
 from datasets.data import ImageData, augment
 from datasets.magnet_sampler import MagnetSampler
 from models.cluster_head import ClusterHead
 from models.resnet import ResNet18
 from utils.train.clustering import Clusters, fit_clusters, kmeans_settings
 from utils.train.consistency import ExtraTerms
-from base.distributed import Dist, rank_seed
-from utils.train.embeddings import autocast, compute_embeddings_split, default_embed_batch, to_device
-from base.errors import UsageError
+from utils.train.embeddings import compute_embeddings_split, default_embed_batch
 from utils.train.free_adversarial import FreePerturbation
 from utils.train.magnet_loss import magnet_loss, magnet_loss_full
-from base.progress import progress
 
 
 @dataclass
