@@ -28,10 +28,10 @@ ORIGINAL_KEYS = ("state_dict", "epoch", "test_acc", "cluster_centers", "cluster_
 @pytest.fixture(scope="module")
 def readme_layout(tmp_path_factory, tiny_folder) -> Path:
     """A folder laid out as the README assumes: run/expA/checkpoint.pth, written by the CLI
-    on tiny images, and ../shared/data/cifar10-subset (here: the tiny image folder)."""
+    on tiny images, and run/DIR (here: the tiny image folder)."""
     root = tmp_path_factory.mktemp("readme")
-    (root / "shared" / "data").mkdir(parents=True)
-    (root / "shared" / "data" / "cifar10-subset").symlink_to(tiny_folder)
+    (root / "run").mkdir()
+    (root / "run" / "DIR").symlink_to(tiny_folder)
     rc = main_clustr.main([
         "--checkpoint", str(root / "run" / "expA"), "--dataset", "imagefolder",
         "--data-root", str(tiny_folder), "--epochs", "1", "--k", "2", "--m", "2", "--d", "36",
