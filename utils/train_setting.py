@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--embed-batch", type=pos_int, default=None,
                    help="batch size of the per-epoch embedding pass over the training set "
                         "(none given: 64 on a CPU, 256 on CUDA)")
+    n.add_argument("--attack-batch", type=pos_int, default=None, metavar="N",
+                   help="batch of the PGD sweep, the strong attacks and AutoAttack, apart "
+                        "from --test-batch (none given: 64 on a CPU; on CUDA the largest "
+                        "power of two that fits the free memory, estimated then probed)")
     n.add_argument("--amp", action="store_true",
                    help="bfloat16 autocast for training and embedding passes (CUDA only; "
                         "attacks stay in float32)")

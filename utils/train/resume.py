@@ -33,7 +33,7 @@ REQUIRED = ("format", "epoch", "step", "totals", "args", "model", "optimizer", "
 MAY_DIFFER = frozenset({
     "checkpoint", "data_root", "pretrained_path", "device", "workers", "quiet", "resume",
     "overwrite", "checkpoint_every", "save_all", "epochs", "iterations", "restarts",
-    "test_batch", "embed_batch", "evaluate_ckpt", "dist_timeout",
+    "test_batch", "attack_batch", "embed_batch", "evaluate_ckpt", "dist_timeout",
 })
 
 
