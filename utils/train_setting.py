@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "from --test-batch (none given: 64 on a CPU; on CUDA the largest "
                         "power of two that fits the free memory, estimated then probed)")
     n.add_argument("--amp", action="store_true",
-                   help="bfloat16 autocast for training and embedding passes (CUDA only; "
-                        "attacks stay in float32)")
+                   help="bfloat16 autocast for the training steps (CUDA only); the "
+                        "embedding passes behind the clusters, sigma^2 and the logged "
+                        "accuracies, and the attacks, stay in float32")
     n.add_argument("--quiet", action="store_true", help="no progress bars")
     n.add_argument("--dist-timeout", type=pos_float, default=600.0, metavar="SECONDS",
                    help="under torchrun: a collective waiting longer than this fails the job "

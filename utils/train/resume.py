@@ -159,8 +159,8 @@ class RunState:
         (1-based); the epoch's last step is covered by the end-of-epoch save."""
         steps = self.trainer.steps_per_epoch()
 
-        def after_step(done: int, totals: dict) -> None:
+        def after_step(done: int, totals) -> None:  # totals(): the running sums, as floats
             if done % every == 0 and done < steps:
-                self.save(Position(epoch - 1, done, totals))
+                self.save(Position(epoch - 1, done, totals()))
 
         return after_step if every > 0 else None
