@@ -1,4 +1,4 @@
-"""PGD (utils/attacks.py): eps-ball and image range, mode and gradients, restarts, random
+"""PGD (utils/attacks/pgd.py): eps-ball and image range, mode and gradients, restarts, random
 starts, and the batch shrinking that must not change what the attack finds."""
 from __future__ import annotations
 

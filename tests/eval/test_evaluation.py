@@ -1,4 +1,4 @@
-"""The robustness sweep (utils/evaluation.py) and ``--evaluate-ckpt`` end to end.
+"""The robustness sweep (utils/eval/evaluation.py) and ``--evaluate-ckpt`` end to end.
 
 The attack strengths asserted here follow SPEC section 6: the paper's attack on the bounded
 cluster scores is gradient-masked, so it only gets a bound; the linear head and the

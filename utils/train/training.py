@@ -3,8 +3,8 @@
 One epoch = ``steps_per_epoch`` Magnet batches, then ONE no-grad, eval-mode embedding pass
 over the un-augmented training set whose embeddings serve the k-means refresh, sigma^2, the
 reported training loss and the training accuracy; then one pass over the test set.
-The variants' extra terms live in ``utils/consistency.py``, the "free" replays' perturbation
-in ``utils/free_adversarial.py``.
+The variants' extra terms live in ``utils/train/consistency.py``, the "free" replays' perturbation
+in ``utils/train/free_adversarial.py``.
 """
 from __future__ import annotations
 
