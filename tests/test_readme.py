@@ -27,18 +27,23 @@ def commands(title: str) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def ten_classes(tmp_path_factory):
-    """DIR/train/<class>/ with 8 and DIR/test/<class>/ with 1 image of each of 10 classes."""
+    """DIR/train/<class>/ with 8 and DIR/test/<class>/ with 2 images of each of 10 classes:
+    a colour per class, and two looks per colour (stripes across or down), so that the
+    quick start's two k-means clusters per class each find their 4 training images."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("quick") / "DIR"
     gen = torch.Generator().manual_seed(0)
-    for split, n in (("train", 8), ("test", 1)):
+    stripes = (torch.arange(32) // 4 % 2).float()
+    for split, n in (("train", 8), ("test", 2)):
         for c in range(10):
+            colour = torch.tensor([(c * 37 % 10) / 10, (c * 53 % 10) / 10, (c * 71 % 10) / 10])
             folder = root / split / f"c{c}"
             folder.mkdir(parents=True)
             for i in range(n):
-                img = 0.5 * torch.rand(3, 32, 32, generator=gen)
-                img[c % 3] += 0.2 + 0.03 * c
+                pattern = stripes[:, None] if i % 2 else stripes[None, :]  # across / down
+                img = colour[:, None, None] * (0.4 + 0.6 * pattern.expand(32, 32))
+                img = img + 0.05 * torch.rand(3, 32, 32, generator=gen)
                 arr = (img.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
                 Image.fromarray(arr).save(folder / f"{i}.png")
     return root
