@@ -468,3 +468,24 @@ def test_a_cluster_left_with_one_example_takes_the_nearest_of_its_class(caplog):
     # sigma^2 is computed with the assignments the sampler uses
     d2 = (emb - c.centers[c.assignments]).pow(2).sum(1)
     assert torch.allclose(c.variance, (d2.sum() / 19).expand(4))
+
+
+def test_an_epoch_whose_refresh_isolates_an_example_finishes(monkeypatch, caplog):
+    """The refresh after an epoch's steps meets an outlier: the epoch still ends, with every
+    cluster of at least 2 examples for the sampler, and a warning in the log."""
+    trainer = make_trainer()
+    embed = trainer.embed
+
+    def with_outlier(images, batch, desc):
+        emb = embed(images, batch, desc)
+        if desc == "embed train":
+            emb[0] = emb[0] + 1e3  # far from everything of its class
+        return emb
+
+    monkeypatch.setattr(trainer, "embed", with_outlier)
+    with caplog.at_level("WARNING", logger="clustr"):
+        metrics = trainer.run_epoch()
+    assert "fewer than 2 examples" in caplog.text
+    assert (torch.bincount(trainer.sampler.assignments, minlength=6) >= 2).all()
+    assert metrics.train_acc >= 0
+    trainer.sampler.sample(trainer.generator)  # the next epoch can draw its batches
