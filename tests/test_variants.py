@@ -331,18 +331,19 @@ def test_actual_trades_start_is_uniform_in_the_ball(monkeypatch):
 def original_trades_adversary(model, head, x, p, u):
     """The original's kl_loss branch in normalised units: start z + u/std clamped to the
     image range, 10 steps z += 0.03 * sign(grad KL), then the ball and the range."""
-    eps_n, lo, hi = EPS / STD, (0 - MEAN) / STD, (1 - MEAN) / STD
-    z0 = (x - MEAN) / STD
-    z = torch.max(torch.min(z0 + u / STD, hi), lo)
+    std, mean = STD.to(x.dtype), MEAN.to(x.dtype)
+    eps_n, lo, hi = EPS / std, (0 - mean) / std, (1 - mean) / std
+    z0 = (x - mean) / std
+    z = torch.max(torch.min(z0 + u.to(x.dtype) / std, hi), lo)
     for _ in range(10):
         z = z.detach().requires_grad_(True)
-        scores = head.paper_scores(model(z * STD + MEAN))
+        scores = head.paper_scores(model(z * std + mean))
         kl = torch.nn.functional.kl_div(scores.log_softmax(1), p, reduction="sum")
         grad, = torch.autograd.grad(kl, z)
         z = z.detach() + 0.03 * grad.sign()
         noise = torch.max(torch.min(z - z0, eps_n), -eps_n)
         z = torch.max(torch.min(z0 + noise, hi), lo)
-    return z * STD + MEAN
+    return z * std + mean
 
 
 def test_actual_trades_adversary_equals_the_original_rule():
