@@ -98,8 +98,8 @@ def test_real_free_replays_give_the_sampler_the_originals_losses(real_subset, re
     perturb, record = trainer.free.perturb, trainer.sampler.record_losses
     monkeypatch.setattr(trainer.free, "perturb", lambda x: (seen.append(x.clone()),
                                                               perturb(x))[1])
-    monkeypatch.setattr(trainer.sampler, "record_losses", lambda i, l: (
-        recorded.append((i.clone(), l.clone())), record(i, l))[1])
+    monkeypatch.setattr(trainer.sampler, "record_losses", lambda i, v: (
+        recorded.append((i.clone(), v.clone())), record(i, v))[1])
     trainer.train_epoch()
     x, (indices, losses) = seen[0], recorded[0]
     ids = reference.sampler.assignments[indices]

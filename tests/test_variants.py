@@ -381,8 +381,8 @@ def test_free_replays_follow_the_original_rule(monkeypatch):
     perturb, record = trainer.free.perturb, trainer.sampler.record_losses
     monkeypatch.setattr(trainer.free, "perturb", lambda x: (seen.append(x.clone()),
                                                               perturb(x))[1])
-    monkeypatch.setattr(trainer.sampler, "record_losses", lambda i, l: (
-        recorded.append((i.clone(), l.clone())), record(i, l))[1])
+    monkeypatch.setattr(trainer.sampler, "record_losses", lambda i, v: (
+        recorded.append((i.clone(), v.clone())), record(i, v))[1])
     trainer.train_epoch()
     x = seen[0]
     indices, losses = recorded[0]

@@ -86,8 +86,9 @@ def maximise(model: torch.nn.Module, x: torch.Tensor, objective: Callable[[torch
     """x' = x + delta maximising ``objective(x')`` (per example, (N,)) by signed gradients.
 
     ``start`` (N, 3, H, W) is the initial perturbation; it and every step are projected to
-    the eps-ball and to [0, 1]. ``step`` is a float or a per-channel (1, 3, 1, 1) tensor. The model runs in eval mode and only the input gets a
-    gradient, so parameter ``.grad`` is left exactly as it was.
+    the eps-ball and to [0, 1]. ``step`` is a float or a per-channel (1, 3, 1, 1) tensor.
+    The model runs in eval mode and only the input gets a gradient, so parameter ``.grad``
+    is left exactly as it was.
     """
     x = x.detach()
     if isinstance(step, torch.Tensor):
