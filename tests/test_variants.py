@@ -490,3 +490,26 @@ def test_an_epoch_whose_refresh_isolates_an_example_finishes(monkeypatch, caplog
     assert (torch.bincount(trainer.sampler.assignments, minlength=6) >= 2).all()
     assert metrics.train_acc >= 0
     trainer.sampler.sample(trainer.generator)  # the next epoch can draw its batches
+
+
+def test_free_delta_survives_a_resume_within_an_epoch_only():
+    """A run resumed mid-epoch continues with the saved delta; one resumed at an epoch's
+    start begins at zero, as an uninterrupted run does."""
+    trainer = make_trainer(minibatch_replays=2)
+    trainer.train_epoch()
+    saved = trainer.state_dict()
+    assert saved["free_delta"].abs().max() > 0
+    first = {}
+    for start_step in (1, 0):
+        resumed = make_trainer(minibatch_replays=2)
+        resumed.load_state_dict(saved)
+        perturb = resumed.free.perturb
+
+        def record(x, perturb=perturb, start_step=start_step):
+            out = perturb(x)
+            first.setdefault(start_step, (out - x).detach())
+            return out
+
+        resumed.free.perturb = record
+        resumed.train_epoch(start_step=start_step)
+    assert first[1].abs().max() > 0 and first[0].abs().max() == 0
