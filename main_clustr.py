@@ -133,11 +133,13 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
             epoch_log.append(epoch, lr, metrics.train_loss, metrics.train_acc,
                              metrics.test_loss, metrics.test_acc)
             metrics_csv.append(epoch, lr, metrics, time.time() - begin)
-            ckpt = build_checkpoint(model, trainer.head(), args.k, epoch, metrics.test_acc,
-                                    extra, assignments=trainer.clusters.assignments)
+            # the original's checkpoints count epochs from 0 (its log.txt rows from 1)
+            ckpt = build_checkpoint(model, trainer.head(), args.k, epoch - 1,
+                                    metrics.test_acc, extra,
+                                    assignments=trainer.clusters.assignments)
             save_atomic(ckpt, ckpt_path)
             if args.save_all:
-                save_atomic(ckpt, out.file(files.EPOCH_CHECKPOINT.format(epoch=epoch)))
+                save_atomic(ckpt, out.file(files.EPOCH_CHECKPOINT.format(epoch=epoch - 1)))
         state.save(Position(epoch))
         log.info("epoch %d/%d  lr %.2g  train loss %.4f acc %.2f%%  test loss %.4f acc "
                  "%.2f%%  (%.0fs)", epoch, args.epochs, lr, metrics.train_loss,

@@ -17,6 +17,9 @@ from models.cluster_head import ClusterHead
 from models.resnet import EMBEDDING_DIM, ResNet18, normalization_for
 
 FORMAT = "clustr-reference-1"
+ORIGINAL_KEYS = ("state_dict", "epoch", "test_acc", "cluster_centers", "cluster_classes",
+                 "variance", "K", "L", "normalize_probs")  # what the original code writes
+PROJECT_KEYS = ("format", "cluster_sizes", "args", "dataset", "classes")  # what this adds
 CLUSTER_KEYS = ("cluster_centers", "cluster_classes", "variance", "K")
 WRAPPER_KEYS = ("state_dict", "net", "model")
 PREFIXES = ("module.", "model.")

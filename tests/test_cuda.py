@@ -125,8 +125,11 @@ def test_cli_trains_and_evaluates_on_the_gpu(tiny_folder, tmp_path, amp):
         assert len(list(csv.reader(f))) > 1
     assert (out / "attack_results_strong.csv").is_file()
 
-    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    # no map_location: tensors come back on the device they were saved from, so this shows
+    # that the run saved CPU tensors (a file that loads on a machine without a GPU)
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["cluster_centers"].device.type == "cpu"
+    assert all(v.device.type == "cpu" for v in ckpt["state_dict"].values())
     assert ckpt["cluster_centers"].dtype == torch.float32
     on_cpu = ClusterClassifier.from_checkpoint(str(out / "checkpoint.pth"))
     on_gpu = ClusterClassifier.from_checkpoint(str(out / "checkpoint.pth"), map_location=GPU)

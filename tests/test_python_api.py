@@ -181,6 +181,17 @@ def test_readme_session_runs_as_written(readme_layout, monkeypatch, capsys):
     assert re.search(r"APGD-CE accuracy: [0-9.]+\n", out)
 
 
+def test_docs_evaluation_session_runs_as_written(readme_layout, monkeypatch):
+    text = (ROOT / "docs" / "evaluation.md").read_text()
+    section = text[text.index("## The evaluation from Python"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(readme_layout / "run")
+    exec(compile(block, "docs/evaluation.md", "exec"), {})
+    out = readme_layout / "run" / "expA_eval"
+    for name in ("attack_results_ext.csv", "attack_results_strong.csv", "diagnostics.json"):
+        assert (out / name).is_file(), name
+
+
 # -- set-up files --------------------------------------------------------------------------
 def _env_lines(path: Path) -> list[str]:
     """Non-comment lines, with a pip '-r FILE' resolved against the file's folder (conda
@@ -226,7 +237,7 @@ def test_inspector_on_a_checkpoint_of_this_project(project_ckpt, capsys):
     rc, out, err = _inspect(project_ckpt, capsys)
     assert rc == 0 and err == ""
     assert "this project" in _field(out, "format")
-    assert _field(out, "epoch") == "1"
+    assert _field(out, "epoch") == "0 (counted from 0: 1 epoch(s) done)"
     assert _field(out, "test accuracy").startswith(f"{ckpt['test_acc']:.2f}%")
     assert _field(out, "data set") == "imagefolder"
     assert _field(out, "classes") == "3: alpha, beta, gamma"

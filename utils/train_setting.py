@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch of the PGD sweep, the strong attacks and AutoAttack, apart "
                         "from --test-batch (none given: 64 on a CPU; on CUDA the largest "
                         "power of two that fits the free memory, estimated then probed)")
+    n.add_argument("--kmeans-seed", type=seed_int, default=1,
+                   help="random_state of every per-class k-means fit (the original fixes 1)")
+    n.add_argument("--baseline-input", choices=("normalized", "raw"), default=None,
+                   help="--evaluate-ckpt of a file without cluster keys: feed its network "
+                        "inputs normalised with the data set's mean and std (default, as "
+                        "this project's and the seed's weights expect) or raw in [0, 1] (as "
+                        "the original does for a bare state_dict, e.g. TRADES models)")
     n.add_argument("--amp", action="store_true",
                    help="bfloat16 autocast for the training steps (CUDA only); the "
                         "embedding passes behind the clusters, sigma^2 and the logged "

@@ -1,4 +1,4 @@
-"""PGD (utils/attacks.py): eps-ball and image range, mode and gradients, restarts, random
+"""PGD (utils/attacks/pgd.py): eps-ball and image range, mode and gradients, restarts, random
 starts, and the batch shrinking that must not change what the attack finds."""
 from __future__ import annotations
 
@@ -74,7 +74,10 @@ def test_every_kept_perturbation_is_in_the_ball_and_the_image(shrink, loss_fn):
     res = pgd(model, x, y, EPS, 4 / 255, 6, 3, keys_for(32), loss_fn, shrink)
     assert_admissible(x, res.delta, EPS)
     assert res.delta.abs().amax().item() > 0.99 * EPS
-    assert torch.equal(res.correct, res.pred == y)
+    # the reported predictions are what the model does on the kept perturbations
+    with torch.no_grad():
+        pred = model(x + res.delta).argmax(1)
+    assert torch.equal(res.pred, pred) and torch.equal(res.correct, pred == y)
     assert (res.steps <= 6).all()
 
 

@@ -1,4 +1,4 @@
-"""The robustness sweep (utils/evaluation.py) and ``--evaluate-ckpt`` end to end.
+"""The robustness sweep (utils/eval/evaluation.py) and ``--evaluate-ckpt`` end to end.
 
 The attack strengths asserted here follow SPEC section 6: the paper's attack on the bounded
 cluster scores is gradient-masked, so it only gets a bound; the linear head and the
@@ -110,7 +110,8 @@ def original_ckpt(tmp_path_factory, cluster_model):
 def eval_argv(out, ckpt, subset, *extra):
     return ["--checkpoint", str(out), "--evaluate-ckpt", str(ckpt), "--dataset",
             "imagefolder", "--data-root", str(subset), "--test-subset", "20",
-            "--iterations", "2", "--restarts", "1", "--workers", "2", "--quiet", *extra]
+            "--iterations", "2", "--restarts", "1", "--workers", "2", "--quiet",
+            "--device", "cpu", *extra]  # byte-for-byte comparisons hold on the CPU
 
 
 def read_predictions(folder) -> dict[str, list[dict]]:
@@ -246,3 +247,25 @@ def test_attack_batch_changes_no_result_file(original_ckpt, real_subset, tmp_pat
     diag = [json.loads((out / "diagnostics.json").read_text()) for out in outs]
     assert diag[0]["paper_vs_strongest"] == diag[1]["paper_vs_strongest"]
     assert diag[0]["warnings"] == diag[1]["warnings"]
+
+
+@pytest.mark.parametrize("mode", [None, "normalized", "raw"])
+def test_baseline_input_feeds_a_bare_state_dict_raw_or_normalised(mode, tmp_path):
+    """The original feeds a bare state_dict (TRADES-style) raw [0, 1] images; this project
+    normalises by default and feeds them raw with --baseline-input raw."""
+    from models.resnet import ResNet18
+    from utils.eval.evaluation import EvalConfig, describe, load_eval_model
+
+    torch.manual_seed(0)
+    net = ResNet18(10).eval()  # normalises with CIFAR's mean and std
+    raw = ResNet18(10, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).eval()  # no normalisation
+    raw.load_state_dict(net.state_dict())
+    path = tmp_path / "bare.pt"
+    torch.save(net.state_dict(), path)
+    model = load_eval_model(EvalConfig(dataset="cifar10", baseline_input=mode), str(path))
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = (raw if mode == "raw" else net).classify(x)
+        assert torch.allclose(model(x), expected, atol=1e-5)
+        assert not torch.allclose(net.classify(x), raw.classify(x), atol=1e-3)
+    assert describe(model)["baseline_input"] == ("raw" if mode == "raw" else "normalized")

@@ -5,8 +5,8 @@ from the clusters and so overstates robustness. The attacks here target
 the classifier's proper logit, ``model(x)`` (per-class log-sum-exp of -d^2/2sigma^2 over the
 counted clusters; same arg-max as the paper's scores):
 
-* PGD with cross-entropy on the logit (``utils.attacks.logit_ce_loss``) and with the DLR
-  margin loss (``logit_dlr_loss``), both through ``utils.attacks.pgd`` with the paper's step,
+* PGD with cross-entropy on the logit (``utils.attacks.pgd.logit_ce_loss``) and with the DLR
+  margin loss (``logit_dlr_loss``), both through ``utils.attacks.pgd.pgd`` with the paper's step,
   iterations and early stopping, but with the per-example rule of AutoAttack across
   restarts: **fooled wins** (``pgd_fooled_wins``);
 * AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, Square), through the optional

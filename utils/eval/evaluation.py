@@ -1,10 +1,11 @@
 """The paper's robustness evaluation: clean accuracy, then a PGD l-inf sweep over eps.
 
-``evaluate_checkpoint`` reloads the checkpoint from disk into a fresh model (what was
-trained is never what gets evaluated), attacks the test set and writes
-``attack_results_ext.csv`` (the original's schema), ``predictions_eps<E>.csv`` per eps,
-``robustness.png`` and ``eval_summary.json`` (what was attacked: classifier, L, rule, attack
-settings, accuracies, seconds per eps).
+``load_eval_inputs`` rebuilds the checkpoint from disk into a fresh model (what was trained
+is never what gets evaluated) and loads the test set, both as ``EvalConfig`` says;
+``evaluate_model`` attacks it as ``AttackConfig`` says and writes ``attack_results_ext.csv``
+(the original's schema), ``predictions_eps<E>.csv`` per eps, ``robustness.png`` and
+``eval_summary.json`` (what was attacked: classifier, L, rule, attack settings, accuracies,
+seconds per eps). The file names come from ``utils.outputs.files``.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class EvalConfig:
     seed: int = 111                 # the subset's draw
     L: int | None = None            # None: the checkpoint's own value
     normalize: bool | None = None   # None: the checkpoint's own normalize_probs
+    baseline_input: str | None = None  # a file without cluster keys: "raw" or "normalized"
 
 
 @dataclass
@@ -169,8 +171,9 @@ def run_sweep(model, data: ImageData, epsilons=EPSILONS, iterations: int = 20,
 
 def load_eval_model(cfg: EvalConfig, ckpt_path: str):
     """A fresh model rebuilt from the file: ClusterClassifier, or LinearClassifier for a
-    plain state_dict (evaluated through its linear head, as the original does for
-    baselines). ``cfg.L`` and ``cfg.normalize`` win when given, else the file's values."""
+    plain state_dict (evaluated through its linear head; inputs normalised, or raw with
+    ``cfg.baseline_input == "raw"``). ``cfg.L`` and ``cfg.normalize`` win when given, else
+    the file's values."""
     ckpt = load_checkpoint(ckpt_path)
     if ckpt.get("dataset") not in (None, cfg.dataset):
         log.warning("%s was trained on %s but is evaluated on --dataset %s", ckpt_path,
@@ -183,20 +186,32 @@ def load_eval_model(cfg: EvalConfig, ckpt_path: str):
             raise UsageError(f"--L {head.L} is larger than the checkpoint's "
                              f"{head.num_clusters} clusters: pass --L {head.num_clusters} or "
                              f"fewer")
+        if cfg.baseline_input is not None:
+            log.warning("--baseline-input applies to files without cluster keys only: "
+                        "ignored for %s", ckpt_path)
         log.info("evaluating %s: %d clusters, L %d%s, %s%s", ckpt_path, head.num_clusters,
                  head.L, "" if cfg.L is not None else " (from the checkpoint)",
                  "L nearest" if head.normalize else "all clusters (--not-normalize)",
                  "" if cfg.normalize is not None else " (from the checkpoint)")
         return model
-    log.info("evaluating %s as a plain classifier through its linear head (no cluster keys)",
-             ckpt_path)
-    return LinearClassifier(backbone_from_state(ckpt, cfg.dataset))
+    raw = cfg.baseline_input == "raw"
+    log.info("evaluating %s as a plain classifier through its linear head (no cluster keys), "
+             "inputs %s", ckpt_path, "raw in [0, 1] (--baseline-input raw)" if raw else
+             "normalised with the data set's mean and std (--baseline-input raw for a "
+             "network that takes raw images)")
+    backbone = backbone_from_state(ckpt, cfg.dataset)
+    if raw:
+        backbone.mean.zero_()
+        backbone.std.fill_(1.0)
+    return LinearClassifier(backbone)
 
 
 def describe(model) -> dict:
     """What was attacked: the classifier kind and, for clusters, the L and rule used."""
     if isinstance(model, LinearClassifier):
-        return {"classifier": "linear head", "attack": "PGD, cross-entropy on the logits"}
+        raw = bool((model.backbone.std == 1).all() and (model.backbone.mean == 0).all())
+        return {"classifier": "linear head", "attack": "PGD, cross-entropy on the logits",
+                "baseline_input": "raw" if raw else "normalized"}
     return {"classifier": "clusters", "L": model.head.L,
             "normalize_probs": model.head.normalize,
             "attack": "paper PGD, cross-entropy on the cluster class scores"}

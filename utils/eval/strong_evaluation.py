@@ -50,6 +50,7 @@ DIAGNOSTIC_EPS = 8.0  # the random start of the gradient diagnostics, units of 1
 def evaluate_strong(model, test: ImageData, paper: SweepResult, attack: AttackConfig,
                     out_dir: str, device) -> dict:
     """Strong attacks on the images the paper's sweep attacked; returns the diagnostics."""
+    device = torch.device(device)
     sub, pos = strong_images(test, attack.strong_subset, attack.seed)
     batch = attack_batch(attack.attack_batch, model, device, len(sub))
     start = time.time()

@@ -3,11 +3,12 @@
 One epoch = ``steps_per_epoch`` Magnet batches, then ONE no-grad, eval-mode embedding pass
 over the un-augmented training set whose embeddings serve the k-means refresh, sigma^2, the
 reported training loss and the training accuracy; then one pass over the test set.
-The variants' extra terms live in ``utils/consistency.py``, the "free" replays' perturbation
-in ``utils/free_adversarial.py``.
+The variants' extra terms live in ``utils/train/consistency.py``, the "free" replays' perturbation
+in ``utils/train/free_adversarial.py``.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from base.tensors import autocast, to_device
 from datasets.data import ImageData, augment
 from datasets.magnet_sampler import MagnetSampler
 from models.cluster_head import ClusterHead
-from models.resnet import ResNet18
+from models.resnet import ResNet18, normalization_for
 from utils.train.clustering import Clusters, fit_clusters, kmeans_settings
 from utils.train.consistency import ExtraTerms
 from utils.train.embeddings import compute_embeddings_split, default_embed_batch
@@ -28,6 +29,7 @@ from utils.train.free_adversarial import FreePerturbation
 from utils.train.magnet_loss import magnet_loss, magnet_loss_full
 
 BAR_EVERY = 10  # steps between progress-bar loss updates
+log = logging.getLogger("clustr")
 
 
 @dataclass
@@ -48,6 +50,7 @@ class TrainConfig:
     mse_consistency: bool = False
     actual_trades: bool = False
     minibatch_replays: int = 0  # free adversarial training (0 = off)
+    kmeans_seed: int = 1  # random_state of every k-means fit, as the original
 
 
 @dataclass
@@ -82,8 +85,13 @@ class ClusTRTrainer:
         self.clusters: Clusters | None = None
         self.train_embeddings: torch.Tensor | None = None
         self.extras = ExtraTerms(cfg.consistency_lambda, cfg.xent_lambda, cfg.mse_consistency,
-                                 cfg.actual_trades, cfg.amp)
+                                 cfg.actual_trades, cfg.amp,
+                                 pixel_std=normalization_for(cfg.dataset)[1])
         self.free = FreePerturbation() if cfg.minibatch_replays > 0 else None
+        if self.free and (cfg.consistency_lambda > 0 or cfg.xent_lambda > 0):
+            log.warning("--consistency-lambda/--xent-lambda have no effect with "
+                        "--minibatch-replays: free training uses the Magnet loss alone, as "
+                        "the original")
         # after_step(steps_done, totals) runs after every step (periodic resume saves);
         # totals() gives the running sums of the loss terms
         self.after_step = None
@@ -152,7 +160,7 @@ class ClusTRTrainer:
         if self.dist.is_main:
             try:
                 fit = fit_clusters(emb, self.train.labels, self.num_classes, self.cfg.K,
-                                   n_init, max_iter, self.cfg.seed)
+                                   n_init, max_iter, self.cfg.kmeans_seed)
             except (UsageError, FloatingPointError) as exc:
                 error = exc
         if not self.dist.all_agree(error is None):
@@ -180,8 +188,10 @@ class ClusTRTrainer:
         """Magnet steps over one epoch; returns the mean of every loss term per optimiser step.
 
         With free training each batch is replayed ``minibatch_replays`` times, one optimiser
-        step per replay; the sampler records the losses of the last replay. A resumed run
-        starts at ``start_step`` with the running ``totals`` of the steps done.
+        step per replay, on the Magnet loss alone; delta starts the epoch at zero, and the
+        sampler records the losses of a no-grad forward of the updated network on x + the
+        final delta (``free_losses``). A resumed run starts at ``start_step`` with the
+        running ``totals`` of the steps done (and, with free training, the saved delta).
         """
         self.model.train()
         head = self.head().to(self.device)  # this epoch's clusters, for the extra terms
@@ -190,6 +200,8 @@ class ClusTRTrainer:
         resumed = dict(totals or {})
         sums: dict[str, torch.Tensor] = {}  # this process's sums of the terms, on the device
         steps = self.steps_per_epoch()
+        if self.free and start_step == 0:
+            self.free.reset()  # the original sets delta to zero at every epoch's start
         bar = progress(range(start_step, steps), desc=desc, leave=False)
         for step in bar:
             indices, cluster_ids = self.sampler.sample(self.generator)
@@ -198,7 +210,8 @@ class ClusTRTrainer:
             for _ in range(replays):
                 self.optimizer.zero_grad(set_to_none=True)
                 x_in = self.free.perturb(x) if self.free else x
-                terms, per_example = self.batch_terms(x_in, cluster_ids, classes, head)
+                terms, per_example = self.batch_terms(x_in, cluster_ids, classes, head,
+                                                      extras=not self.free)
                 loss = sum(terms.values())
                 loss.backward()
                 # the step's one wait for the device: after the backward is queued, before
@@ -213,6 +226,8 @@ class ClusTRTrainer:
                 for name, term in terms.items():
                     term = term.detach().double()
                     sums[name] = sums[name] + term if name in sums else term
+            if self.free:  # the sampler records the updated network's losses
+                losses = self.free_losses(x, cluster_ids, classes).float().cpu()
             # every process records every process's batch: the sampler states stay equal
             self.sampler.record_losses(self.dist.gather_cat(indices.cpu()),
                                        self.dist.gather_cat(losses))
@@ -256,15 +271,31 @@ class ClusTRTrainer:
             out[name] = out.get(name, 0.0) + m
         return out
 
+    @torch.no_grad()
+    def free_losses(self, x: torch.Tensor, cluster_ids: torch.Tensor,
+                    classes: torch.Tensor) -> torch.Tensor:
+        """Per-example Magnet losses (N,) of the updated network on x + the final delta.
+
+        As the original's extra forward after the replays: training mode (batch statistics;
+        BatchNorm's running statistics take this forward too), no gradient.
+        """
+        with autocast(self.device, self.cfg.amp):
+            emb = self.model(self.free.current(x)).float()
+        return magnet_loss(emb, cluster_ids, classes, self.cfg.alpha)[0]
+
     def batch_terms(self, x: torch.Tensor, cluster_ids: torch.Tensor, classes: torch.Tensor,
-                    head: ClusterHead) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                    head: ClusterHead, extras: bool = True
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """{'magnet', and the enabled 'consistency'/'xent'} of a batch, and the per-example
-        Magnet losses (N,). Their sum is the training loss; plain ClusTR has 'magnet' alone.
+        Magnet losses (N,). Their sum is the training loss; plain ClusTR has 'magnet' alone,
+        and so has a free replay (``extras=False``).
         """
         with autocast(self.device, self.cfg.amp):
             emb = self.train_model(x).float()  # (N, 512)
         per_example, _ = magnet_loss(emb, cluster_ids, classes, self.cfg.alpha)
         terms = {"magnet": per_example.mean()}
+        if not extras:
+            return terms, per_example
         terms.update(self.extras.terms(self.model, head, x, emb, classes[cluster_ids],
                                        self.generator))
         return terms, per_example
