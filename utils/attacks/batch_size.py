@@ -44,6 +44,7 @@ def attack_batch(requested: int | None, model: torch.nn.Module, device: torch.de
         return requested
     if device.type != "cuda":
         return CPU_BATCH
+    model.to(device)  # where the attacks will run it (a module moves in place)
     per_image = GRAPH_FACTOR * graph_bytes_per_image(model, device, image_shape)
     free = free_memory(device)
     first = first_candidate(free, per_image, n_images)
