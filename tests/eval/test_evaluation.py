@@ -230,10 +230,10 @@ def test_attack_batch_changes_no_result_file(original_ckpt, real_subset, tmp_pat
     --test-batch that differs from both): the same files, byte for byte. Only the strong
     table's timing column may differ."""
     outs = []
-    for batch in ("4", "16"):  # the strong attacks: 2 batches of 4 against one of 8
+    for batch in ("5", "16"):  # the strong attacks: batches of 5, 5, 2 against one of 12
         out = tmp_path / f"b{batch}"
         assert main_clustr.main(eval_argv(out, original_ckpt, real_subset, "--device", "cpu",
-                                          "--strong", "--strong-subset", "8",
+                                          "--strong", "--strong-subset", "12",
                                           "--attack-batch", batch, "--test-batch", "8")) == 0
         outs.append(out)
         summary = json.loads((out / "eval_summary.json").read_text())
