@@ -4,7 +4,9 @@
         --pretrained-path pretrained_weights/resnet18.pt --lr 0.0001 --epochs 30
     python main_clustr.py --checkpoint expA_pgd --evaluate-ckpt expA/checkpoint.pth
 
-This file only wires the pieces together; see README.md for the outputs.
+This file only wires the pieces together: it parses the arguments, builds one
+configuration per stage from them (``TrainConfig``, ``EvalConfig``, ``AttackConfig``) and
+hands those on; nothing below it sees the parsed arguments. See README.md for the outputs.
 """
 from __future__ import annotations
 
@@ -17,27 +19,24 @@ import time
 import numpy as np
 import torch
 
+from base.cli import config
+from base.device import resolve_device
+from base.distributed import Dist, close_distributed, init_distributed, process_device
+from base.errors import UsageError, one_line
+from base.io import save_atomic, write_text_atomic
+from base.progress import set_quiet
 from datasets.data import balanced_subset, load_dataset
+from models.checkpoint import build_checkpoint, load_weights
 from models.resnet import ResNet18, normalization_for
-from utils.checkpoint import build_checkpoint, load_weights, save_atomic, write_text_atomic
-from utils.clustering import check_class_sizes
-from utils.device import resolve_device
-from utils.distributed import (
-    Dist,
-    close_distributed,
-    init_distributed,
-    process_device,
-    test_fail_hook,
-    test_state_dump,
-)
-from utils.errors import UsageError, one_line
-from utils.evaluation import evaluate_checkpoint, evaluate_model, load_eval_inputs
-from utils.experiment_dir import RESUME_FILE, ExperimentDir
-from utils.progress import set_quiet
-from utils.results import EpochLog, MetricsCSV
-from utils.resume import Position, RunState, read_resume
-from utils.train_setting import params_line, parse_args
-from utils.training import ClusTRTrainer, TrainConfig
+from utils.eval.evaluation import AttackConfig, EvalConfig, evaluate_model, load_eval_inputs
+from utils.eval.strong_evaluation import evaluate_strong
+from utils.outputs import files
+from utils.outputs.experiment_dir import ExperimentDir
+from utils.outputs.results import EpochLog, MetricsCSV
+from utils.train.clustering import check_class_sizes
+from utils.train.resume import Position, RunState, read_resume
+from utils.train.training import ClusTRTrainer, TrainConfig
+from utils.train_setting import params_line, parse_args, run_arguments
 
 log = logging.getLogger("clustr")
 
@@ -68,7 +67,8 @@ def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist | None 
              len(train_set), len(test_set), train_set.num_classes)
     mean, std = normalization_for(args.dataset)
     model = ResNet18(train_set.num_classes, mean, std)
-    resume = read_resume(out.file(RESUME_FILE), args) if args.resume else None
+    run_args = run_arguments(args)
+    resume = read_resume(out.file(files.RESUME), run_args, args.epochs) if args.resume else None
     if resume is None and args.pretrained_path:
         load_weights(model, args.pretrained_path)
     elif resume is None:
@@ -78,15 +78,10 @@ def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist | None 
     if not args.milestones:
         log.info("no --milestones: the learning rate stays %g", args.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
-    cfg = TrainConfig(dataset=args.dataset, K=args.k, m=args.m, d=args.d, L=args.L,
-                      normalize=not args.not_normalize, alpha=args.alpha, seed=args.seed,
-                      test_batch=args.test_batch, embed_batch=args.embed_batch, amp=args.amp,
-                      consistency_lambda=args.consistency_lambda, xent_lambda=args.xent_lambda,
-                      mse_consistency=args.mse_consistency, actual_trades=args.actual_trades,
-                      minibatch_replays=args.minibatch_replays, kmeans_seed=args.kmeans_seed)
+    cfg = config(TrainConfig, args, K=args.k, normalize=not args.not_normalize)
     trainer = ClusTRTrainer(model, optimizer, train_set, test_set, cfg, device, dist)
     trainer.check_batch_shape()
-    state = RunState(out.file(RESUME_FILE), args, model, optimizer, scheduler, trainer)
+    state = RunState(out.file(files.RESUME), run_args, model, optimizer, scheduler, trainer)
     if resume is not None:
         return state, state.restore(resume)
     try:
@@ -103,10 +98,9 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
     state, start = build_run(args, out, device, dist)
     model, optimizer, scheduler, trainer = (state.model, state.optimizer, state.scheduler,
                                             state.trainer)
-    epoch_log = EpochLog(out.file("log.txt"), keep_epochs=start.epoch if args.resume else None,
-                         write=False)
-    metrics_csv = MetricsCSV(out.file("metrics.csv"), keep_epochs=start.epoch if args.resume
-                             else None)
+    kept = start.epoch if args.resume else None
+    epoch_log = EpochLog(out.file(files.LOG), keep_epochs=kept, write=False)
+    metrics_csv = MetricsCSV(out.file(files.METRICS), keep_epochs=kept)
     # every input is checked on every process: from here on the experiment directory changes
     dist.barrier()
     if dist.is_main:
@@ -115,11 +109,11 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
     if not args.resume:
         state.save(start)  # from the first result on, --resume has a state to continue from
     if dist.is_main:
-        write_text_atomic(out.file("params.txt"), params_line(args) + "\n")
+        write_text_atomic(out.file(files.PARAMS), params_line(args) + "\n")
         epoch_log.flush()
     extra = {"args": {k: v for k, v in vars(args).items()}, "dataset": args.dataset,
              "classes": list(trainer.train.classes)}
-    ckpt_path = out.file("checkpoint.pth")
+    ckpt_path = out.file(files.CHECKPOINT)
     log.info("%d steps of %d x %d examples per epoch", trainer.steps_per_epoch(), args.m,
              args.d)
     if dist.enabled:
@@ -127,27 +121,23 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
                  "learning rate is not rescaled)", dist.world_size, dist.world_size, args.m,
                  args.d, dist.world_size * args.m * args.d)
     for epoch in range(start.epoch + 1, args.epochs + 1):
-        test_fail_hook(dist, f"epoch {epoch}")
         begin = time.time()
         lr = optimizer.param_groups[0]["lr"]
         resumed = start if epoch == start.epoch + 1 else Position(epoch - 1)
         trainer.after_step = state.step_saver(args.checkpoint_every, epoch)
         metrics = run_epoch(trainer, epoch, resumed, ckpt_path)
         scheduler.step()
-        c = trainer.clusters
-        test_state_dump(dist, epoch, {"centers": c.centers, "assignments": c.assignments,
-                                      "variance": c.variance, "losses": trainer.sampler.losses,
-                                      **model.state_dict()})
         if dist.is_main:
             epoch_log.append(epoch, lr, metrics.train_loss, metrics.train_acc,
                              metrics.test_loss, metrics.test_acc)
             metrics_csv.append(epoch, lr, metrics, time.time() - begin)
             # the original's checkpoints count epochs from 0 (its log.txt rows from 1)
             ckpt = build_checkpoint(model, trainer.head(), args.k, epoch - 1,
-                                    metrics.test_acc, extra, assignments=c.assignments)
+                                    metrics.test_acc, extra,
+                                    assignments=trainer.clusters.assignments)
             save_atomic(ckpt, ckpt_path)
             if args.save_all:
-                save_atomic(ckpt, out.file(f"checkpoint_{epoch - 1}.pth"))
+                save_atomic(ckpt, out.file(files.EPOCH_CHECKPOINT.format(epoch=epoch - 1)))
         state.save(Position(epoch))
         log.info("epoch %d/%d  lr %.2g  train loss %.4f acc %.2f%%  test loss %.4f acc "
                  "%.2f%%  (%.0fs)", epoch, args.epochs, lr, metrics.train_loss,
@@ -188,20 +178,42 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
     out = ExperimentDir(args.checkpoint)
     evaluate_only = args.evaluate_ckpt is not None
     out.check(evaluate_only, args.resume, args.overwrite)  # before anything is read or written
-    if not evaluate_only:
+    if not evaluate_only:  # training fixes L and the rule, which the evaluation then uses
         args.L = 10 if args.L is None else args.L
         args.not_normalize = bool(args.not_normalize)
+    normalize = None if args.not_normalize is None else not args.not_normalize
+    eval_cfg = config(EvalConfig, args, normalize=normalize)
+    attack = config(AttackConfig, args)
+    if not evaluate_only:
         ckpt_path = train(args, out, device, dist)
         dist.barrier()  # the main process has written the checkpoint
-        evaluate_checkpoint(args, ckpt_path, out.path, device, dist)
+        evaluate_checkpoint(eval_cfg, attack, ckpt_path, out.path, device, dist)
         return 0
-    model, test = load_eval_inputs(args, args.evaluate_ckpt)
+    model, test = load_eval_inputs(eval_cfg, args.evaluate_ckpt)
     dist.barrier()  # every process checked its inputs before anything is written
     if dist.is_main:
         out.prepare(evaluate_only=True, overwrite=args.overwrite, inputs=[args.evaluate_ckpt])
-        write_text_atomic(out.file("params.txt"), params_line(args) + "\n")
-    evaluate_model(args, model, test, out.path, device, args.evaluate_ckpt, dist)
+        write_text_atomic(out.file(files.PARAMS), params_line(args) + "\n")
+    evaluate(model, test, eval_cfg, attack, out.path, device, args.evaluate_ckpt, dist)
     return 0
+
+
+def evaluate_checkpoint(eval_cfg: EvalConfig, attack: AttackConfig, ckpt_path: str,
+                        out_dir: str, device: torch.device, dist: Dist) -> None:
+    """Rebuild a fresh model from the saved file (what was trained is never what gets
+    evaluated) and evaluate it."""
+    model, test = load_eval_inputs(eval_cfg, ckpt_path)
+    evaluate(model, test, eval_cfg, attack, out_dir, device, ckpt_path, dist)
+
+
+def evaluate(model, test, eval_cfg: EvalConfig, attack: AttackConfig, out_dir: str,
+             device: torch.device, ckpt_path: str, dist: Dist) -> None:
+    """The paper's PGD sweep, then (on the main process) the honest evaluation, on the same
+    test images."""
+    paper = evaluate_model(model, test, attack, out_dir, device, ckpt_path, eval_cfg.dataset,
+                           dist)
+    if attack.honest and dist.is_main:
+        evaluate_strong(model, test, paper, attack, out_dir, device)
 
 
 def main(argv=None) -> int:
@@ -217,7 +229,7 @@ def main(argv=None) -> int:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        saved = os.path.isfile(os.path.join(args.checkpoint, RESUME_FILE))
+        saved = os.path.isfile(os.path.join(args.checkpoint, files.RESUME))
         print("interrupted" + (": continue with the same command and --resume" if saved and
                                args.evaluate_ckpt is None else ""), file=sys.stderr)
         return 130
