@@ -57,7 +57,10 @@ def test_cuda_path_estimates_then_halves_on_out_of_memory(monkeypatch):
         return size <= 200
 
     monkeypatch.setattr(bs, "probe", probe)
-    assert bs.attack_batch(None, TinyNet(), torch.device("cuda"), 10_000) == 128
+    model, moved = TinyNet(), []
+    model.to = lambda device: moved.append(device)  # no GPU here: record the move only
+    assert bs.attack_batch(None, model, torch.device("cuda"), 10_000) == 128
+    assert moved == [torch.device("cuda")]
     assert probed == [512, 256, 128]
 
 
