@@ -26,13 +26,20 @@ from utils.strong_evaluation import _write_table, worst_case
 from utils.train_setting import params_line, parse_args
 
 TINY = ["--dataset", "imagefolder", "--epochs", "1", "--k", "2", "--m", "3", "--d", "4",
-        "--L", "4", "--restarts", "1", "--test-subset", "6", "--quiet", "--workers", "0",
-        "--device", "cpu"]
+        "--L", "4", "--restarts", "1", "--train-subset", "36", "--test-subset", "6", "--quiet",
+        "--workers", "0", "--device", "cpu"]  # three Magnet steps
 N = 20  # images of the written folders
 
 
 def _cli(*argv) -> None:
-    assert main_clustr.main([str(a) for a in argv]) == 0
+    """One in-process CLI call, on one thread: its batches of a few images run no slower,
+    and far faster on a machine whose cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main_clustr.main([str(a) for a in argv]) == 0
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -344,3 +351,46 @@ def test_labels_from_the_arguments():
     assert tables.training_label({"consistency_lambda": 1.0, "mse_consistency": True}) == \
         "ClusTR+QTRADES (λ=1, MSE)"
     assert tables.training_label({"minibatch_replays": 8}) == "ClusTR+Free (M=8)"
+
+
+def test_reproduction_report_tables_the_runs_with_the_same_code(tmp_path):
+    """``benchmarks.reproduce`` renders its results table with ``utils.tables``: every cell
+    of its Markdown table is the folder's file value, the free-training row included."""
+    from benchmarks import reproduce
+
+    work = tmp_path / "work"
+    strong = {(e, a): k for e, k0 in ((2.0, 9), (8.0, 4), (16.0, 2), (25.5, 1))
+              for a, k in (("pgd-ce", k0), ("pgd-dlr", k0 + 1))} | {(8.0, "autoattack"): 3}
+    write_folder(work / "pretrained", ["--evaluate-ckpt", str(work / "c.pth")], 19,
+                 {2.0: 15, 8.0: 11, 16.0: 7, 25.5: 3}, strong)
+    write_folder(work / "clustr", [], 18, {2.0: 14, 8.0: 10, 16.0: 6, 25.5: 2}, strong)
+    write_folder(work / "qtrades", ["--consistency-lambda", "12.5"], 17,
+                 {2.0: 16, 8.0: 12, 16.0: 8, 25.5: 4}, strong)
+    write_folder(work / "free", ["--minibatch-replays", "8"], 16,
+                 {2.0: 13, 8.0: 12, 16.0: 11, 25.5: 10}, strong)
+    run = {"argv": ["--work", str(work)], "work": str(work), "started": 0.0, "load": 0.0,
+           "steps": []}
+    (work / "run.json").write_text(__import__("json").dumps(run))
+    out = tmp_path / "REPORT.md"
+    assert reproduce.main(["--render-only", "--work", str(work), "--out", str(out)]) == 0
+    text = out.read_text()
+    section = text.split("## Results on")[1].split("## Every attack")[0]
+    parsed = _parse_markdown(section)
+    labels = {"pretrained": reproduce.MODELS["pretrained"], "clustr": "ClusTR",
+              "qtrades": "ClusTR+QTRADES (λ=12.5)", "free": "ClusTR+Free (M=8)"}
+    assert set(parsed) == set(labels.values()) | {"__header__"}
+    header = parsed["__header__"]
+    for model, label in labels.items():
+        paper, strong_files = _files(work / model)
+        cells = dict(zip(header, parsed[label], strict=True))
+        assert float(cells["clean (n=20)"]) == pytest.approx(paper[0.0], abs=0.05)
+        for eps in (2.0, 8.0):
+            assert float(cells[f"paper PGD {eps:g}/255 (20×10, n=20)"]) == \
+                pytest.approx(paper[eps], abs=0.05)
+            for name, attack in (("PGD-CE", "pgd-ce"), ("PGD-DLR", "pgd-dlr"),
+                                 ("worst case", "worst-case")):
+                assert float(cells[f"{name} {eps:g}/255 (n=20)"]) == \
+                    pytest.approx(strong_files[(eps, attack)], abs=0.05)
+        assert float(cells["AutoAttack 8/255 (n=20)"]) == \
+            pytest.approx(strong_files[(8.0, "autoattack")], abs=0.05)
+    assert "**ClusTR+Free (M=8)**" in text  # its every-attack table

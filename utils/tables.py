@@ -55,6 +55,7 @@ class Experiment:
     summary: dict | None = None
     strong: dict[tuple[float, str], float] = field(default_factory=dict)  # (eps, attack)
     strong_images: int | None = None
+    strong_seconds: dict[tuple[float, str], float] = field(default_factory=dict)
 
     @property
     def evaluate_only(self) -> bool:
@@ -102,7 +103,8 @@ def load_experiment(path: str, label: str | None = None) -> Experiment:
     if os.path.isfile(os.path.join(path, SUMMARY)):
         exp.summary = _read_summary(os.path.join(path, SUMMARY), exp.paper)
     if os.path.isfile(os.path.join(path, STRONG_CSV)):
-        exp.strong, exp.strong_images = _read_strong(os.path.join(path, STRONG_CSV))
+        exp.strong, exp.strong_images, exp.strong_seconds = _read_strong(
+            os.path.join(path, STRONG_CSV))
     exp.label = label or default_label(exp)
     return exp
 
@@ -178,16 +180,21 @@ def _read_summary(path: str, paper: dict[float, float]) -> dict:
     return summary
 
 
-def _read_strong(path: str) -> tuple[dict[tuple[float, str], float], int]:
+def _read_strong(path: str):
+    """(eps, attack) -> accuracy, the number of images, (eps, attack) -> seconds (where
+    measured)."""
     df = _read_csv(path, STRONG_HEADER)
     if df.empty:
         raise UsageError(f"{path} has no rows")
-    acc = {(_number(path, e, "epsilon", 0, 255), a): _number(path, v, "accuracy", 0, 100)
-           for e, a, v in zip(df["epsilon"], df["attack"], df["robust_accuracy"])}
+    keys = [(_number(path, e, "epsilon", 0, 255), a) for e, a in zip(df["epsilon"],
+                                                                    df["attack"])]
+    acc = {k: _number(path, v, "accuracy", 0, 100) for k, v in zip(keys,
+                                                                  df["robust_accuracy"])}
+    seconds = {k: _number(path, s, "seconds") for k, s in zip(keys, df["seconds"]) if s}
     sizes = set(df["examples"])
     if len(sizes) != 1 or not next(iter(sizes)).isdigit():
         raise UsageError(f"{path}: the 'examples' column must hold one image count")
-    return acc, int(next(iter(sizes)))
+    return acc, int(next(iter(sizes))), seconds
 
 
 def _first_line(exc: BaseException) -> str:
@@ -379,8 +386,9 @@ def table_notes(exps, grid, aa_grid, same, differ, strong_n) -> list[str]:
         else:
             missing = [f"{e:g}" for e in aa_grid if (e, "autoattack") not in x.strong]
             if missing:
+                command = fill_command(x, os.path.join(x.path, "strong"), True, missing)
                 notes.append(f"{x.label}: no AutoAttack at {', '.join(missing)}/255; fill it "
-                             f"with: {fill_command(x, os.path.join(x.path, 'strong'), True, missing)}")
+                             f"with: {command}")
             absent = [f"{e:g}" for e in grid if (e, "worst-case") not in x.strong]
             if absent:
                 notes.append(f"{x.label}: no strong attack at {', '.join(absent)}/255 "
