@@ -85,6 +85,7 @@ class Step:
     argv: list[str]
     log_path: str
     needs: str | None = None            # output file that must exist before this step runs
+    threads: int | None = None          # OMP_NUM_THREADS of the call (None: PyTorch's choice)
     rc: int | None = None               # None: not run
     seconds: float = 0.0
     cpu_seconds: float = 0.0
@@ -92,7 +93,8 @@ class Step:
 
     @property
     def command(self) -> str:
-        return shlex.join(["python"] + self.argv)
+        env = [] if self.threads is None else [f"OMP_NUM_THREADS={self.threads}"]
+        return shlex.join(env + ["python"] + self.argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
                    help="which models to run (all)")
     p.add_argument("--device", default="auto", help="passed to every run (auto)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads per call (sets OMP_NUM_THREADS; default: PyTorch's "
+                        "choice, one per core). On a machine whose cores are busy with other "
+                        "work, 1 avoids threads waiting on each other")
     p.add_argument("--render-only", action="store_true",
                    help="only rewrite --out from the finished runs in --work")
     g = p.add_argument_group("scale-up knobs (in brackets: the full budget's value)")
@@ -217,9 +223,12 @@ def run_step(step: Step) -> None:
     print(f"[reproduce] {step.title}: {step.command}", flush=True)
     cpu0 = _children_cpu()
     start = time.time()
+    env = dict(os.environ)
+    if step.threads is not None:
+        env.update(OMP_NUM_THREADS=str(step.threads), MKL_NUM_THREADS=str(step.threads))
     with open(path, "w") as log:
         step.rc = subprocess.run([sys.executable] + step.argv, cwd=REPO, stdout=log,
-                                 stderr=subprocess.STDOUT).returncode
+                                 stderr=subprocess.STDOUT, env=env).returncode
     step.seconds = time.time() - start
     step.cpu_seconds = _children_cpu() - cpu0
     with open(path) as log:
@@ -325,7 +334,8 @@ def render(args, run: dict, b: Budget, steps: list[Step], results: dict,
         f"Generated {time.strftime('%Y-%m-%d %H:%M', time.localtime(run['started']))} by",
         "", "```bash", "python -m benchmarks.reproduce " + shlex.join(run["argv"]), "```", "",
         f"on {platform.node() or 'this machine'} ({platform.processor() or platform.machine()},"
-        f" {os.cpu_count()} cores, torch {torch.__version__}, device `{args.device}`"
+        f" {os.cpu_count()} cores{_threads(args)}, torch {torch.__version__}, device "
+        f"`{args.device}`"
         f"{run.get('accelerator') or ''}); load "
         f"average {run['load']:.1f} at the start and {run.get('load_end', float('nan')):.1f} "
         f"at the end{_load_caveat(run)}. Total "
@@ -357,7 +367,12 @@ def render(args, run: dict, b: Budget, steps: list[Step], results: dict,
     lines += _commands(steps)
     lines += _budget(b, args, steps, results)
     lines += _scale_up(b)
+    lines += _tables_howto(args.models)
     return "\n".join(lines) + "\n"
+
+
+def _threads(args) -> str:
+    return "" if args.threads is None else f", {args.threads} thread(s) per call"
 
 
 def _load_caveat(run: dict) -> str:
@@ -509,6 +524,40 @@ def _scale_up(b: Budget) -> list[str]:
             "* `--autoattack-eps 2 8` adds AutoAttack at 2/255.", ""]
 
 
+def _tables_howto(models) -> list[str]:
+    folders = " ".join(f"WORK/{m}" for m in models if m != "pretrained")
+    return ["## The same table from your own experiment folders", "",
+            "The results table above is `utils/tables.py`, which also works on any "
+            "`--checkpoint` folders of `main_clustr.py` (WORK: this report's `--work` folder):",
+            "", "```bash",
+            f"python -m utils.tables {folders} --format markdown",
+            f"python -m utils.tables \"pretrained clusters=WORK/pretrained\" {folders} "
+            "--format latex --eps 8 --out table.tex --plot accuracy.png",
+            "```", "",
+            "* One row per folder, labelled from its `params.txt` (`ClusTR`, "
+            "`ClusTR+QTRADES (λ=12.5)`, `ClusTR+Free (M=8)`; a linear-head checkpoint is "
+            "`baseline (linear head)`; an evaluation-only folder takes the arguments of the "
+            "run that wrote its checkpoint); `NAME=FOLDER` sets a label.",
+            "* Columns: clean, the paper's PGD per eps, then, from `attack_results_strong.csv` "
+            "(`--strong`, `--autoattack`): AutoAttack, the worst case over every attack and the "
+            "gap (paper PGD − worst case, on the same images) per eps; `--every-attack` adds "
+            "PGD-CE and PGD-DLR. The header gives the PGD iterations × restarts and the number "
+            "of test images when every row shares them; otherwise a `protocol` column appears "
+            "and a note says which settings differ.",
+            "* A folder without strong results keeps those cells empty, and a note gives the "
+            "`main_clustr.py --evaluate-ckpt ... --strong --autoattack` call that fills them "
+            "(into a new folder, tabled in its place).",
+            "* `--format markdown|latex|csv` (pandas' `to_markdown`, `to_latex`, `to_csv`; "
+            "the CSV holds full precision and sends the notes to stderr); `--plot FILE`: "
+            "accuracy against eps, one colour per folder, the paper's PGD solid and the worst "
+            "case dashed.",
+            "* In Python: `from utils.tables import experiment_table; "
+            "df = experiment_table(['expA', 'expB'])` (notes in `df.attrs['notes']`).",
+            "* A path that is not an experiment folder, or a file of another format (other CSV "
+            "columns, eps not in units of 1/255, an `eval_summary.json` of another run): one "
+            "line, exit status 2.", ""]
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -527,6 +576,7 @@ def main(argv=None) -> int:
            "accelerator": _accelerator(args.device)}
     steps = plan(args, budget_from(args), work)
     for step in steps:
+        step.threads = args.threads
         run_step(step)
         _save_run(run, steps)
     run["ended"], run["load_end"] = time.time(), os.getloadavg()[0]

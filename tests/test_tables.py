@@ -162,6 +162,8 @@ def test_real_runs_match_their_files(runs, written):
     df = tables.experiment_table([runs["clustr"], written["qtrades"]])
     clustr = df.index[0]
     assert clustr == "ClusTR"
+    subset = [n for n in df.attrs["notes"] if "--strong-subset" in n]
+    assert len(subset) == 1 and subset[0].startswith("ClusTR: ")  # 3 of its 6 images
     paper, strong = _files(runs["clustr"])
     row = df.loc[clustr]
     assert row.iloc[[i for i, c in enumerate(df.columns) if c.startswith("clean")][0]] == \

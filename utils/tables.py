@@ -327,7 +327,7 @@ def build_table(exps: list[Experiment], epsilons=None, every_attack: bool = Fals
     df = pd.DataFrame(columns, index=pd.Index([x.label for x in exps], name="experiment"))
     numeric = [c for c in df.columns if c != "protocol"]
     df[numeric] = df[numeric].astype(float)
-    df.attrs["notes"] = table_notes(exps, grid, aa_grid, same, differ, strong_n)
+    df.attrs["notes"] = table_notes(exps, grid, aa_grid, differ)
     df.attrs["folders"] = [x.path for x in exps]
     return df
 
@@ -362,14 +362,17 @@ def _protocol_cell(x: Experiment) -> str:
     return text + (f"; strong n={x.strong_images}" if x.strong else "")
 
 
-def table_notes(exps, grid, aa_grid, same, differ, strong_n) -> list[str]:
+def table_notes(exps, grid, aa_grid, differ) -> list[str]:
     notes = ["Accuracy in %. Paper PGD: the paper's protocol (cross-entropy on the bounded "
              "cluster scores, step 2/255, iterations × restarts); worst case: an image counts "
              "as robust only if every attack run at that eps failed; gap: paper PGD − worst "
              "case on the same images (the strong attacks' images)."]
-    if len(strong_n) > 1 or (strong_n and same and same["test images"] not in strong_n):
-        notes.append("The strong attacks ran on fewer images than the paper's PGD "
-                     "(--strong-subset); the gap compares the paper's PGD on those images.")
+    subset = [x.label for x in exps if x.strong and x.test_images is not None
+              and x.strong_images != x.test_images]
+    if subset:
+        notes.append(f"{', '.join(subset)}: the strong attacks ran on a subset of the paper "
+                     f"PGD's images (--strong-subset); the gap compares the paper's PGD on that "
+                     f"subset.")
     if differ:
         fields = "; ".join(f"{k}: {' vs '.join(v)}" for k, v in differ.items())
         notes.append(f"MIXED PROTOCOLS, not comparable across rows ({fields}): see the "
