@@ -446,7 +446,7 @@ def plot_experiments(exps: list[Experiment], path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, x in enumerate(exps):
         colour = colours[i % len(colours)]
@@ -465,7 +465,7 @@ def plot_experiments(exps: list[Experiment], path: str):
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")  # off the data
     fig.tight_layout()
     try:
         _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
