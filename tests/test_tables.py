@@ -247,7 +247,9 @@ def test_mixed_protocols_are_flagged(runs, written):
     assert not any(re.search(r"\d×\d", c) for c in df.columns if c != "protocol")
     # different numbers of test images are flagged too
     mixed = tables.experiment_table([runs["clustr"], written["qtrades"]])
-    assert any("test images: 20 vs 6" in n for n in mixed.attrs["notes"])
+    (note,) = [n for n in mixed.attrs["notes"] if "MIXED PROTOCOLS" in n]
+    assert "test images: 20 vs 6" in note and "strong attacks' images: 3 vs 20" in note
+    assert "protocol" in mixed.columns
 
 
 def test_checkpoint_in_the_original_format_evaluates_into_a_row(runs, tiny_folder):

@@ -301,9 +301,11 @@ def build_table(exps: list[Experiment], epsilons=None, every_attack: bool = Fals
     aa_grid = [e for e in aa_grid if epsilons is None or e in grid] or aa_grid[:1]
     same, differ = _agreement([x.protocol for x in exps if x.paper])
     strong_n = {x.strong_images for x in exps if x.strong}
+    if len(strong_n) > 1:
+        differ["strong attacks' images"] = [str(n) for n in sorted(strong_n)]
     paper_tag = (f" ({same['iterations']}×{same['restarts']}, n={_n(same['test images'])})"
-                 if not differ and same else "")
-    clean_tag = f" (n={_n(same['test images'])})" if not differ and same else ""
+                 if same else "")
+    clean_tag = f" (n={_n(same['test images'])})" if same else ""
     strong_tag = f" (n={next(iter(strong_n))})" if len(strong_n) == 1 else ""
     columns: dict[str, list] = {}
     if differ:
