@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="toy budget to check the pipeline in a few minutes")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
-                   help="which models to run (all)")
+                   help="which models to run, in this order (all)")
     p.add_argument("--device", default="auto", help="passed to every run (auto)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads per call (sets OMP_NUM_THREADS; default: PyTorch's "
@@ -210,6 +210,7 @@ def plan(args, b: Budget, work: str) -> list[Step]:
                            *training, "--minibatch-replays", str(b.minibatch_replays),
                            *common, *evaluation],
                           os.path.join(logs, "free.log")))
+    steps.sort(key=lambda s: args.models.index(s.model))  # in the order --models lists them
     return steps
 
 
@@ -352,7 +353,7 @@ def render(args, run: dict, b: Budget, steps: list[Step], results: dict,
         f"{', '.join(f'{e:g}' for e in b.autoattack_eps)}/255. *Worst case*: an image counts "
         "as robust only if all of them failed; *gap*: paper PGD minus worst case.", ""]
     if done:
-        df = tables.build_table([done[m] for m in args.models if m in done], TABLE_EPS,
+        df = tables.build_table([done[m] for m in MODELS if m in done], TABLE_EPS,
                                 every_attack=True)
         lines.append(tables.to_text(df, "markdown", digits=1))
     lines += [f"* {MODELS[m]}: **failed**, no results (see 'Exact commands')"

@@ -398,3 +398,12 @@ def test_reproduction_report_tables_the_runs_with_the_same_code(tmp_path):
         assert float(cells["AutoAttack 8/255 (n=20)"]) == \
             pytest.approx(strong_files[(8.0, "autoattack")], abs=0.05)
     assert "**ClusTR+Free (M=8)**" in text  # its every-attack table
+
+
+def test_report_runs_the_models_in_the_order_given(tmp_path):
+    from benchmarks import reproduce
+
+    args = reproduce.build_parser().parse_args(["--quick", "--models", "free", "pretrained"])
+    steps = reproduce.plan(args, reproduce.budget_from(args), str(tmp_path / "work"))
+    assert [s.model for s in steps] == ["free", "pretrained", "pretrained"]
+    assert steps[1].argv[:2] == ["-m", "benchmarks.pretrained_clusters"]  # clusters first
