@@ -8,13 +8,16 @@ On the shared data (real CIFAR-10 images and a real pretrained ResNet18) it
    k-means on the training embeddings, K = 2, L = 20) and evaluates it;
 2. trains ClusTR for a small fixed budget and evaluates it;
 3. trains ClusTR+QTRADES (``--consistency-lambda 12.5``) for the same budget and evaluates it;
+4. trains ClusTR with free adversarial training (``--minibatch-replays M``, the paper's
+   adversarial-training row) for the same budget and evaluates it;
 
 each model with one CLI call of this project (``main_clustr.py``, whose training ends with
 the evaluation), on the same fixed test images: the paper's PGD, then ``--strong``
 (PGD-CE and PGD-DLR on the proper logit) and ``--autoattack`` (standard AutoAttack at
-8/255). It then writes a Markdown report: the table of clean, paper-PGD and strongest
-accuracy, the exact commands, budgets and times, and the published figures for context.
-A failed step is reported as failed; the others still run.
+8/255). It then writes a Markdown report: the table of clean, paper-PGD, PGD-CE, PGD-DLR,
+AutoAttack and worst-case accuracy (``utils.tables``, the same code as
+``python -m utils.tables``), the exact commands, budgets and times, and the published
+figures for context. A failed step is reported as failed; the others still run.
 
 ``--quick`` runs the whole pipeline on a toy budget (a few minutes) to check that it works;
 its numbers mean nothing and the report says so.
@@ -32,10 +35,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+import pandas as pd
 import torch
 
+from base.errors import UsageError
 from base.io import load_checkpoint, write_text_atomic
 from models.checkpoint import extract_state_dict
+from utils import tables
 from utils.outputs.results import read_csv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +49,7 @@ MODELS = {
     "pretrained": "pretrained ResNet18 + k-means clusters (no ClusTR training)",
     "clustr": "ClusTR",
     "qtrades": "ClusTR+QTRADES",
+    "free": "ClusTR+Free",
 }
 TABLE_EPS = (2.0, 8.0)
 PUBLISHED = ("released ClusTR+QTRADES CIFAR-10 model: clean 91.03%, paper's PGD-100 at "
@@ -52,7 +59,7 @@ PUBLISHED = ("released ClusTR+QTRADES CIFAR-10 model: clean 91.03%, paper's PGD-
 
 @dataclass
 class Budget:
-    """What one report costs; ``FULL`` is sized for about 30-40 minutes on 2 idle cores."""
+    """What one report costs; ``FULL`` is sized for about 20 minutes on 2 idle cores."""
 
     epochs: int = 1
     train_subset: int | None = None     # None: all 5,085 shared training images
@@ -61,20 +68,15 @@ class Budget:
     restarts: int = 1
     autoattack_eps: tuple[float, ...] = (8.0,)
     consistency_lambda: float = 12.5    # the seed README's ClusTR+QTRADES command
+    minibatch_replays: int = 8          # M of free training (Free-AT's CIFAR-10 setting)
     L: int = 20
     k: int = 2
     seed: int = 111
 
 
 FULL = Budget()
-COST_NOTE = (
-    "the full budget took 10.1 minutes on 2 idle CPU cores (AMD EPYC, 2026-11-26) and 1.3 "
-    "minutes on one NVIDIA H100; each call's time is listed under 'Exact commands'. On the "
-    "CPU, AutoAttack's APGD-CE took 58-73 s per model (on the 91-92 images correct when clean) "
-    "and broke every one, "
-    "so APGD-T, FAB-T and Square had nothing left to attack; on a robust model they run on "
-    "every image APGD-CE leaves, and the evaluation takes far longer.")
-QUICK = Budget(epochs=1, train_subset=480, test_images=10, iterations=2, restarts=1)
+QUICK = Budget(epochs=1, train_subset=480, test_images=10, iterations=2, restarts=1,
+               minibatch_replays=2)
 
 
 @dataclass
@@ -84,6 +86,7 @@ class Step:
     argv: list[str]
     log_path: str
     needs: str | None = None            # output file that must exist before this step runs
+    threads: int | None = None          # OMP_NUM_THREADS of the call (None: PyTorch's choice)
     rc: int | None = None               # None: not run
     seconds: float = 0.0
     cpu_seconds: float = 0.0
@@ -91,7 +94,8 @@ class Step:
 
     @property
     def command(self) -> str:
-        return shlex.join(["python"] + self.argv)
+        env = [] if self.threads is None else [f"OMP_NUM_THREADS={self.threads}"]
+        return shlex.join(env + ["python"] + self.argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,8 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="toy budget to check the pipeline in a few minutes")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
-                   help="which models to run (all)")
+                   help="which models to run, in this order (all)")
     p.add_argument("--device", default="auto", help="passed to every run (auto)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads per call (sets OMP_NUM_THREADS; default: PyTorch's "
+                        "choice, one per core). On a machine whose cores are busy with other "
+                        "work, 1 avoids threads waiting on each other")
     p.add_argument("--render-only", action="store_true",
                    help="only rewrite --out from the finished runs in --work")
     g = p.add_argument_group("scale-up knobs (in brackets: the full budget's value)")
@@ -130,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AutoAttack eps values in units of 1/255 (8)")
     g.add_argument("--consistency-lambda", type=float,
                    help=f"lambda of ClusTR+QTRADES ({FULL.consistency_lambda:g})")
+    g.add_argument("--minibatch-replays", type=int, metavar="M",
+                   help=f"M of ClusTR+Free, each replay one optimiser step "
+                        f"({FULL.minibatch_replays})")
     return p
 
 
@@ -137,7 +148,7 @@ def budget_from(args) -> Budget:
     base = QUICK if args.quick else FULL
     given = {name: getattr(args, name) for name in
              ("epochs", "train_subset", "test_images", "iterations", "restarts",
-              "consistency_lambda") if getattr(args, name) is not None}
+              "consistency_lambda", "minibatch_replays") if getattr(args, name) is not None}
     if args.autoattack_eps is not None:
         given["autoattack_eps"] = tuple(args.autoattack_eps)
     return Budget(**{**base.__dict__, **given})
@@ -194,6 +205,13 @@ def plan(args, b: Budget, work: str) -> list[Step]:
                            *training, "--consistency-lambda", f"{b.consistency_lambda:g}",
                            *common, *evaluation],
                           os.path.join(logs, "qtrades.log")))
+    if "free" in args.models:
+        steps.append(Step("free", "train ClusTR with free adversarial training, then evaluate",
+                          ["main_clustr.py", "--checkpoint", os.path.join(work, "free"),
+                           *training, "--minibatch-replays", str(b.minibatch_replays),
+                           *common, *evaluation],
+                          os.path.join(logs, "free.log")))
+    steps.sort(key=lambda s: args.models.index(s.model))  # in the order --models lists them
     return steps
 
 
@@ -207,9 +225,12 @@ def run_step(step: Step) -> None:
     print(f"[reproduce] {step.title}: {step.command}", flush=True)
     cpu0 = _children_cpu()
     start = time.time()
+    env = dict(os.environ)
+    if step.threads is not None:
+        env.update(OMP_NUM_THREADS=str(step.threads), MKL_NUM_THREADS=str(step.threads))
     with open(path, "w") as log:
         step.rc = subprocess.run([sys.executable] + step.argv, cwd=REPO, stdout=log,
-                                 stderr=subprocess.STDOUT).returncode
+                                 stderr=subprocess.STDOUT, env=env).returncode
     step.seconds = time.time() - start
     step.cpu_seconds = _children_cpu() - cpu0
     with open(path) as log:
@@ -225,23 +246,25 @@ def _children_cpu() -> float:
 
 # -- results ---------------------------------------------------------------------------------
 def read_model(work: str, model: str) -> dict | None:
-    """The evaluation outputs of one model's run, or None where they are missing."""
+    """One model's experiment folder (``utils.tables``), its diagnostics and training log;
+    None where the step wrote no experiment folder."""
     folder = os.path.join(REPO, work, model)
-    strong = os.path.join(folder, "attack_results_strong.csv")
-    if not os.path.exists(strong):
+    label = MODELS[model] if model == "pretrained" else None  # others: from their arguments
+    try:
+        exp = tables.load_experiment(folder, label)
+    except UsageError:
         return None
-    rows = read_csv(strong)
-    acc = {(float(r["epsilon"]), r["attack"]): float(r["robust_accuracy"]) for r in rows}
-    seconds = {(float(r["epsilon"]), r["attack"]): r["seconds"] for r in rows}
-    with open(os.path.join(folder, "diagnostics.json")) as f:
-        diagnostics = json.load(f)
+    exp.path = os.path.relpath(folder, REPO)  # as the commands, run from the repository root
+    diagnostics = None
+    if os.path.exists(os.path.join(folder, "diagnostics.json")):
+        with open(os.path.join(folder, "diagnostics.json")) as f:
+            diagnostics = json.load(f)
     log_rows = []
     log_path = os.path.join(folder, "log.txt")
     if os.path.exists(log_path):
         with open(log_path) as f:
             log_rows = [line.rstrip("\n").split("\t") for line in f][1:]
-    return {"acc": acc, "seconds": seconds, "examples": int(rows[0]["examples"]),
-            "diagnostics": diagnostics, "log": log_rows}
+    return {"exp": exp, "diagnostics": diagnostics, "log": log_rows}
 
 
 def consistency_check(work: str, pretrained_path: str) -> tuple[str, bool] | None:
@@ -289,19 +312,6 @@ def weight_change_ratio(a_path: str, b_path: str, base_path: str) -> float:
 
 
 # -- report ----------------------------------------------------------------------------------
-def _fmt(value) -> str:
-    return "—" if value is None else f"{value:.1f}"
-
-
-def _strongest(res: dict, eps: float) -> tuple[float | None, str]:
-    """The worst-case accuracy at ``eps`` and the single attack(s) that come lowest."""
-    singles = {a: v for (e, a), v in res["acc"].items()
-               if e == eps and a not in ("worst-case", "clean")}
-    low = min(singles.values()) if singles else None
-    return res["acc"].get((eps, "worst-case")), ", ".join(a for a, v in singles.items()
-                                                          if v == low)
-
-
 def _accelerator(device: str) -> str:
     """', <GPU name>' when the runs will use a GPU, else ''."""
     if device == "cpu" or not torch.cuda.is_available():
@@ -318,12 +328,16 @@ def render(args, run: dict, b: Budget, steps: list[Step], results: dict,
         lines += ["> **QUICK SMOKE RUN** (`--quick`): a toy budget that only checks the "
                   "pipeline end to end. Its numbers mean nothing; run without `--quick` "
                   "for the report.", ""]
-    n = next((r["examples"] for r in results.values() if r), b.test_images)
+    done = {m: r["exp"] for m, r in results.items() if r}
+    if consistency and not consistency[1] and "qtrades" in done:
+        done["qtrades"].label += " (**no consistency term**, see below)"
+    n = next((x.strong_images for x in done.values() if x.strong_images), b.test_images)
     lines += [
         f"Generated {time.strftime('%Y-%m-%d %H:%M', time.localtime(run['started']))} by",
         "", "```bash", "python -m benchmarks.reproduce " + shlex.join(run["argv"]), "```", "",
         f"on {platform.node() or 'this machine'} ({platform.processor() or platform.machine()},"
-        f" {os.cpu_count()} cores, torch {torch.__version__}, device `{args.device}`"
+        f" {os.cpu_count()} cores{_threads(args)}, torch {torch.__version__}, device "
+        f"`{args.device}`"
         f"{run.get('accelerator') or ''}); load "
         f"average {run['load']:.1f} at the start and {run.get('load_end', float('nan')):.1f} "
         f"at the end{_load_caveat(run)}. Total "
@@ -332,28 +346,19 @@ def render(args, run: dict, b: Budget, steps: list[Step], results: dict,
         f"The authors' {PUBLISHED}. The paper's protocol attacks a "
         "cross-entropy on bounded cluster scores; AutoAttack attacks the proper logit.", "",
         f"## Results on {n} fixed test images", "",
-        "Robust accuracy in %. *Paper PGD*: the paper's protocol (cross-entropy on the "
-        f"bounded cluster scores, step 2/255, {b.iterations} iterations, {b.restarts} "
-        "restart(s)). *Strongest*: worst case per image over every attack run at that eps "
-        "(paper PGD, PGD-CE and PGD-DLR on the logit with the same budget, and AutoAttack "
-        f"standard at {', '.join(f'{e:g}' for e in b.autoattack_eps)}/255): an image counts "
-        "as robust only if all of them failed.", "",
-        "| model | clean | paper PGD 2/255 | strongest 2/255 | paper PGD 8/255 | "
-        "strongest 8/255 | strongest single attack at 8/255 |",
-        "|---|---|---|---|---|---|---|"]
-    for model in args.models:
-        res = results.get(model)
-        label = MODELS[model]
-        if model == "qtrades" and consistency and not consistency[1]:
-            label += " (**no consistency term**, see below)"
-        if res is None:
-            lines.append(f"| {label} | failed: see below | | | | | |")
-            continue
-        cells = [_fmt(res["acc"].get((0.0, "clean")))]
-        for eps in TABLE_EPS:
-            cells += [_fmt(res["acc"].get((eps, "paper-pgd"))), _fmt(_strongest(res, eps)[0])]
-        cells.append(_strongest(res, 8.0)[1] or "—")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        "Robust accuracy in % (`python -m utils.tables` on the runs' folders, "
+        f"`--eps {' '.join(f'{e:g}' for e in TABLE_EPS)} --every-attack`). *Paper PGD*: the "
+        "paper's protocol (cross-entropy on the bounded cluster scores, step 2/255, "
+        f"{b.iterations} iterations, {b.restarts} restart(s)). PGD-CE and PGD-DLR attack the "
+        "proper logit with the same budget and random starts; AutoAttack standard at "
+        f"{', '.join(f'{e:g}' for e in b.autoattack_eps)}/255. *Worst case*: an image counts "
+        "as robust only if all of them failed; *gap*: paper PGD minus worst case.", ""]
+    if done:
+        df = tables.build_table([done[m] for m in MODELS if m in done], TABLE_EPS,
+                                every_attack=True)
+        lines.append(tables.to_text(df, "markdown", digits=1))
+    lines += [f"* {MODELS[m]}: **failed**, no results (see 'Exact commands')"
+              for m in args.models if m not in done]
     lines += ["", f"With {n} images one image is {100 / max(n, 1):.1f} points; the 95% "
               "interval of an accuracy near 50% is about "
               f"±{100 * 1.96 * (0.25 / max(n, 1)) ** 0.5:.0f} points.", ""]
@@ -362,9 +367,14 @@ def render(args, run: dict, b: Budget, steps: list[Step], results: dict,
     lines += _detail(args, results)
     lines += _diagnostics(args, results)
     lines += _commands(steps)
-    lines += _budget(b, args)
+    lines += _budget(b, args, steps, results)
     lines += _scale_up(b)
+    lines += _tables_howto(args.models)
     return "\n".join(lines) + "\n"
+
+
+def _threads(args) -> str:
+    return "" if args.threads is None else f", {args.threads} thread(s) per call"
 
 
 def _load_caveat(run: dict) -> str:
@@ -376,26 +386,25 @@ def _load_caveat(run: dict) -> str:
 
 
 def _detail(args, results) -> list[str]:
-    lines = ["## Every attack", "", "Robust accuracy in % (seconds) on the same images.", ""]
+    lines = ["## Every attack", "", "Robust accuracy in % (seconds) on the same images, from "
+             "each run's attack_results_strong.csv.", ""]
+    order = ("paper-pgd", "pgd-ce", "pgd-dlr", "autoattack", "worst-case")
     for model in args.models:
         res = results.get(model)
-        if res is None:
+        if res is None or not res["exp"].strong:
             continue
-        eps_all = sorted({e for e, _ in res["acc"] if e > 0})
-        attacks = [a for a in ("paper-pgd", "pgd-ce", "pgd-dlr", "autoattack", "worst-case")
-                   if any(k[1] == a for k in res["acc"])]
-        lines += [f"**{MODELS[model]}**" + _training_note(res), "",
-                  "| attack | " + " | ".join(f"{e:g}/255" for e in eps_all) + " |",
-                  "|---|" + "---|" * len(eps_all)]
-        for a in attacks:
-            cells = []
-            for e in eps_all:
-                v = res["acc"].get((e, a))
-                s = res["seconds"].get((e, a)) or ""
-                cells.append("" if v is None else f"{v:.1f}" + (f" ({float(s):.0f}s)" if s
-                                                                 else ""))
-            lines.append(f"| {a} | " + " | ".join(cells) + " |")
-        lines.append("")
+        x = res["exp"]
+        cells = {}
+        for (eps, attack), acc in x.strong.items():
+            if eps > 0:
+                s = x.strong_seconds.get((eps, attack))
+                cells[(attack, f"{eps:g}/255")] = f"{acc:.1f}" + (f" ({s:.0f}s)" if s else "")
+        df = pd.Series(cells).unstack().reindex([a for a in order if any(
+            k[0] == a for k in cells)]).fillna("")
+        df = df[sorted(df.columns, key=lambda c: float(c.split("/")[0]))]
+        df.index.name = "attack"
+        lines += [f"**{x.label}**" + _training_note(res), "",
+                  df.to_markdown(disable_numparse=True), ""]
     return lines
 
 
@@ -413,30 +422,28 @@ def _diagnostics(args, results) -> list[str]:
              "gradient), under the paper's loss and the adaptive ones, on the clean images and "
              "at the attacks' random start. Exactly-zero gradients need every counted "
              "cluster score to underflow; a saturated but non-zero paper loss shows up "
-             "instead as the gap between the paper's PGD and the strongest attack.", "",
-             "| model | point | paper | pgd-ce | pgd-dlr |", "|---|---|---|---|---|"]
-    warnings = []
+             "instead as the gap between the paper's PGD and the strongest attack.", ""]
+    rows, warnings, threshold = [], [], 5.0
     for model in args.models:
         res = results.get(model)
-        if res is None:
+        if res is None or res["diagnostics"] is None:
             continue
-        d = res["diagnostics"]
+        d, label = res["diagnostics"], res["exp"].label
+        threshold = d.get("gap_threshold", threshold)
         for point, stats in d["input_gradients"].items():
-            cells = [f"{100 * stats[k]['zero_fraction']:.1f}% ({stats[k]['median_l1']:.3g})"
-                     for k in ("paper", "pgd-ce", "pgd-dlr")]
-            lines.append(f"| {MODELS[model]} | {point} | " + " | ".join(cells) + " |")
-        warnings += [f"* {MODELS[model]}: {w}" for w in d["warnings"]]
+            rows.append({"model": label, "point": point} | {
+                k: f"{100 * stats[k]['zero_fraction']:.1f}% ({stats[k]['median_l1']:.3g})"
+                for k in ("paper", "pgd-ce", "pgd-dlr")})
+        warnings += [f"* {label}: {w}" for w in d["warnings"]]
         if d.get("clean_prediction_disagreements"):
-            warnings.append(f"* {MODELS[model]}: the logit and the paper's scores disagree on "
+            warnings.append(f"* {label}: the logit and the paper's scores disagree on "
                             f"{d['clean_prediction_disagreements']} clean prediction(s)")
-    lines += ["", "Warnings (the paper's PGD more than "
-              f"{results_threshold(results):g} points above the strongest attack):", ""]
+    if rows:
+        lines += [pd.DataFrame(rows).to_markdown(index=False), ""]
+    lines += [f"Warnings (the paper's PGD more than {threshold:g} points above the strongest "
+              "attack):", ""]
     lines += warnings or ["* none"]
     return lines + [""]
-
-
-def results_threshold(results) -> float:
-    return next((r["diagnostics"]["gap_threshold"] for r in results.values() if r), 5.0)
 
 
 def _commands(steps: list[Step]) -> list[str]:
@@ -457,7 +464,7 @@ def _commands(steps: list[Step]) -> list[str]:
     return lines
 
 
-def _budget(b: Budget, args) -> list[str]:
+def _budget(b: Budget, args, steps: list[Step], results: dict) -> list[str]:
     train = "all training images" if b.train_subset is None else \
         f"a class-balanced subset of {b.train_subset} training images"
     return ["## Budget", "",
@@ -466,7 +473,13 @@ def _budget(b: Budget, args) -> list[str]:
             "the same for every model.",
             f"* Training: {b.epochs} epoch(s) of Magnet-loss training (m = 12, d = 20) from "
             f"the pretrained weights, Adam lr 1e-4, K = {b.k}, L = {b.L}; ClusTR+QTRADES adds "
-            f"`--consistency-lambda {b.consistency_lambda:g}`.",
+            f"`--consistency-lambda {b.consistency_lambda:g}`; ClusTR+Free adds "
+            f"`--minibatch-replays {b.minibatch_replays}`: each batch is replayed "
+            f"M = {b.minibatch_replays} times on x + δ, every replay one optimiser step whose "
+            "backward also gives δ its signed step of 8/255 (δ carried from batch to batch), "
+            "so its epoch makes M times the steps of a ClusTR epoch. Neither the seed README "
+            "nor the original code (default 0) fixes M; 8 is the CIFAR-10 setting of free "
+            "adversarial training (Shafahi et al., 2019).",
             "* The pretrained clusters are ClusTR at epoch 0: the same k-means on the "
             "un-augmented, eval-mode training embeddings, no weight update.",
             f"* Paper PGD, PGD-CE and PGD-DLR: eps in {{2, 8, 16, 25.5}}/255, step 2/255, "
@@ -477,7 +490,21 @@ def _budget(b: Budget, args) -> list[str]:
             f"Square), eps {', '.join(f'{e:g}' for e in b.autoattack_eps)}/255, on the "
             "model's logit; its adversarial images are re-checked (inside the ball, in [0, 1],"
             " misclassified) before they count.",
-            f"* Cost: {COST_NOTE}", ""]
+            f"* Cost: {_cost(steps, results, b)}", ""]
+
+
+def _cost(steps: list[Step], results: dict, b: Budget) -> str:
+    """This run's measured cost: wall and CPU minutes of every call, AutoAttack's seconds."""
+    ran = [s for s in steps if s.rc is not None]
+    text = (f"the calls took {sum(s.seconds for s in ran) / 60:.1f} min wall and "
+            f"{sum(s.cpu_seconds for s in ran) / 60:.1f} min CPU in all (per call: 'Exact "
+            "commands')")
+    aa = [(r["exp"].label, r["exp"].strong_seconds.get((e, "autoattack")))
+          for r in results.values() if r for e in b.autoattack_eps]
+    aa = [(label, s) for label, s in aa if s]
+    if aa:
+        text += "; AutoAttack took " + ", ".join(f"{s:.0f} s ({label})" for label, s in aa)
+    return text + "."
 
 
 def _scale_up(b: Budget) -> list[str]:
@@ -499,6 +526,40 @@ def _scale_up(b: Budget) -> list[str]:
             "* `--autoattack-eps 2 8` adds AutoAttack at 2/255.", ""]
 
 
+def _tables_howto(models) -> list[str]:
+    folders = " ".join(f"WORK/{m}" for m in models if m != "pretrained")
+    return ["## The same table from your own experiment folders", "",
+            "The results table above is `utils/tables.py`, which also works on any "
+            "`--checkpoint` folders of `main_clustr.py` (WORK: this report's `--work` folder):",
+            "", "```bash",
+            f"python -m utils.tables {folders} --format markdown",
+            f"python -m utils.tables \"pretrained clusters=WORK/pretrained\" {folders} "
+            "--format latex --eps 8 --out table.tex --plot accuracy.png",
+            "```", "",
+            "* One row per folder, labelled from its `params.txt` (`ClusTR`, "
+            "`ClusTR+QTRADES (λ=12.5)`, `ClusTR+Free (M=8)`; a linear-head checkpoint is "
+            "`baseline (linear head)`; an evaluation-only folder takes the arguments of the "
+            "run that wrote its checkpoint); `NAME=FOLDER` sets a label.",
+            "* Columns: clean, the paper's PGD per eps, then, from `attack_results_strong.csv` "
+            "(`--strong`, `--autoattack`): AutoAttack, the worst case over every attack and the "
+            "gap (paper PGD − worst case, on the same images) per eps; `--every-attack` adds "
+            "PGD-CE and PGD-DLR. The header gives the PGD iterations × restarts and the number "
+            "of test images when every row shares them; otherwise a `protocol` column appears "
+            "and a note says which settings differ.",
+            "* A folder without strong results keeps those cells empty, and a note gives the "
+            "`main_clustr.py --evaluate-ckpt ... --strong --autoattack` call that fills them "
+            "(into a new folder, tabled in its place).",
+            "* `--format markdown|latex|csv` (pandas' `to_markdown`, `to_latex`, `to_csv`; "
+            "the CSV holds full precision and sends the notes to stderr); `--plot FILE`: "
+            "accuracy against eps, one colour per folder, the paper's PGD solid and the worst "
+            "case dashed.",
+            "* In Python: `from utils.tables import experiment_table; "
+            "df = experiment_table(['expA', 'expB'])` (notes in `df.attrs['notes']`).",
+            "* A path that is not an experiment folder, or a file of another format (other CSV "
+            "columns, eps not in units of 1/255, an `eval_summary.json` of another run): one "
+            "line, exit status 2.", ""]
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -517,6 +578,7 @@ def main(argv=None) -> int:
            "accelerator": _accelerator(args.device)}
     steps = plan(args, budget_from(args), work)
     for step in steps:
+        step.threads = args.threads
         run_step(step)
         _save_run(run, steps)
     run["ended"], run["load_end"] = time.time(), os.getloadavg()[0]

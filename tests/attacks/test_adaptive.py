@@ -268,7 +268,8 @@ def test_report_commands_parse(tmp_path):
     budget = reproduce.budget_from(args)
     assert budget.epochs == 2 and budget.test_images == reproduce.QUICK.test_images
     steps = reproduce.plan(args, budget, str(tmp_path / "work"))
-    assert [s.model for s in steps] == ["pretrained", "pretrained", "clustr", "qtrades"]
+    assert [s.model for s in steps] == ["pretrained", "pretrained", "clustr", "qtrades",
+                                        "free"]
     from benchmarks.pretrained_clusters import build_parser as clusters_parser
 
     clusters_parser().parse_args(steps[0].argv[2:])
@@ -277,3 +278,6 @@ def test_report_commands_parse(tmp_path):
         parsed = parse_args(s.argv[1:])
         assert parsed.strong and parsed.autoattack and parsed.test_subset == 10
     assert parse_args(steps[3].argv[1:]).consistency_lambda == 12.5
+    free = parse_args(steps[4].argv[1:])
+    assert free.minibatch_replays == reproduce.QUICK.minibatch_replays > 0
+    assert free.consistency_lambda == 0 and free.test_subset == 10

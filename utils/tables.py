@@ -1,0 +1,542 @@
+"""Paper tables from experiment folders: one row per folder, the paper's PGD beside the
+honest columns, as a pandas DataFrame or Markdown, LaTeX or CSV.
+
+    python -m utils.tables expA expB "ClusTR+Free=expC" --format markdown [--out FILE]
+                                                          [--plot FILE]
+
+In Python (a notebook): ``experiment_table(["expA", "expB"])`` returns the DataFrame, its
+notes in ``df.attrs["notes"]``.
+
+A folder is the ``--checkpoint`` directory of a ``main_clustr.py`` run. It is read, never
+written: ``params.txt`` (the row's label and protocol), ``attack_results_ext.csv`` (clean
+accuracy and the paper's PGD per eps), ``eval_summary.json`` (how many test images, the
+PGD iterations and restarts) and, after ``--strong``/``--autoattack``,
+``attack_results_strong.csv`` (every attack, the worst case, on the strong attacks'
+images). Columns: clean, the paper's PGD per eps, AutoAttack, the worst case over all
+attacks and the gap (paper PGD - worst case, both on the strong attacks' images) per eps.
+Cells a folder lacks stay empty and a note names the command that fills them; folders
+evaluated under different protocols are flagged in the notes, not silently mixed.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from base.errors import UsageError, exit_status
+from utils.outputs import files
+
+# what main_clustr.py writes into the experiment folder (utils/evaluation.py,
+# utils/strong_evaluation.py); a file with other columns is of another format and refused
+PARAMS, SUMMARY, CHECKPOINT = files.PARAMS, files.SUMMARY, files.CHECKPOINT
+PAPER_CSV, STRONG_CSV = files.PAPER_RESULTS, files.STRONG_RESULTS
+PAPER_HEADER = ["epsilons", "test_set_accs"]
+STRONG_HEADER = ["epsilon", "attack", "robust_accuracy", "examples", "seconds"]
+SUMMARY_KEYS = ("test_images", "iterations", "restarts", "clean_acc", "robust_acc")
+FORMATS = ("markdown", "latex", "csv")
+ADAPTIVE = ("pgd-ce", "pgd-dlr")  # the strong PGD attacks on the logit (--strong)
+LATEX_SYMBOLS = {"λ": r"$\lambda$", "×": r"$\times$", "−": "-", "ε": r"$\epsilon$"}
+
+
+@dataclass
+class Experiment:
+    """What one experiment folder holds: accuracies in percent, eps in units of 1/255."""
+
+    path: str
+    label: str
+    params: dict
+    paper: dict[float, float] = field(default_factory=dict)  # eps -> accuracy; 0: clean
+    summary: dict | None = None
+    strong: dict[tuple[float, str], float] = field(default_factory=dict)  # (eps, attack)
+    strong_images: int | None = None
+    strong_seconds: dict[tuple[float, str], float] = field(default_factory=dict)
+
+    @property
+    def evaluate_only(self) -> bool:
+        return self.params.get("evaluate_ckpt") is not None
+
+    @property
+    def checkpoint(self) -> str:
+        """The checkpoint this folder's results are of."""
+        if self.evaluate_only:
+            return str(self.params["evaluate_ckpt"])
+        return os.path.join(self.path, CHECKPOINT)
+
+    @property
+    def test_images(self) -> int | None:
+        """Images the paper's PGD attacked (None: not recorded, e.g. by the original code,
+        which attacked the whole test set)."""
+        return self.summary["test_images"] if self.summary else None
+
+    @property
+    def protocol(self) -> dict:
+        """What must agree for two rows to be comparable."""
+        subset = self.params.get("test_subset")
+        return {"dataset": self.params.get("dataset"), "test images": self.test_images,
+                "subset seed": self.params.get("seed") if subset else None,
+                "iterations": self._setting("iterations"),
+                "restarts": self._setting("restarts")}
+
+    def _setting(self, name: str):
+        return self.summary[name] if self.summary else self.params.get(name)
+
+
+# -- reading a folder ------------------------------------------------------------------------
+def load_experiment(path: str, label: str | None = None) -> Experiment:
+    """One experiment folder; a ``UsageError`` (one line) for anything that is not one."""
+    if not os.path.isdir(path):
+        raise UsageError(f"{path}: no such folder (pass the --checkpoint directory of a "
+                         f"main_clustr.py run)")
+    if not os.path.isfile(os.path.join(path, PARAMS)):
+        raise UsageError(f"{path} is not an experiment folder: it has no {PARAMS} (pass the "
+                         f"--checkpoint directory of a main_clustr.py run)")
+    params = read_params(os.path.join(path, PARAMS))
+    exp = Experiment(path, label or "", params)
+    if os.path.isfile(os.path.join(path, PAPER_CSV)):
+        exp.paper = _read_paper(os.path.join(path, PAPER_CSV))
+    if os.path.isfile(os.path.join(path, SUMMARY)):
+        exp.summary = _read_summary(os.path.join(path, SUMMARY), exp.paper)
+    if os.path.isfile(os.path.join(path, STRONG_CSV)):
+        exp.strong, exp.strong_images, exp.strong_seconds = _read_strong(
+            os.path.join(path, STRONG_CSV))
+    exp.label = label or default_label(exp)
+    return exp
+
+
+def read_params(path: str) -> dict:
+    """``params.txt``: one line ``name: value | name: value | ...`` (this project's and the
+    original code's format), values parsed as Python literals where they are one."""
+    with open(path, errors="replace") as f:
+        line = f.readline().strip()
+    items = line.split(" | ") if line else []
+    if not items or not all(": " in item for item in items):
+        raise UsageError(f"{path} is not a params.txt of main_clustr.py (expected one line "
+                         f"'name: value | name: value | ...')")
+    params = {}
+    for item in items:
+        name, text = item.split(": ", 1)
+        try:
+            params[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            params[name] = text
+    if "checkpoint" not in params:
+        raise UsageError(f"{path} is not a params.txt of main_clustr.py (no 'checkpoint' entry)")
+    return params
+
+
+def _read_csv(path: str, header: list[str]) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not a readable CSV file ({_first_line(exc)})") from None
+    if list(df.columns) != header:
+        raise UsageError(f"{path} has the columns {','.join(map(str, df.columns))}, not "
+                         f"{','.join(header)}: a file of another format or an older version")
+    return df
+
+
+def _number(path: str, text: str, what: str, low: float = 0.0, high: float = math.inf):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:
+        raise UsageError(f"{path}: {what} {text!r} is not a number in [{low:g}, {high:g}]")
+    return value
+
+
+def _read_paper(path: str) -> dict[float, float]:
+    df = _read_csv(path, PAPER_HEADER)
+    acc = {_number(path, e, "epsilon", 0, 255): _number(path, a, "accuracy", 0, 100)
+           for e, a in zip(df["epsilons"], df["test_set_accs"])}
+    if 0.0 not in acc or len(acc) != len(df):
+        raise UsageError(f"{path} needs one row per epsilon, with epsilon 0 (the clean "
+                         f"accuracy) first: a file of another format")
+    if any(0 < e < 1 for e in acc):
+        raise UsageError(f"{path} gives epsilons below 1 ({min(e for e in acc if e > 0):g}): "
+                         f"this format writes them in units of 1/255 (2, 8, 16, 25.5)")
+    return acc
+
+
+def _read_summary(path: str, paper: dict[float, float]) -> dict:
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not a JSON file ({_first_line(exc)})") from None
+    missing = [k for k in SUMMARY_KEYS if not isinstance(summary, dict) or k not in summary]
+    if missing:
+        raise UsageError(f"{path} has no {', '.join(missing)}: a file of another format or an "
+                         f"older version")
+    if paper and abs(summary["clean_acc"] - paper[0.0]) > 1e-6:
+        raise UsageError(f"{path} (clean {summary['clean_acc']:.4g}%) and {PAPER_CSV} (clean "
+                         f"{paper[0.0]:.4g}%) are of different runs: evaluate the folder again")
+    return summary
+
+
+def _read_strong(path: str):
+    """(eps, attack) -> accuracy, the number of images, (eps, attack) -> seconds (where
+    measured)."""
+    df = _read_csv(path, STRONG_HEADER)
+    if df.empty:
+        raise UsageError(f"{path} has no rows")
+    keys = [(_number(path, e, "epsilon", 0, 255), a) for e, a in zip(df["epsilon"],
+                                                                    df["attack"])]
+    acc = {k: _number(path, v, "accuracy", 0, 100) for k, v in zip(keys,
+                                                                  df["robust_accuracy"])}
+    seconds = {k: _number(path, s, "seconds") for k, s in zip(keys, df["seconds"]) if s}
+    sizes = set(df["examples"])
+    if len(sizes) != 1 or not next(iter(sizes)).isdigit():
+        raise UsageError(f"{path}: the 'examples' column must hold one image count")
+    return acc, int(next(iter(sizes))), seconds
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+# -- labels ----------------------------------------------------------------------------------
+def default_label(exp: Experiment) -> str:
+    """From the training arguments: ``ClusTR``, ``ClusTR+QTRADES (λ=12.5)``,
+    ``ClusTR+Free (M=8)``, ``baseline (linear head)``; an evaluation-only folder takes the
+    arguments of the run that wrote its checkpoint (its params.txt), else the folder name."""
+    if exp.summary and exp.summary.get("classifier") == "linear head":
+        return "baseline (linear head)"
+    params = exp.params
+    if exp.evaluate_only:
+        params = _training_params(exp)
+        if params is None:
+            return os.path.basename(os.path.normpath(exp.path))
+    return training_label(params)
+
+
+def training_label(params: dict) -> str:
+    replays = params.get("minibatch_replays") or 0
+    if replays:  # the free path trains on the Magnet loss alone
+        return f"ClusTR+Free (M={replays})"
+    label = "ClusTR"
+    lam = params.get("consistency_lambda") or 0
+    if lam:
+        kind = ", MSE" if params.get("mse_consistency") else ""
+        kind += ", TRADES-KL" if params.get("actual_trades") else ""
+        label += f"+QTRADES (λ={lam:g}{kind})"
+    if params.get("xent_lambda"):
+        label += f"+CE (λ={params['xent_lambda']:g})"
+    return label
+
+
+def _training_params(exp: Experiment) -> dict | None:
+    """The params.txt of the training run next to the evaluated checkpoint, if any."""
+    candidates = [str(exp.params["evaluate_ckpt"])]
+    if exp.summary and exp.summary.get("checkpoint"):
+        candidates.insert(0, str(exp.summary["checkpoint"]))
+    for ckpt in candidates:
+        path = os.path.join(os.path.dirname(ckpt), PARAMS)
+        if os.path.isfile(path) and os.path.realpath(path) != os.path.realpath(
+                os.path.join(exp.path, PARAMS)):
+            try:
+                params = read_params(path)
+            except UsageError:
+                continue
+            if params.get("evaluate_ckpt") is None:
+                return params
+    return None
+
+
+def _unique_labels(exps: list[Experiment]) -> None:
+    seen: dict[str, int] = {}
+    for e in exps:
+        seen[e.label] = seen.get(e.label, 0) + 1
+    for e in exps:
+        if seen[e.label] > 1:
+            e.label = f"{e.label} [{os.path.normpath(e.path)}]"
+
+
+# -- the table -------------------------------------------------------------------------------
+def load_experiments(folders) -> list[Experiment]:
+    """``folders``: paths, ``NAME=PATH`` strings, or (name, path) pairs."""
+    exps = []
+    for item in folders:
+        name, path = (item if isinstance(item, tuple) else _split_named(str(item)))
+        exps.append(load_experiment(path, name))
+    if not exps:
+        raise UsageError("no experiment folder given")
+    _unique_labels(exps)
+    return exps
+
+
+def _split_named(item: str) -> tuple[str | None, str]:
+    if "=" in item and not os.path.exists(item):
+        name, path = item.split("=", 1)
+        if not name.strip():
+            raise UsageError(f"{item!r}: the label before '=' is empty (NAME=PATH)")
+        return name.strip(), path
+    return None, item
+
+
+def experiment_table(folders, epsilons=None, every_attack: bool = False) -> pd.DataFrame:
+    """The table as a DataFrame: one row per folder (index: the label), accuracies in %,
+    NaN where a folder lacks the result; ``df.attrs["notes"]`` says what fills the empty
+    cells and which rows were evaluated under a different protocol.
+    ``epsilons``: the eps columns to show (units of 1/255; default every one found);
+    ``every_attack``: also PGD-CE and PGD-DLR on the logit."""
+    exps = folders if folders and isinstance(folders[0], Experiment) else \
+        load_experiments(folders)
+    return build_table(exps, epsilons, every_attack)
+
+
+def build_table(exps: list[Experiment], epsilons=None, every_attack: bool = False
+                ) -> pd.DataFrame:
+    grid = sorted({e for x in exps for e in x.paper if e > 0} |
+                  {e for x in exps for e, _ in x.strong if e > 0})
+    if epsilons is not None:
+        grid = [float(e) for e in epsilons]
+    aa_grid = sorted({e for x in exps for e, a in x.strong if a == "autoattack"}) or [8.0]
+    aa_grid = [e for e in aa_grid if epsilons is None or e in grid] or aa_grid[:1]
+    same, differ = _agreement([x.protocol for x in exps if x.paper])
+    strong_n = {x.strong_images for x in exps if x.strong}
+    if len(strong_n) > 1:
+        differ["strong attacks' images"] = [str(n) for n in sorted(strong_n)]
+    paper_tag = (f" ({same['iterations']}×{same['restarts']}, n={_n(same['test images'])})"
+                 if same else "")
+    clean_tag = f" (n={_n(same['test images'])})" if same else ""
+    strong_tag = f" (n={next(iter(strong_n))})" if len(strong_n) == 1 else ""
+    columns: dict[str, list] = {}
+    if differ:
+        columns["protocol"] = [_protocol_cell(x) for x in exps]
+    columns[f"clean{clean_tag}"] = [x.paper.get(0.0) for x in exps]
+    for e in grid:
+        columns[f"paper PGD {e:g}/255{paper_tag}"] = [x.paper.get(e) for x in exps]
+    if every_attack:
+        for attack in ADAPTIVE:
+            for e in grid:
+                columns[f"{attack.upper()} {e:g}/255{strong_tag}"] = [
+                    x.strong.get((e, attack)) for x in exps]
+    for e in aa_grid:
+        columns[f"AutoAttack {e:g}/255{strong_tag}"] = [x.strong.get((e, "autoattack"))
+                                                        for x in exps]
+    for e in grid:
+        columns[f"worst case {e:g}/255{strong_tag}"] = [x.strong.get((e, "worst-case"))
+                                                        for x in exps]
+    for e in grid:
+        columns[f"gap {e:g}/255{strong_tag}"] = [_gap(x, e) for x in exps]
+    df = pd.DataFrame(columns, index=pd.Index([x.label for x in exps], name="experiment"))
+    numeric = [c for c in df.columns if c != "protocol"]
+    df[numeric] = df[numeric].astype(float)
+    df.attrs["notes"] = table_notes(exps, grid, aa_grid, differ)
+    df.attrs["folders"] = [x.path for x in exps]
+    return df
+
+
+def _n(n) -> str:
+    return "?" if n is None else str(n)
+
+
+def _gap(x: Experiment, eps: float) -> float | None:
+    paper, worst = x.strong.get((eps, "paper-pgd")), x.strong.get((eps, "worst-case"))
+    return None if paper is None or worst is None else round(paper - worst, 10)
+
+
+def _agreement(protocols: list[dict]) -> tuple[dict, dict]:
+    """The protocol all rows share (empty if none), and the fields whose values differ."""
+    if not protocols:
+        return {}, {}
+    differ = {k: sorted({str(p[k]) for p in protocols}) for k in protocols[0]
+              if len({str(p[k]) for p in protocols}) > 1}
+    return ({} if differ else protocols[0]), differ
+
+
+def _protocol_cell(x: Experiment) -> str:
+    if not x.paper:
+        return ""
+    p = x.protocol
+    text = f"PGD {p['iterations']}×{p['restarts']}, n={_n(p['test images'])}"
+    if p["subset seed"] is not None:
+        text += f" (seed {p['subset seed']})"
+    if p["dataset"] is not None:
+        text += f", {p['dataset']}"
+    return text + (f"; strong n={x.strong_images}" if x.strong else "")
+
+
+def table_notes(exps, grid, aa_grid, differ) -> list[str]:
+    notes = ["Accuracy in %. Paper PGD: the paper's protocol (cross-entropy on the bounded "
+             "cluster scores, step 2/255, iterations × restarts); worst case: an image counts "
+             "as robust only if every attack run at that eps failed; gap: paper PGD − worst "
+             "case on the same images (the strong attacks' images)."]
+    subset = [x.label for x in exps if x.strong and x.test_images is not None
+              and x.strong_images != x.test_images]
+    if subset:
+        notes.append(f"{', '.join(subset)}: the strong attacks ran on a subset of the paper "
+                     f"PGD's images (--strong-subset); the gap compares the paper's PGD on that "
+                     f"subset.")
+    if differ:
+        fields = "; ".join(f"{k}: {' vs '.join(v)}" for k, v in differ.items())
+        notes.append(f"MIXED PROTOCOLS, not comparable across rows ({fields}): see the "
+                     f"protocol column, or evaluate every checkpoint with the same "
+                     f"--test-subset, --seed, --iterations and --restarts.")
+    for x in exps:
+        if not x.paper:
+            notes.append(f"{x.label}: no paper PGD results ({PAPER_CSV}); fill them with: "
+                         f"{fill_command(x, os.path.join(x.path, 'eval'), strong=True)}")
+        elif not x.strong:
+            notes.append(f"{x.label}: no strong results ({STRONG_CSV}); fill them with: "
+                         f"{fill_command(x, os.path.join(x.path, 'strong'), strong=True)} "
+                         f"(then table {os.path.join(x.path, 'strong')} instead)")
+        else:
+            missing = [f"{e:g}" for e in aa_grid if (e, "autoattack") not in x.strong]
+            if missing:
+                command = fill_command(x, os.path.join(x.path, "strong"), True, missing)
+                notes.append(f"{x.label}: no AutoAttack at {', '.join(missing)}/255; fill it "
+                             f"with: {command}")
+            absent = [f"{e:g}" for e in grid if (e, "worst-case") not in x.strong]
+            if absent:
+                notes.append(f"{x.label}: no strong attack at {', '.join(absent)}/255 "
+                             f"(not on the evaluation's eps grid)")
+    return notes
+
+
+def fill_command(x: Experiment, out: str, strong: bool = False, aa_eps=None) -> str:
+    """The main_clustr.py call that evaluates this folder's checkpoint under its protocol."""
+    p = x.params
+    argv = ["python", "main_clustr.py", "--checkpoint", out, "--evaluate-ckpt", x.checkpoint]
+    for flag, name in (("--dataset", "dataset"), ("--data-root", "data_root"),
+                       ("--test-subset", "test_subset"), ("--seed", "seed"),
+                       ("--iterations", "iterations"), ("--restarts", "restarts"),
+                       ("--L", "L")):
+        if p.get(name) is not None:
+            argv += [flag, str(p[name])]
+    if p.get("not_normalize"):
+        argv.append("--not-normalize")
+    if strong:
+        argv += ["--strong", "--autoattack"]
+        if aa_eps:
+            argv += ["--autoattack-eps", *aa_eps]
+    return shlex.join(argv)
+
+
+# -- writers ---------------------------------------------------------------------------------
+def to_text(df: pd.DataFrame, fmt: str, digits: int = 2) -> str:
+    """The table in ``fmt`` (pandas' own writers) with its notes: under a Markdown table,
+    as ``%`` comments under a LaTeX one; CSV holds the table alone, full precision."""
+    if fmt == "csv":
+        return df.to_csv()
+    notes = df.attrs.get("notes", [])
+    if fmt == "markdown":
+        cells = df.astype(object).where(df.notna(), None)  # empty, not "nan"
+        table = cells.to_markdown(floatfmt=f".{digits}f", missingval="")
+        return table + "\n" + "".join(f"\n* {n}" for n in notes) + ("\n" if notes else "")
+    if fmt == "latex":
+        table = df.reset_index().to_latex(index=False, escape=True, na_rep="",
+                                          float_format=f"%.{digits}f")
+        for symbol, tex in LATEX_SYMBOLS.items():
+            table = table.replace(symbol, tex)
+        return table + "".join(f"% {n}\n" for n in notes)
+    raise UsageError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+
+
+def plot_experiments(exps: list[Experiment], path: str):
+    """Accuracy against eps, one colour per experiment: the paper's PGD solid, the worst
+    case over all attacks dashed (from its clean accuracy on the strong attacks' images).
+    Writes a PNG and returns the (closed) matplotlib figure, for inspection."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.5, 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, x in enumerate(exps):
+        colour = colours[i % len(colours)]
+        if x.paper:
+            xs = sorted(x.paper)
+            ax.plot(xs, [x.paper[e] for e in xs], color=colour, linestyle="-", marker="o",
+                    label=f"{x.label}: paper PGD")
+        worst = sorted(e for e, a in x.strong if a == "worst-case")
+        if worst:
+            xs = [0.0] + worst
+            ys = [x.strong.get((0.0, "clean"), math.nan)] + [x.strong[(e, "worst-case")]
+                                                            for e in worst]
+            ax.plot(xs, ys, color=colour, linestyle="--", marker="x",
+                    label=f"{x.label}: worst case")
+    ax.set_xlabel("eps (x/255)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")  # off the data
+    fig.tight_layout()
+    try:
+        _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+    finally:
+        plt.close(fig)
+    return fig
+
+
+def _write_atomic(path: str, write, binary: bool = False) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{path}: the folder {folder} does not exist")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# -- command line ----------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, as every other bad input
+        raise UsageError(f"{message} (see python -m utils.tables --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m utils.tables", description=__doc__.split(
+        "\n\n")[0].replace("\n", " "))
+    p.add_argument("folders", nargs="+", metavar="FOLDER",
+                   help="experiment folders (main_clustr.py --checkpoint), or NAME=FOLDER to "
+                        "set a row's label")
+    p.add_argument("--format", choices=FORMATS, default="markdown", help="(markdown)")
+    p.add_argument("--out", default=None, help="write the table here (default: stdout)")
+    p.add_argument("--plot", default=None, metavar="FILE",
+                   help="also draw accuracy against eps for all folders into this PNG")
+    p.add_argument("--eps", type=float, nargs="+", default=None, metavar="E",
+                   help="only these eps columns, in units of 1/255 (default: all found)")
+    p.add_argument("--every-attack", action="store_true",
+                   help="also the PGD-CE and PGD-DLR columns")
+    p.add_argument("--digits", type=int, default=2,
+                   help="decimals in Markdown and LaTeX (2; CSV keeps full precision)")
+    return p
+
+
+def run(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    exps = load_experiments(args.folders)
+    df = build_table(exps, args.eps, args.every_attack)
+    text = to_text(df, args.format, args.digits)
+    if args.out:
+        _write_atomic(args.out, lambda f: f.write(text))
+    else:
+        sys.stdout.write(text)
+    if args.format == "csv":  # the notes never go into a CSV file
+        for note in df.attrs["notes"]:
+            print(f"note: {note}", file=sys.stderr)
+    if args.plot:
+        plot_experiments(exps, args.plot)
+
+
+def main(argv=None) -> int:
+    return exit_status(lambda: run(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
