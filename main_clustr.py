@@ -10,6 +10,7 @@ hands those on; nothing below it sees the parsed arguments. See README.md for th
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -28,6 +29,7 @@ from base.progress import set_quiet
 from datasets.data import balanced_subset, load_dataset
 from models.checkpoint import build_checkpoint, load_weights
 from models.resnet import ResNet18, normalization_for
+from utils.attacks.batch_size import attack_batch
 from utils.eval.evaluation import AttackConfig, EvalConfig, evaluate_model, load_eval_inputs
 from utils.eval.strong_evaluation import evaluate_strong
 from utils.outputs import files
@@ -209,7 +211,9 @@ def evaluate_checkpoint(eval_cfg: EvalConfig, attack: AttackConfig, ckpt_path: s
 def evaluate(model, test, eval_cfg: EvalConfig, attack: AttackConfig, out_dir: str,
              device: torch.device, ckpt_path: str, dist: Dist) -> None:
     """The paper's PGD sweep, then (on the main process) the honest evaluation, on the same
-    test images."""
+    test images. The attack batch is settled once, for all of them."""
+    attack = dataclasses.replace(attack, attack_batch=attack_batch(attack.attack_batch, model,
+                                                                   device, len(test)))
     paper = evaluate_model(model, test, attack, out_dir, device, ckpt_path, eval_cfg.dataset,
                            dist)
     if attack.honest and dist.is_main:

@@ -19,7 +19,7 @@ def eval_mode(module: torch.nn.Module):
 
 def to_device(images_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 batch -> float [0, 1] on ``device`` in channels_last, copied without blocking."""
-    if device.type == "cuda":
+    if device.type == "cuda" and images_uint8.device.type == "cpu":
         images_uint8 = images_uint8.pin_memory().to(device, non_blocking=True)
     x = images_uint8.to(device).float().div_(255.0)
     return x.contiguous(memory_format=torch.channels_last)

@@ -21,6 +21,55 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# instruction-set extensions that decide which kernels torch and oneDNN pick
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
+             "amx_tile", "amx_bf16", "neon", "asimd", "sve")
+
+
+def instruction_sets() -> str:
+    """The processor's relevant instruction-set flags (/proc/cpuinfo), and the kernel
+    level torch dispatches to on it (``torch.backends.cpu.get_cpu_capability``)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    present = [f for f in ISA_FLAGS if f in flags] or ["unknown"]
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # older torch
+        capability = "unknown"
+    return f"{' '.join(present)}; torch kernels: {capability}"
+
+
+def pinned_torch() -> str | None:
+    """The torch version requirements.txt pins, if it pins one."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "requirements.txt")
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.strip().startswith("torch=="):
+                    return line.strip().split("==", 1)[1]
+    except OSError:
+        pass
+    return None
+
+
+def collect_env() -> str:
+    """``torch.utils.collect_env``'s report (a few seconds: it runs pip and lscpu)."""
+    from torch.utils import collect_env as env
+
+    try:
+        return env.get_pretty_env_info()
+    except Exception as exc:  # it shells out; a missing tool must not sink the benchmark
+        return f"torch.utils.collect_env failed: {type(exc).__name__}: {exc}"
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -45,6 +94,8 @@ def device_name(device: torch.device) -> str:
 def machine_info(device: torch.device) -> dict:
     return {
         "cpu": cpu_model(),
+        "isa": instruction_sets(),
+        "torch_pinned": pinned_torch(),
         "cores": os.cpu_count(),
         "usable_cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),

@@ -14,7 +14,7 @@ from utils.train.clustering import fit_cluster_classifier, fit_clusters, kmeans_
 from utils.train.embeddings import compute_embeddings, default_embed_batch
 from utils.train.magnet_loss import magnet_loss
 
-from .timing import StepClock, median, median_call, timed
+from .timing import StepClock, median, median_call, spread, timed
 from .workloads import Workload, build_model
 
 log = logging.getLogger("benchmarks")
@@ -24,32 +24,43 @@ def measure_epochs(w: Workload, repeats: int) -> dict:
     """R1 and R2: ClusTR and CE epochs, alternated, one warm-up round then ``repeats`` timed.
 
     Epoch times are whole ``run_epoch`` calls (ClusTR: steps, embedding pass, k-means,
-    metrics, test pass; CE: steps, test pass). Step times come from the same epochs.
+    metrics, test pass; CE: steps, test pass). Step times come from the same epochs, and
+    each epoch's steps are also summed, so that the rest of the epoch (``rest_s``: what is
+    not a step) is known epoch by epoch.
     """
     dev = w.device
     clocks = {"clustr": StepClock(w.trainer.optimizer, dev),
               "ce": StepClock(w.baseline.optimizer, dev)}
     runs = {"clustr": w.trainer.run_epoch, "ce": w.baseline.run_epoch}
     epochs: dict[str, list[float]] = {"clustr": [], "ce": []}
+    step_sums: dict[str, list[float]] = {"clustr": [], "ce": []}
     for round_ in range(1 + repeats):
         for name in ("clustr", "ce"):
             clock = clocks[name]
             clock.record = round_ > 0
+            before = len(clock.times)
             clock.start()
             _, seconds = timed(runs[name], dev)
             if round_ > 0:
                 epochs[name].append(seconds)
+                step_sums[name].append(sum(clock.times[before:]))
             log.info("%s epoch %s: %.2fs", name, "warm-up" if round_ == 0 else round_, seconds)
     for clock in clocks.values():
         clock.close()
     step = {name: median(clock.times) for name, clock in clocks.items()}
     epoch = {name: median(times) for name, times in epochs.items()}
+    rest = {name: [e - s for e, s in zip(epochs[name], step_sums[name])] for name in epochs}
     return {
         "steps_per_epoch": w.trainer.sampler.steps_per_epoch(),
         "batch": w.trainer.cfg.m * w.trainer.cfg.d,
         "train_images": len(w.train), "test_images": len(w.test),
+        "repeats": repeats,
         "step_s": step, "step_samples": {n: len(c.times) for n, c in clocks.items()},
+        "step_spread": {n: spread(c.times) for n, c in clocks.items()},
         "epoch_s": epoch, "epoch_samples": epochs,
+        "epoch_spread": {n: spread(t) for n, t in epochs.items()},
+        "step_sum_s": {n: median(t) for n, t in step_sums.items()},
+        "rest_s": {n: median(t) for n, t in rest.items()},
         "R1": step["clustr"] / step["ce"], "R2": epoch["clustr"] / epoch["ce"],
     }
 
@@ -63,14 +74,28 @@ def epoch_phases(w: Workload) -> dict:
     emb, phases["refresh: embedding pass + k-means"] = timed(t.refresh_clusters, dev)
     n_init, max_iter = kmeans_settings(cfg.dataset)
     _, kmeans = timed(lambda: fit_clusters(emb, w.train.labels, w.train.num_classes, cfg.K,
-                                           n_init, max_iter, cfg.seed), dev)
+                                           n_init, max_iter, cfg.kmeans_seed), dev)
     _, phases["train metrics (loss, accuracy)"] = timed(
         lambda: t.metrics(emb, w.train.labels), dev)
     test_emb, phases["test embedding pass"] = timed(
-        lambda: compute_embeddings(t.model, w.test.images, cfg.test_batch, dev, amp=cfg.amp),
-        dev)
+        lambda: t.embed(w.test.images, cfg.test_batch, "embed test"), dev)
     _, phases["test metrics"] = timed(lambda: t.metrics(test_emb, w.test.labels), dev)
-    return {"phases_s": phases, "kmeans_s": kmeans, "embeddings": emb}
+    ce_test = [timed(w.baseline.test_accuracy, dev)[1] for _ in range(3)]
+    return {"phases_s": phases, "kmeans_s": kmeans, "embeddings": emb,
+            "ce_test_s": median(ce_test)}
+
+
+def parts_residuals(epochs: dict, phases: dict) -> dict:
+    """"Epoch - sum of its parts" for both epochs: the median of (epoch - its own steps)
+    less the other parts timed apart (ClusTR: refresh, metrics, test pass; CE: test
+    pass). Near zero when the parts add up; large when an epoch holds time no part
+    shows (waits for the device, allocator, other processes)."""
+    other = {"clustr": sum(s for name, s in phases["phases_s"].items()
+                           if name != "training steps"),
+             "ce": phases["ce_test_s"]}
+    return {name: {"residual_s": epochs["rest_s"][name] - other[name],
+                   "parts_s": epochs["step_sum_s"][name] + other[name],
+                   "epoch_s": epochs["epoch_s"][name]} for name in other}
 
 
 def measure_overheads(w: Workload, embeddings: torch.Tensor, clustr_step: float,
@@ -144,7 +169,10 @@ def measure_pgd(model: ClusterClassifier, test: ImageData, device: torch.device,
     med = {name: median(s) for name, s in seconds.items()}
     differ = sum(e["differ"] for e in per_eps)
     return {"images": len(test), "clean_acc": a.clean_acc, "iterations": iterations,
-            "restarts": restarts, "seconds": med, "samples": seconds, "per_eps": per_eps,
+            "restarts": restarts, "eps_count": len(epsilons), "batch": batch,
+            "attacked": int((a.clean_pred == a.labels).sum()),
+            "seconds": med, "samples": seconds,
+            "spread": {name: spread(s) for name, s in seconds.items()}, "per_eps": per_eps,
             "differ": differ,
             # at most one example per thousand may differ (float noise between batch shapes)
             "agree": differ * 1000 <= len(test) * len(per_eps),
@@ -178,7 +206,7 @@ def embedding_batch_sweep(w: Workload, batches, repeats: int, images: int = 512)
     times: dict[int, list[float]] = {b: [] for b in batches}
     for round_ in range(1 + repeats):
         for b in batches:
-            _, s = timed(lambda b=b: compute_embeddings(t.model, x, b, dev, amp=t.cfg.amp), dev)
+            _, s = timed(lambda b=b: compute_embeddings(t.model, x, b, dev), dev)
             if round_ > 0:
                 times[b].append(s / len(x))
     return {"images": len(x), "per_image_s": {b: median(v) for b, v in times.items()},

@@ -17,9 +17,9 @@ def _s(seconds: float) -> str:
 def render(res: dict) -> str:
     m, cfg = res["machine"], res["config"]
     out = ["# Benchmarks", "",
-           "Written by `python -m benchmarks.run` (see README, \"Benchmarks\"). Every time is a",
-           "median over repeats with warm-up excluded; ratios compare runs made in the same",
-           "process, alternated, on the same data.", ""]
+           "Written by `python -m benchmarks.run` (see docs/benchmarking.md). Every ratio is of",
+           "medians over repeats with warm-up excluded (min and max beside them); ratios",
+           "compare runs made in the same process, alternated, on the same data.", ""]
     warnings = list(res.get("warnings", []))
     if cfg["quick"]:
         warnings.append("quick (smoke) configuration: smaller batches and sizes than the "
@@ -31,7 +31,9 @@ def render(res: dict) -> str:
     load = res["load"]
     out += ["## Machine and command", "", "| | |", "|---|---|",
             f"| CPU | {m['cpu']} ({m['cores']} cores, {m['usable_cores']} usable) |",
-            f"| torch | {m['torch']} ({m['torch_threads']} CPU threads), Python {m['python']} |",
+            f"| instruction sets | {m.get('isa', 'unknown')} |",
+            f"| torch | {m['torch']} used, {m.get('torch_pinned') or 'none'} pinned in "
+            f"requirements.txt ({m['torch_threads']} CPU threads), Python {m['python']} |",
             f"| device | {m['device']}{' + bf16 autocast' if cfg['amp'] else ''} |",
             f"| platform | {m['platform']} |",
             f"| load average (1 min) | {_fmt_load(load)} |",
@@ -45,6 +47,8 @@ def render(res: dict) -> str:
         out += _pgd(res["pgd"])
     if "scaling" in res:
         out += _scaling(res["scaling"])
+    if "collect_env" in res:
+        out += ["## torch.utils.collect_env", "", "```", res["collect_env"].rstrip(), "```", ""]
     return "\n".join(out) + "\n"
 
 
@@ -56,8 +60,11 @@ def _ratios(res: dict) -> list[str]:
     rows = ["## Ratios", "", "| | what | value | target | |", "|---|---|---|---|---|"]
     if "epochs" in res:
         e, o = res["epochs"], res["overheads"]
+        mean = ("" if "step_spread" not in e else
+                f"; mean {_s(e['step_spread']['clustr']['mean'])} / "
+                f"{_s(e['step_spread']['ce']['mean'])}")
         rows.append(f"| R1 | ClusTR training step / plain CE step, batch {e['batch']} "
-                    f"({_s(e['step_s']['clustr'])} / {_s(e['step_s']['ce'])}) "
+                    f"(median {_s(e['step_s']['clustr'])} / {_s(e['step_s']['ce'])}{mean}) "
                     f"| {e['R1']:.3f} | <= {TARGETS['R1']:.2f} | {_mark(e['R1'], TARGETS['R1'])} |")
         rows.append(f"| R2 | ClusTR epoch (steps, embedding pass, k-means, metrics, test pass) "
                     f"/ CE epoch (steps, test pass), {e['train_images']} training and "
@@ -78,7 +85,35 @@ def _ratios(res: dict) -> list[str]:
                     f"({_s(o['added_s'])} / {_s(res['epochs']['step_s']['clustr'])}) "
                     f"| {o['R4'] * 100:.2f}% | <= {TARGETS['R4'] * 100:.0f}% "
                     f"| {_mark(o['R4'], TARGETS['R4'])} |")
+    if "residuals" in res:
+        for name, label in (("clustr", "ClusTR"), ("ce", "CE")):
+            r = res["residuals"][name]
+            rows.append(f"| | {label} epoch − sum of its parts (median epoch {_s(r['epoch_s'])}; "
+                        f"its steps and the other parts timed apart {_s(r['parts_s'])}) "
+                        f"| {_s(r['residual_s'])} ({100 * r['residual_s'] / r['epoch_s']:.1f}%) "
+                        f"| near 0 | |")
+    if "seed_command" in res:
+        c = res["seed_command"]
+        what = ("measured whole" if c["kind"] == "measured" else
+                "**estimate** from the per-image rates above")
+        rows.append(f"| | the seed's command end to end: {c['seed']['epochs']} epochs on "
+                    f"{c['seed']['train_images']:,} + {c['seed']['test_images']:,} images, "
+                    f"then {c['seed']['iterations']} steps × {c['seed']['restarts']} restarts "
+                    f"× 4 eps; {what} (training {_hms(c['training_s'])}, sweep "
+                    f"{_hms(c['sweep_s'])}) | {_hms(c['total_s'])} | | |")
     return rows + [""]
+
+
+def _hms(seconds: float) -> str:
+    if seconds < 600:
+        return _s(seconds)
+    if seconds < 3 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _spread(sp: dict) -> str:
+    return (f"{_s(sp['min'])} | {_s(sp['median'])} | {_s(sp['mean'])} | {_s(sp['max'])}")
 
 
 def _epochs(res: dict) -> list[str]:
@@ -91,6 +126,28 @@ def _epochs(res: dict) -> list[str]:
         rows.append(f"| {name} | {_s(s)} | {100 * s / total:.1f}% |")
     rows.append(f"| (k-means alone, timed again) | {_s(ph['kmeans_s'])} | "
                 f"{100 * ph['kmeans_s'] / total:.1f}% |")
+    rows += ["", f"### Spread ({e.get('repeats', len(e['epoch_samples']['clustr']))} timed "
+             f"epochs per method after a warm-up)", "",
+             "| | samples | min | median | mean | max |", "|---|---|---|---|---|---|"]
+    for name, label in (("clustr", "ClusTR"), ("ce", "CE")):
+        if "step_spread" in e:
+            rows.append(f"| {label} step | {e['step_samples'][name]} | "
+                        f"{_spread(e['step_spread'][name])} |")
+            rows.append(f"| {label} epoch | {len(e['epoch_samples'][name])} | "
+                        f"{_spread(e['epoch_spread'][name])} |")
+    if "seed_command" in res and res["seed_command"]["kind"] == "estimate":
+        c = res["seed_command"]
+        rows += ["", "### The seed's command, estimated (not measured)", "",
+                 f"From the median ClusTR step at batch {c['batch_measured']} (scaled to 240 "
+                 f"per step), the embedding pass, k-means and metrics per image, and PGD at "
+                 f"{_s(c['pgd_pass_s'])} per image and pass without shrinking (every example "
+                 f"attacked at every step: a fully robust model's cost; a model that breaks "
+                 f"costs less).", "", "| part of one epoch | estimate |", "|---|---|"]
+        rows += [f"| {n} | {_hms(v)} |" for n, v in c["epoch_parts_s"].items()]
+        rows += [f"| epoch | {_hms(c['epoch_s'])} |",
+                 f"| training (30 epochs + the first refresh) | {_hms(c['training_s'])} |",
+                 f"| default sweep | {_hms(c['sweep_s'])} |",
+                 f"| total | {_hms(c['total_s'])} |"]
     rows += ["", f"Step times: {e['step_samples']['clustr']} ClusTR and "
              f"{e['step_samples']['ce']} CE steps; epochs: "
              + ", ".join(f"{n} {', '.join(f'{t:.2f}' for t in ts)} s"
@@ -120,6 +177,9 @@ def _pgd(p: dict) -> list[str]:
     for e in p["per_eps"]:
         rows.append(f"| {e['eps']:g} | {e['acc_shrink']:.2f}% | {e['acc_mask']:.2f}% "
                     f"| {e['differ']} |")
+    rows += ["", "| sweep | min | median | mean | max |", "|---|---|---|---|---|"]
+    if "spread" in p:
+        rows += [f"| {name} | {_spread(sp)} |" for name, sp in p["spread"].items()]
     return rows + ["", f"Seconds per sweep: shrinking {p['samples']['shrink']}, masking "
                    f"{p['samples']['mask']}.", ""]
 

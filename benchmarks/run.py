@@ -27,7 +27,7 @@ from base.errors import UsageError, exit_status
 from base.progress import set_quiet
 from utils.eval.evaluation import EPSILONS
 
-from .machine import load_average, machine_info, usable_cores
+from .machine import collect_env, load_average, machine_info, usable_cores
 from .measures import (
     cluster_classifier,
     embedding_batch_sweep,
@@ -35,10 +35,13 @@ from .measures import (
     measure_epochs,
     measure_overheads,
     measure_pgd,
+    parts_residuals,
     profile_epoch,
 )
 from .report import render
 from .scaling import run_scaling
+from .seed_command import estimate as seed_estimate
+from .seed_command import measure as seed_measure
 from .workloads import (
     default_data_dir,
     make_workload,
@@ -49,12 +52,12 @@ from .workloads import (
 
 log = logging.getLogger("benchmarks")
 
-SECTIONS = ("epochs", "pgd", "scaling")
+SECTIONS = ("epochs", "pgd", "scaling", "seed")
 # full run / --quick; a flag given explicitly wins over both
 PRESETS = {
-    "m": (12, 4), "d": (20, 8), "train_size": (2400, 160), "repeats": (3, 1),
+    "m": (12, 4), "d": (20, 8), "train_size": (2400, 160), "repeats": (7, 1),
     "scaling_base": (1200, 80), "scaling_repeats": (2, 1), "pgd_images": (200, 20),
-    "pgd_train": (5000, 600), "iterations": (10, 2), "pgd_repeats": (1, 1),
+    "pgd_train": (5000, 600), "iterations": (10, 2), "pgd_repeats": (7, 1),
 }
 
 
@@ -65,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="smoke-test sizes: batch 4x8, 160 images, 1 repeat, short PGD")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-                   help="sections to run (epochs = R1, R2, R4 and the epoch phases)")
+                   help="sections to run (epochs = R1, R2, R4 and the epoch phases; seed = "
+                        "the seed's command end to end: measured whole on CUDA, estimated "
+                        "from the epochs and pgd sections on a CPU)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda[:N]")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch's "
@@ -172,6 +177,7 @@ def run(args) -> dict:
         res["overheads"] = measure_overheads(w, phases.pop("embeddings"),
                                              res["epochs"]["step_s"]["clustr"], args.repeats)
         res["phases"] = phases
+        res["residuals"] = parts_residuals(res["epochs"], phases)
         res["embed_batches"] = embedding_batch_sweep(w, (64, 128, 256, 512), args.repeats,
                                                      min(512, args.train_size))
         if args.profile:
@@ -198,22 +204,37 @@ def run(args) -> dict:
                                      args.d, args.k, args.scaling_repeats, args.seed, device,
                                      args.amp, args.threads)
         res["load"]["after scaling"] = load_average()
+    if "seed" in args.only:
+        if device.type == "cuda":
+            res["seed_command"] = seed_measure(device, args.amp, args.seed)
+            res["load"]["after the seed's command"] = load_average()
+        elif "epochs" in res and "pgd" in res:
+            res["seed_command"] = seed_estimate(res)
+        else:
+            res["warnings"].append("the seed's command is estimated on a CPU from the epochs "
+                                   "and pgd sections: run them too")
+    if not args.quick:  # a few seconds: it runs pip and lscpu
+        res["collect_env"] = collect_env()
     res["duration_s"] = time.time() - start
     res["warnings"] += contention_warnings(res["load"], res["machine"]["torch_threads"])
     return res
 
 
 def contention_warnings(load: dict, threads: int) -> list[str]:
-    """A heuristic: the harness itself accounts for about ``threads`` of the load average;
-    anything well beyond that means other work shared the processor."""
+    """Load beyond the harness's own: at the start (before it ran) the whole load average
+    is other work; afterwards the harness accounts for up to ``threads`` (at most the
+    cores). Other work above a quarter of the cores (at least 1) is flagged, whatever
+    their number, so a 16-core host with 4 busy cores of other jobs warns too."""
     cores = usable_cores()
-    busy = {k: v for k, v in load.items() if v is not None
-            and v > (0.5 * cores if k == "start" else threads + 0.5 * cores)}
+    own, limit = min(threads, cores), max(1.0, 0.25 * cores)
+    busy = {k: v for k, v in load.items()
+            if v is not None and v - (0 if k == "start" else own) > limit}
     if not busy:
         return []
     return [f"the machine was busy ({', '.join(f'{k} {v:.1f}' for k, v in busy.items())} "
-            f"load average on {cores} cores): other processes shared the processor, so these "
-            f"times are not representative."]
+            f"load average on {cores} cores, of which this harness accounts for at most "
+            f"{own}): other processes shared the processor, so these times are not "
+            f"representative and the targets are not judged by them."]
 
 
 def main(argv=None) -> int:

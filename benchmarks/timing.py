@@ -27,6 +27,15 @@ def median(values) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def spread(values) -> dict:
+    """min, median, mean and max of a sample (NaN for an empty one)."""
+    values = sorted(values)
+    if not values:
+        return {k: float("nan") for k in ("min", "median", "mean", "max")}
+    return {"min": values[0], "median": median(values),
+            "mean": statistics.fmean(values), "max": values[-1]}
+
+
 def median_call(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
     """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
     for _ in range(warmup):

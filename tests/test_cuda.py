@@ -136,3 +136,37 @@ def test_cli_trains_and_evaluates_on_the_gpu(tiny_folder, tmp_path, amp):
     x = torch.rand(16, 3, 32, 32)
     with torch.no_grad():
         assert (on_cpu.predict(x) != on_gpu.predict(x.to(GPU)).cpu()).sum() <= 1
+
+
+def test_attack_batch_on_the_gpu_fits_and_the_sweep_does_not_depend_on_it(cpu_model, images):
+    """The default CUDA attack batch: a power of two that a forward and backward fit, and
+    the same sweep results as a batch of 16 (per-example starts), up to the few examples
+    per hundred TF32 may flip."""
+    from utils.attacks.batch_size import MAX_BATCH, attack_batch, probe
+
+    model = copy.deepcopy(cpu_model)  # on the CPU: attack_batch moves it
+    size = attack_batch(None, model, GPU, 10_000)
+    assert 1 <= size <= MAX_BATCH and size & (size - 1) == 0
+    assert next(model.parameters()).device.type == "cuda"
+    assert probe(model, GPU, size, (3, 32, 32))
+    a = run_sweep(model, images, (8.0,), 3, 1, 111, 64, GPU, attack_batch=size)
+    b = run_sweep(model, images, (8.0,), 3, 1, 111, 64, GPU, attack_batch=16)
+    assert int((a.per_eps[0].adv_pred != b.per_eps[0].adv_pred).sum()) <= 3
+
+
+def test_training_batches_built_on_the_gpu_are_the_cpu_ones():
+    """The uint8 training set kept on the GPU and augmented there, from the same CPU draws:
+    bit-identical batches (integer crops and flips, then the same division)."""
+    from tests.train.test_variants import make_trainer
+
+    trainer = make_trainer()
+    gpu = make_trainer()
+    gpu.device = GPU
+    assert gpu.device_images().device.type == "cuda"
+    for _ in range(3):
+        indices, _ = trainer.sampler.sample(trainer.generator)
+        gpu.generator.set_state(trainer.generator.get_state())
+        new = gpu.batch_images(indices)
+        old = trainer.batch_images(indices)
+        assert torch.equal(new.cpu(), old)
+        assert torch.equal(gpu.generator.get_state(), trainer.generator.get_state())

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--embed-batch", type=pos_int, default=None,
                    help="batch size of the per-epoch embedding pass over the training set "
                         "(none given: 64 on a CPU, 256 on CUDA)")
+    n.add_argument("--attack-batch", type=pos_int, default=None, metavar="N",
+                   help="batch of the PGD sweep, the strong attacks and AutoAttack, apart "
+                        "from --test-batch (none given: 64 on a CPU; on CUDA the largest "
+                        "power of two that fits the free memory, estimated then probed)")
     n.add_argument("--kmeans-seed", type=seed_int, default=1,
                    help="random_state of every per-class k-means fit (the original fixes 1)")
     n.add_argument("--baseline-input", choices=("normalized", "raw"), default=None,
@@ -81,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "this project's and the seed's weights expect) or raw in [0, 1] (as "
                         "the original does for a bare state_dict, e.g. TRADES models)")
     n.add_argument("--amp", action="store_true",
-                   help="bfloat16 autocast for training and embedding passes (CUDA only; "
-                        "attacks stay in float32)")
+                   help="bfloat16 autocast for the training steps (CUDA only); the "
+                        "embedding passes behind the clusters, sigma^2 and the logged "
+                        "accuracies, and the attacks, stay in float32")
     n.add_argument("--quiet", action="store_true", help="no progress bars")
     n.add_argument("--dist-timeout", type=pos_float, default=600.0, metavar="SECONDS",
                    help="under torchrun: a collective waiting longer than this fails the job "

@@ -14,12 +14,12 @@ from benchmarks.scaling import run_worker, worker_args
 
 TINY = ["--data", "synthetic", "--m", "2", "--d", "4", "--train-size", "40", "--test-size",
         "10", "--repeats", "1", "--pgd-images", "8", "--pgd-train", "40", "--iterations", "2",
-        "--test-batch", "4", "--device", "cpu"]
+        "--test-batch", "4", "--pgd-repeats", "1", "--device", "cpu", "--quick"]
 
 
 def test_harness_writes_every_ratio(tmp_path):
     out, raw = tmp_path / "BENCH.md", tmp_path / "bench.json"
-    assert bench.main(TINY + ["--only", "epochs", "pgd", "--out", str(out),
+    assert bench.main(TINY + ["--only", "epochs", "pgd", "seed", "--out", str(out),
                               "--json", str(raw)]) == 0
     res = json.loads(raw.read_text())
     e = res["epochs"]
@@ -34,11 +34,47 @@ def test_harness_writes_every_ratio(tmp_path):
     assert p["agree"] and p["differ"] == 0  # same attack, same images: same predictions
     assert [e["eps"] for e in p["per_eps"]] == [2.0, 8.0, 16.0, 25.5]
     assert all(e["acc_shrink"] == e["acc_mask"] for e in p["per_eps"])
+    for name in ("clustr", "ce"):
+        sp, r = e["step_spread"][name], res["residuals"][name]
+        assert sp["min"] <= sp["median"] <= sp["max"] and sp["min"] <= sp["mean"] <= sp["max"]
+        # the epoch is its steps plus the rest, and the residual is that rest less the
+        # parts timed apart
+        assert math.isclose(e["rest_s"][name] + e["step_sum_s"][name], e["epoch_s"][name])
+        assert math.isclose(r["epoch_s"] - r["parts_s"], r["residual_s"], abs_tol=1e-9)
+    c = res["seed_command"]
+    assert c["kind"] == "estimate" and c["seed"]["train_images"] == 50_000
+    assert c["total_s"] == c["training_s"] + c["sweep_s"] > 0
+    assert res["machine"]["torch_pinned"] and "torch kernels" in res["machine"]["isa"]
     text = out.read_text()
     for row in ("| R1 |", "| R2 |", "| R3 |", "| R4 |", "## Machine and command",
-                torch.__version__, "python -m benchmarks.run"):
-        assert row in text
+                torch.__version__, "python -m benchmarks.run", "CE epoch − sum of its parts",
+                "ClusTR epoch − sum of its parts", "the seed's command end to end",
+                "**estimate**", "| instruction sets |", "pinned in requirements.txt", "mean"):
+        assert row in text, row
     assert "| R3 |" in text and "| n/a |" in text  # the R3 target is for the real subset
+
+
+def test_load_warning_counts_other_work_relative_to_the_cores(monkeypatch):
+    monkeypatch.setattr(bench, "usable_cores", lambda: 16)
+    # the harness's 16 threads plus 5 cores of other work: flagged; plus 1: not
+    assert bench.contention_warnings({"start": 0.5, "after epochs": 21.0}, 16)
+    assert not bench.contention_warnings({"start": 0.5, "after epochs": 17.0}, 16)
+    assert bench.contention_warnings({"start": 5.0}, 16)  # busy before the harness began
+    monkeypatch.setattr(bench, "usable_cores", lambda: 2)
+    assert bench.contention_warnings({"start": 8.0, "after PGD": 9.0}, 2)
+    assert not bench.contention_warnings({"start": 0.2, "after PGD": 2.5}, 2)
+
+
+def test_seed_command_measured_whole_on_tiny_sizes():
+    """The path a GPU runs, at toy sizes on the CPU: every epoch and the sweep timed."""
+    from benchmarks.seed_command import SeedCommand, measure
+
+    tiny = SeedCommand(train_images=40, test_images=10, epochs=2, iterations=1, restarts=1,
+                       m=2, d=4, K=2)
+    res = measure(torch.device("cpu"), False, 1, tiny)
+    assert res["kind"] == "measured" and len(res["epoch_samples"]) == 2
+    assert res["attack_batch"] == 64 and 0 <= res["clean_acc"] <= 100
+    assert res["total_s"] == res["training_s"] + res["sweep_s"] > sum(res["epoch_samples"])
 
 
 def test_scaling_worker_reports_time_and_its_own_peak_memory():
@@ -54,3 +90,18 @@ def test_bad_flags_exit_2_with_one_line(capsys):
     assert bench.main(["--amp", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+
+
+def test_kmeans_refresh_times_both_settings_and_restores_the_limit():
+    from benchmarks.kmeans_refresh import measure
+    from utils.train import clustering
+
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(60, 512, generator=gen)
+    labels = torch.arange(3).repeat_interleave(20)
+    res = measure(emb, labels, 3, 2, 1, repeats=2)
+    assert {k: len(v) for k, v in res["seconds"].items()} == {
+        "one thread": 2, "scikit-learn's threads": 2}
+    assert res["max_centroid_difference"] <= 1e-6 and res["max_float64_difference"] <= 1e-12
+    assert res["same_assignments"]
+    assert clustering.KMEANS_THREADS == 1

@@ -225,6 +225,30 @@ def test_checkpoint_and_data_set_with_different_classes_exit_2(original_ckpt, ti
     assert "classifies 10 classes" in capsys.readouterr().err
 
 
+def test_attack_batch_changes_no_result_file(original_ckpt, real_subset, tmp_path):
+    """The paper's sweep and the strong PGD attacks at two --attack-batch values (and a
+    --test-batch that differs from both): the same files, byte for byte. Only the strong
+    table's timing column may differ."""
+    outs = []
+    for batch in ("5", "16"):  # the strong attacks: batches of 5, 5, 2 against one of 12
+        out = tmp_path / f"b{batch}"
+        assert main_clustr.main(eval_argv(out, original_ckpt, real_subset, "--device", "cpu",
+                                          "--strong", "--strong-subset", "12",
+                                          "--attack-batch", batch, "--test-batch", "8")) == 0
+        outs.append(out)
+        summary = json.loads((out / "eval_summary.json").read_text())
+        assert summary["attack_batch"] == int(batch)
+    a, b = outs
+    for name in ["attack_results_ext.csv"] + [f"predictions_eps{e:g}.csv" for e in EPSILONS]:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    strong = [[{k: v for k, v in row.items() if k != "seconds"}
+               for row in read_csv(str(out / "attack_results_strong.csv"))] for out in outs]
+    assert strong[0] == strong[1] and len(strong[0]) == 1 + 4 * 4
+    diag = [json.loads((out / "diagnostics.json").read_text()) for out in outs]
+    assert diag[0]["paper_vs_strongest"] == diag[1]["paper_vs_strongest"]
+    assert diag[0]["warnings"] == diag[1]["warnings"]
+
+
 @pytest.mark.parametrize("mode", [None, "normalized", "raw"])
 def test_baseline_input_feeds_a_bare_state_dict_raw_or_normalised(mode, tmp_path):
     """The original feeds a bare state_dict (TRADES-style) raw [0, 1] images; this project

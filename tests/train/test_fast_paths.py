@@ -213,3 +213,36 @@ def test_embedding_pass_clusters_and_predictions_do_not_depend_on_the_batch_size
     assert torch.equal(a.assignments, b.assignments)
     head = ClusterHead(a.centers, a.classes, a.variance, 3, L=4)
     assert torch.equal(head.predict(big), head.predict(small))
+
+
+# -- k-means under a thread limit ----------------------------------------------------------
+def test_single_threaded_kmeans_gives_the_centroids_of_scikit_learns_default():
+    """``fit_clusters`` limits each fit to one thread; the centroids are those of plain
+    scikit-learn k-means with its own thread pools, to 1e-12 in float64 (to a float32
+    rounding in the float32 that ``fit_clusters`` stores)."""
+    from sklearn.cluster import KMeans
+
+    from utils.train import clustering
+
+    assert clustering.KMEANS_THREADS == 1
+    gen = torch.Generator().manual_seed(4)
+    classes, per_class, K = 3, 400, 2
+    centres = 3 * torch.randn(classes * K, 512, generator=gen)
+    which = torch.arange(classes * per_class) // (per_class // K)  # K blobs per class
+    emb = centres[which] + torch.randn(classes * per_class, 512, generator=gen)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    fit = fit_clusters(emb, labels, classes, K, n_init=1, max_iter=20, seed=1)
+    x = emb.numpy().astype(np.float64)
+    for c in range(classes):
+        members = (labels == c).nonzero().flatten().numpy()
+        plain = KMeans(n_clusters=K, init="k-means++", n_init=1, max_iter=20,
+                       random_state=1).fit(x[members]).cluster_centers_
+        with clustering.threadpool_limits(limits=1):
+            limited = KMeans(n_clusters=K, init="k-means++", n_init=1, max_iter=20,
+                             random_state=1).fit(x[members]).cluster_centers_
+        assert np.abs(plain - limited).max() <= 1e-12
+        # float32 storage: the same value, or one rounding apart where float64 sums
+        # taken in another order straddle a float32 boundary
+        plain32 = torch.from_numpy(plain).float()
+        assert ((fit.centers[c * K:(c + 1) * K] - plain32).abs()
+                <= plain32.abs() * 2 ** -23).all()

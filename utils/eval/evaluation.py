@@ -25,6 +25,7 @@ from base.tensors import eval_mode, to_device
 from datasets.data import ImageData, balanced_subset, load_dataset
 from models.checkpoint import backbone_from_state, has_clusters
 from models.classifier import LinearClassifier, classifier_from_checkpoint
+from utils.attacks.batch_size import attack_batch
 from utils.attacks.pgd import LossFn, paper_loss, pgd, start_keys
 from utils.outputs import files
 from utils.outputs.results import write_csv
@@ -57,7 +58,8 @@ class AttackConfig:
     iterations: int = 20
     restarts: int = 10
     seed: int = 111                 # the per-example random starts
-    test_batch: int = 64
+    test_batch: int = 64            # the clean predictions
+    attack_batch: int | None = None  # the attacks; None: utils.attacks.batch_size decides
     strong: bool = False            # PGD-CE and PGD-DLR on the logit
     autoattack: bool = False        # AutoAttack, standard version
     autoattack_eps: tuple[float, ...] = (8.0,)  # units of 1/255
@@ -113,7 +115,8 @@ def predict_all(model, images: torch.Tensor, batch: int, device,
 def run_sweep(model, data: ImageData, epsilons=EPSILONS, iterations: int = 20,
               restarts: int = 10, seed: int = 111, batch: int = 64,
               device="cpu", loss_fn: LossFn = paper_loss,
-              shrink: bool = True, dist: Dist | None = None) -> SweepResult:
+              shrink: bool = True, dist: Dist | None = None,
+              attack_batch: int | None = None) -> SweepResult:
     """Clean predictions, then PGD at each eps on the examples still classified correctly.
 
     Examples misclassified without attack count as non-robust (delta = 0 already fools
@@ -122,9 +125,11 @@ def run_sweep(model, data: ImageData, epsilons=EPSILONS, iterations: int = 20,
     independently, as in the paper; the random starts depend on (seed, eps index, restart,
     example index), so the batch size does not change them, and neither does the number of
     processes: under torchrun each attacks its shard of the examples and the per-example
-    results are gathered back in order on every process.
+    results are gathered back in order on every process. ``batch`` is that of the clean
+    predictions and, unless ``attack_batch`` is given, of the attack.
     """
     device = torch.device(device)
+    attack_batch = attack_batch or batch
     dist = dist or Dist.single()
     model = model.to(device)
     labels = data.labels
@@ -139,9 +144,10 @@ def run_sweep(model, data: ImageData, epsilons=EPSILONS, iterations: int = 20,
         linf = torch.zeros(len(labels))
         steps = torch.zeros(len(labels), dtype=torch.long)
         robust = 0
-        bar = progress(range(0, len(attack), batch), desc=f"PGD eps {eps:g}/255", leave=False)
+        bar = progress(range(0, len(attack), attack_batch), desc=f"PGD eps {eps:g}/255",
+                       leave=False)
         for s in bar:
-            rows = attack[s:s + batch]
+            rows = attack[s:s + attack_batch]
             x = to_device(data.images[rows], device)
             y = labels[rows].to(device)
             keys = data.indices[rows]
@@ -230,8 +236,10 @@ def evaluate_model(model, test: ImageData, attack: AttackConfig, out_dir: str,
     its files. The honest evaluation (``utils.eval.strong_evaluation``) follows on the
     same images when ``attack.honest``."""
     dist = dist or Dist.single()
+    batch = attack_batch(attack.attack_batch, model, device, len(test))
+    log.info("attacks in batches of %d", batch)
     result = run_sweep(model, test, EPSILONS, attack.iterations, attack.restarts, attack.seed,
-                       attack.test_batch, device, dist=dist)
+                       attack.test_batch, device, dist=dist, attack_batch=batch)
     log.info("clean accuracy %.2f%% on %d test images", result.clean_acc, len(test))
     if not dist.is_main:
         return result
@@ -240,7 +248,7 @@ def evaluate_model(model, test: ImageData, attack: AttackConfig, out_dir: str,
     write_summary(os.path.join(out_dir, files.SUMMARY), result, dict(
         checkpoint=os.path.abspath(ckpt_path), dataset=dataset, test_images=len(test),
         **setup, iterations=attack.iterations, restarts=attack.restarts, step=STEP * 255,
-        seed=attack.seed))
+        seed=attack.seed, attack_batch=batch))
     return result
 
 

@@ -35,6 +35,7 @@ from utils.attacks.adaptive import (
     logit_predictions,
     run_autoattack,
 )
+from utils.attacks.batch_size import attack_batch
 from utils.attacks.gradient_masking import GAP_THRESHOLD, gradient_summary, robustness_gaps
 from utils.attacks.pgd import logit_ce_loss, paper_loss
 from utils.eval.evaluation import EPSILONS, STEP, AttackConfig, SweepResult, plot_robustness
@@ -51,9 +52,9 @@ def evaluate_strong(model, test: ImageData, paper: SweepResult, attack: AttackCo
     """Strong attacks on the images the paper's sweep attacked; returns the diagnostics."""
     device = torch.device(device)
     sub, pos = strong_images(test, attack.strong_subset, attack.seed)
-    batch = attack.test_batch
+    batch = attack_batch(attack.attack_batch, model, device, len(sub))
     start = time.time()
-    clean_pred = logit_predictions(model, sub.images, batch, device)
+    clean_pred = logit_predictions(model, sub.images, attack.test_batch, device)
     clean = clean_pred == sub.labels
     outcomes = [Outcome("clean", 0.0, clean, time.time() - start)]
     full = len(pos) == len(test)
@@ -69,7 +70,7 @@ def evaluate_strong(model, test: ImageData, paper: SweepResult, attack: AttackCo
             outcomes.append(run_autoattack(model, sub, eps, attack.seed, batch, device))
     outcomes += worst_case(outcomes, clean)
     write_table(outcomes, len(sub), os.path.join(out_dir, files.STRONG_RESULTS))
-    diagnostics = masking_diagnostics(attack, model, sub, outcomes, device)
+    diagnostics = masking_diagnostics(attack, model, sub, outcomes, device, batch)
     # the paper's scores and the logit must agree on the clean predictions
     disagree = int((paper.clean_pred[pos] != clean_pred).sum())
     diagnostics["clean_prediction_disagreements"] = disagree
@@ -109,10 +110,10 @@ def write_table(outcomes: list[Outcome], n: int, path: str) -> None:
 
 
 def masking_diagnostics(attack: AttackConfig, model, sub: ImageData, outcomes: list[Outcome],
-                        device) -> dict:
+                        device, batch: int) -> dict:
     losses = {"paper": paper_loss, "pgd-ce": logit_ce_loss, "pgd-dlr": logit_dlr_loss}
     start_eps = DIAGNOSTIC_EPS if DIAGNOSTIC_EPS in EPSILONS else None
-    grads = gradient_summary(model, sub, losses, attack.test_batch, device, start_eps,
+    grads = gradient_summary(model, sub, losses, batch, device, start_eps,
                              attack.seed, EPSILONS.index(DIAGNOSTIC_EPS) if start_eps else 0)
     for point, stats in grads.items():
         log.info("input gradients at %s: %s", point, ", ".join(

@@ -10,6 +10,12 @@ at a time, the example of its class nearest to its centroid among the clusters o
 class holding more than 2, until it holds 2; the centroids stay k-means' own, and the run
 logs a warning. With at least 2*K examples per class (checked before training) this always
 succeeds, so a refresh never stops a run.
+Each per-class fit runs single-threaded (``threadpoolctl.threadpool_limits(1)``, see
+``KMEANS_THREADS``):
+scikit-learn's k-means otherwise starts an OpenMP team and BLAS threads on every core for a
+few thousand 512-d points, and on a machine whose cores are busy (the training process's
+own torch threads, other jobs) those threads spend the fit waiting for one another. The
+arithmetic, and so every centroid, is the same.
 """
 from __future__ import annotations
 
@@ -18,12 +24,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from base.errors import UsageError
 from models.classifier import ClusterClassifier
 from models.cluster_head import ClusterHead, squared_distances
 from utils.train.embeddings import compute_embeddings
 
+KMEANS_THREADS: int | None = 1  # threads of each per-class fit (None: scikit-learn's own)
 log = logging.getLogger("clustr")
 
 
@@ -72,8 +80,9 @@ def fit_clusters(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, K: i
         if len(members) < K:
             raise UsageError(f"class {c} has {len(members)} training examples, fewer than "
                              f"--k {K}: lower --k or use more data")
-        km = KMeans(n_clusters=K, init="k-means++", n_init=n_init, max_iter=max_iter,
-                    random_state=seed).fit(x[members])
+        with threadpool_limits(limits=KMEANS_THREADS):  # no oversubscription (see the module's doc)
+            km = KMeans(n_clusters=K, init="k-means++", n_init=n_init, max_iter=max_iter,
+                        random_state=seed).fit(x[members])
         centers[c * K:(c + 1) * K] = torch.from_numpy(km.cluster_centers_).float()
     classes = torch.arange(num_classes).repeat_interleave(K)
     assignments = nearest_own_cluster(emb, labels, centers, classes)

@@ -33,7 +33,7 @@ REQUIRED = ("format", "epoch", "step", "totals", "args", "model", "optimizer", "
 MAY_DIFFER = frozenset({
     "checkpoint", "data_root", "pretrained_path", "device", "workers", "quiet", "resume",
     "overwrite", "checkpoint_every", "save_all", "epochs", "iterations", "restarts",
-    "test_batch", "embed_batch", "evaluate_ckpt", "dist_timeout",
+    "test_batch", "attack_batch", "embed_batch", "evaluate_ckpt", "dist_timeout",
 })
 
 
@@ -159,8 +159,8 @@ class RunState:
         (1-based); the epoch's last step is covered by the end-of-epoch save."""
         steps = self.trainer.steps_per_epoch()
 
-        def after_step(done: int, totals: dict) -> None:
+        def after_step(done: int, totals) -> None:  # totals(): the running sums, as floats
             if done % every == 0 and done < steps:
-                self.save(Position(epoch - 1, done, totals))
+                self.save(Position(epoch - 1, done, totals()))
 
         return after_step if every > 0 else None

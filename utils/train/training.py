@@ -28,6 +28,7 @@ from utils.train.embeddings import compute_embeddings_split, default_embed_batch
 from utils.train.free_adversarial import FreePerturbation
 from utils.train.magnet_loss import magnet_loss, magnet_loss_full
 
+BAR_EVERY = 10  # steps between progress-bar loss updates
 log = logging.getLogger("clustr")
 
 
@@ -91,19 +92,22 @@ class ClusTRTrainer:
             log.warning("--consistency-lambda/--xent-lambda have no effect with "
                         "--minibatch-replays: free training uses the Magnet loss alone, as "
                         "the original")
-        # after_step(steps_done, totals) runs after every step (periodic resume saves)
+        # after_step(steps_done, totals) runs after every step (periodic resume saves);
+        # totals() gives the running sums of the loss terms
         self.after_step = None
+        self._images: torch.Tensor | None = None  # the training set on the device
 
     def _wrap_ddp(self, model: ResNet18) -> torch.nn.Module:
         """The module the training steps call: DDP (gradients averaged over the processes)
         when a process group was joined, else the model itself. The linear head takes no part
-        in the Magnet loss, hence find_unused_parameters."""
+        in the Magnet loss, at every step alike: ``static_graph`` lets DDP learn that once
+        instead of walking the autograd graph each step (``find_unused_parameters``)."""
         if not self.dist.enabled:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+        return DistributedDataParallel(model, device_ids=ids, static_graph=True)
 
     def _sync_buffers(self) -> None:
         """Rank 0's BatchNorm statistics on every process. DDP broadcasts them before each
@@ -142,9 +146,11 @@ class ClusTRTrainer:
         return emb
 
     def embed(self, images: torch.Tensor, batch: int, desc: str) -> torch.Tensor:
-        """Embeddings (N, 512) of a whole set; each process embeds its shard."""
+        """Embeddings (N, 512) of a whole set; each process embeds its shard. Always in
+        float32, also with ``amp`` (which speeds up the training steps only): the clusters,
+        sigma^2 and the logged accuracies are then those the float32 evaluation sees."""
         return compute_embeddings_split(self.model, images, batch, self.device, self.dist,
-                                        desc=desc, amp=self.cfg.amp)
+                                        desc=desc, amp=False)
 
     def _fit_once(self, emb: torch.Tensor) -> Clusters:
         """k-means on the main process, its result broadcast, so every process holds the
@@ -191,48 +197,79 @@ class ClusTRTrainer:
         head = self.head().to(self.device)  # this epoch's clusters, for the extra terms
         classes = head.classes
         replays = max(1, self.cfg.minibatch_replays)
-        totals: dict[str, float] = dict(totals or {})
+        resumed = dict(totals or {})
+        sums: dict[str, torch.Tensor] = {}  # this process's sums of the terms, on the device
         steps = self.steps_per_epoch()
         if self.free and start_step == 0:
             self.free.reset()  # the original sets delta to zero at every epoch's start
         bar = progress(range(start_step, steps), desc=desc, leave=False)
         for step in bar:
             indices, cluster_ids = self.sampler.sample(self.generator)
-            images = augment(self.train.images[indices], self.cfg.dataset, self.generator)
-            x = to_device(images, self.device)
-            cluster_ids = cluster_ids.to(self.device)
+            x = self.batch_images(indices)
+            cluster_ids = cluster_ids.to(self.device, non_blocking=True)
             for _ in range(replays):
                 self.optimizer.zero_grad(set_to_none=True)
                 x_in = self.free.perturb(x) if self.free else x
                 terms, per_example = self.batch_terms(x_in, cluster_ids, classes, head,
                                                       extras=not self.free)
                 loss = sum(terms.values())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at step {step + 1}")
                 loss.backward()
+                # the step's one wait for the device: after the backward is queued, before
+                # the update, so a non-finite loss never reaches the weights
+                value = loss.item()
+                if not self.dist.all_agree(math.isfinite(value)):
+                    raise FloatingPointError(f"non-finite loss at step {step + 1}")
+                losses = per_example.detach().float().cpu()  # ready: no further wait
                 self.optimizer.step()
                 if self.free:
                     self.free.step(x)
-                for name, value in self._mean_over_ranks(terms).items():
-                    totals[name] = totals.get(name, 0.0) + value
-            if self.free:
-                per_example = self.free_losses(x, cluster_ids, classes)
+                for name, term in terms.items():
+                    term = term.detach().double()
+                    sums[name] = sums[name] + term if name in sums else term
+            if self.free:  # the sampler records the updated network's losses
+                losses = self.free_losses(x, cluster_ids, classes).float().cpu()
             # every process records every process's batch: the sampler states stay equal
             self.sampler.record_losses(self.dist.gather_cat(indices.cpu()),
-                                       self.dist.gather_cat(per_example.detach().float().cpu()))
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+                                       self.dist.gather_cat(losses))
+            if (step + 1 - start_step) % BAR_EVERY == 0 or step + 1 == steps:
+                bar.set_postfix(loss=f"{value:.4f}")
             if self.after_step is not None:
-                self.after_step(step + 1, totals)
+                self.after_step(step + 1, lambda: self._totals(resumed, sums))
         self._sync_buffers()
-        return {name: total / (steps * replays) for name, total in totals.items()}
+        return {name: total / (steps * replays)
+                for name, total in self._totals(resumed, sums).items()}
 
-    def _mean_over_ranks(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Each loss term averaged over the processes' batches (one value per process)."""
-        if not self.dist.enabled:
-            return {name: v.item() for name, v in terms.items()}
-        values = torch.tensor([[v.item() for v in terms.values()]], dtype=torch.float64)  # (1, T)
-        means = self.dist.gather_cat(values).mean(0)  # (T,)
-        return {name: float(m) for name, m in zip(terms, means)}
+    def batch_images(self, indices: torch.Tensor) -> torch.Tensor:
+        """The augmented float batch (N, 3, H, W) on the device, channels_last.
+
+        The uint8 training set stays on the device (``device_images``), so a step copies
+        only the indices and the augmentation's draws, which come from the CPU generator in
+        the same order as ever: the batches are bit-identical to augmenting on the CPU."""
+        stored = self.device_images()
+        images = stored[indices.to(stored.device, non_blocking=True)]
+        return to_device(augment(images, self.cfg.dataset, self.generator), self.device)
+
+    def device_images(self) -> torch.Tensor:
+        """The uint8 training images on the device (a copy made once; the CPU tensor itself
+        on a CPU)."""
+        if self._images is None or self._images.device != self.device:
+            self._images = self.train.images.to(self.device)
+        return self._images
+
+    def _totals(self, resumed: dict[str, float], sums: dict[str, torch.Tensor]
+                ) -> dict[str, float]:
+        """The running sums of the loss terms over this epoch's steps: those of the steps
+        done before a resume, plus this process's, averaged over the processes (one
+        gather, not one per step)."""
+        names = list(sums)
+        if not names:
+            return dict(resumed)
+        local = torch.stack([sums[n] for n in names]).cpu()[None]  # (1, T) float64
+        means = self.dist.gather_cat(local).mean(0) if self.dist.enabled else local[0]
+        out = dict(resumed)
+        for name, m in zip(names, means.tolist()):
+            out[name] = out.get(name, 0.0) + m
+        return out
 
     @torch.no_grad()
     def free_losses(self, x: torch.Tensor, cluster_ids: torch.Tensor,
