@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shlex
 import sys
 import time
 
@@ -30,7 +31,9 @@ from utils.distributed import (
     test_fail_hook,
     test_state_dump,
 )
+from utils import preemption, run_log
 from utils.errors import UsageError, one_line
+from utils.eval_state import EVAL_RESUME_FILE
 from utils.evaluation import evaluate_checkpoint, evaluate_model, load_eval_inputs
 from utils.experiment_dir import RESUME_FILE, ExperimentDir
 from utils.progress import set_quiet
@@ -115,7 +118,9 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
     if not args.resume:
         state.save(start)  # from the first result on, --resume has a state to continue from
     if dist.is_main:
+        run_log.attach(out.path)
         write_text_atomic(out.file("params.txt"), params_line(args) + "\n")
+        run_log.write_args_json(out.path, args)
         epoch_log.flush()
     extra = {"args": {k: v for k, v in vars(args).items()}, "dataset": args.dataset,
              "classes": list(trainer.train.classes)}
@@ -131,7 +136,7 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
         begin = time.time()
         lr = optimizer.param_groups[0]["lr"]
         resumed = start if epoch == start.epoch + 1 else Position(epoch - 1)
-        trainer.after_step = state.step_saver(args.checkpoint_every, epoch)
+        trainer.after_step = stop_or_save(state, args.checkpoint_every, epoch, dist)
         metrics = run_epoch(trainer, epoch, resumed, ckpt_path)
         scheduler.step()
         c = trainer.clusters
@@ -151,7 +156,26 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
         log.info("epoch %d/%d  lr %.2g  train loss %.4f acc %.2f%%  test loss %.4f acc "
                  "%.2f%%  (%.0fs)", epoch, args.epochs, lr, metrics.train_loss,
                  metrics.train_acc, metrics.test_loss, metrics.test_acc, time.time() - begin)
+        preemption.point(f"train-epoch-{epoch}", dist.rank)
+        if preemption.should_stop(dist):
+            raise preemption.stop(f"after epoch {epoch}")
     return ckpt_path
+
+
+def stop_or_save(state: RunState, every: int, epoch: int, dist: Dist):
+    """The trainer's ``after_step``: the periodic resume save (``--checkpoint-every``) and,
+    when a signal asked to stop, a save of this step's position and the stop."""
+    save, steps = state.step_saver(every, epoch), state.trainer.steps_per_epoch()
+
+    def after_step(done: int, totals: dict) -> None:
+        if save is not None:
+            save(done, totals)
+        preemption.point(f"train-step-{epoch}-{done}", dist.rank)
+        if done < steps and preemption.should_stop(dist):  # the last step: after the epoch
+            state.save(Position(epoch - 1, done, totals))
+            raise preemption.stop(f"in epoch {epoch} after step {done}")
+
+    return after_step
 
 
 def run_epoch(trainer: ClusTRTrainer, epoch: int, start: Position, ckpt_path: str):
@@ -192,13 +216,15 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
         args.not_normalize = bool(args.not_normalize)
         ckpt_path = train(args, out, device, dist)
         dist.barrier()  # the main process has written the checkpoint
-        evaluate_checkpoint(args, ckpt_path, out.path, device, dist)
+        evaluate_checkpoint(args, ckpt_path, out.path, device, dist, after_training=True)
         return 0
     model, test = load_eval_inputs(args, args.evaluate_ckpt)
     dist.barrier()  # every process checked its inputs before anything is written
     if dist.is_main:
         out.prepare(evaluate_only=True, overwrite=args.overwrite, inputs=[args.evaluate_ckpt])
+        run_log.attach(out.path)
         write_text_atomic(out.file("params.txt"), params_line(args) + "\n")
+        run_log.write_args_json(out.path, args)
     evaluate_model(args, model, test, out.path, device, args.evaluate_ckpt, dist)
     return 0
 
@@ -207,19 +233,40 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout)
+    command = list(sys.argv[1:] if argv is None else map(str, argv))
+    handler = run_log.start()
+    preemption.install()
     try:
         return run(args)
     except UsageError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return final_line(handler, f"error: {one_line(exc)}", 2)
     except OSError as exc:  # disk full, permission denied, ...: one line, not a traceback
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        saved = os.path.isfile(os.path.join(args.checkpoint, RESUME_FILE))
-        print("interrupted" + (": continue with the same command and --resume" if saved and
-                               args.evaluate_ckpt is None else ""), file=sys.stderr)
-        return 130
+        return final_line(handler, f"error: {one_line(exc)}", 1)
+    except (preemption.Preempted, KeyboardInterrupt) as exc:
+        status = exc.exit_status if isinstance(exc, preemption.Preempted) else 130
+        return final_line(handler, how_to_continue(args, command, exc), status)
+    finally:
+        preemption.uninstall()
+        run_log.stop(handler)
+
+
+def how_to_continue(args, command: list[str], exc: BaseException) -> str:
+    """The one line a stopped run prints: what stopped it and how to go on."""
+    what = str(exc) if isinstance(exc, preemption.Preempted) else "interrupted"
+    saved = [n for n in (RESUME_FILE, EVAL_RESUME_FILE)
+             if os.path.isfile(os.path.join(args.checkpoint, n))]
+    if not saved:
+        return f"{what}: nothing was saved yet; run the command again"
+    again = shlex.join([a for a in command if a != "--resume"] + ["--resume"])
+    return (f"{what}: state saved in {os.path.join(args.checkpoint, saved[-1])}; continue "
+            f"with the same command and --resume: python main_clustr.py {again}")
+
+
+def final_line(handler, line: str, status: int) -> int:
+    """Print the run's last line on stderr and append it to run.log (when it is open)."""
+    print(line, file=sys.stderr)
+    handler.write_line(line)
+    return status
 
 
 if __name__ == "__main__":

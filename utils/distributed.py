@@ -96,6 +96,28 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed if rank == 0 else seed + 1_000_003 * rank
 
 
+def per_rank(d: Dist, local: torch.Tensor):
+    """A per-process tensor for a resume state: the tensor itself in a world of one, else
+    ``{"rows": every rank's rows concatenated, "sizes": (world,)}`` (a collective)."""
+    if not d.enabled:
+        return local
+    sizes = d.gather_cat(torch.tensor([len(local)]))
+    return {"rows": d.gather_cat(local), "sizes": sizes}
+
+
+def own_rank(d: Dist, saved):
+    """This process's part of what ``per_rank`` saved."""
+    if not isinstance(saved, dict):
+        return saved
+    sizes = [int(s) for s in saved["sizes"]]
+    if len(sizes) != d.world_size:
+        from utils.errors import UsageError
+        raise UsageError(f"the run was interrupted with {len(sizes)} process(es) and continues "
+                         f"with {d.world_size}: resume with the same number")
+    start = sum(sizes[:d.rank])
+    return saved["rows"][start:start + sizes[d.rank]]
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -131,6 +153,21 @@ def close_distributed(d: Dist) -> None:
 # -- test-only hooks: inert unless their environment variable is set -------------------------
 FAIL_RANK_ENV = "CLUSTR_TEST_FAIL_RANK"
 STATE_DIR_ENV = "CLUSTR_TEST_STATE_DIR"
+NAN_RANK_ENV = "CLUSTR_TEST_NAN_RANK"  # RANK[:STEP]: that rank's STEP-th loss is NaN
+_NAN_CALLS = {"n": 0}
+
+
+def test_nan_hook(d: Dist, loss: torch.Tensor) -> torch.Tensor:
+    """``loss``, or NaN on the rank (and at the step, default 2) CLUSTR_TEST_NAN_RANK names,
+    so tests can check that a non-finite loss on one process ends every process at once."""
+    spec = os.environ.get(NAN_RANK_ENV)
+    if not spec:
+        return loss
+    rank, _, step = spec.partition(":")
+    if int(rank) != d.rank:
+        return loss
+    _NAN_CALLS["n"] += 1
+    return loss * float("nan") if _NAN_CALLS["n"] == int(step or 2) else loss
 
 
 def test_fail_hook(d: Dist, where: str) -> None:

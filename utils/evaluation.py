@@ -38,7 +38,7 @@ from utils.checkpoint import (
 from utils.distributed import Dist
 from utils.embeddings import eval_mode, to_device
 from utils.errors import UsageError
-from utils.eval_state import EvalState
+from utils.eval_state import EVAL_RESUME_FILE, EvalState, fingerprint
 from utils.progress import progress
 from utils.results import write_csv
 
@@ -203,6 +203,7 @@ class _Sweep:
                            leave=False)
             for b in bar:
                 self._batch(unit, e, eps, r, b)
+                preemption.point(f"pgd-batch-{e}-{r}-{b}", self.dist.rank)
                 if b + 1 < self.n_batches and preemption.should_stop(self.dist):
                     self._save(key, unit, r, b + 1, before + time.perf_counter() - begin)
                     raise preemption.stop(f"in PGD eps {eps:g}/255, restart {r + 1}")
@@ -305,17 +306,27 @@ def load_eval_inputs(args, ckpt_path: str):
 
 
 def evaluate_checkpoint(args, ckpt_path: str, out_dir: str, device: torch.device,
-                        dist: Dist | None = None) -> SweepResult:
+                        dist: Dist | None = None, after_training: bool = False) -> SweepResult:
     model, test = load_eval_inputs(args, ckpt_path)
-    return evaluate_model(args, model, test, out_dir, device, ckpt_path, dist)
+    return evaluate_model(args, model, test, out_dir, device, ckpt_path, dist, after_training)
 
 
 def evaluate_model(args, model, test: ImageData, out_dir: str, device: torch.device,
-                   ckpt_path: str, dist: Dist | None = None) -> SweepResult:
-    """The sweep (split over the processes under torchrun); the main process writes."""
+                   ckpt_path: str, dist: Dist | None = None,
+                   after_training: bool = False) -> SweepResult:
+    """The sweep (split over the processes under torchrun); the main process writes. The
+    progress goes to ``eval_resume.pth`` (``utils.eval_state``), which ``--resume`` continues
+    from; after training, an evaluation of an older checkpoint starts afresh."""
     dist = dist or Dist.single()
+    keep_adv = bool(getattr(args, "save_adv", False))
+    state = EvalState.open(os.path.join(out_dir, EVAL_RESUME_FILE),
+                           fingerprint(args, ckpt_path, test.images, test.labels, device,
+                                       dist.world_size),
+                           bool(getattr(args, "resume", False)), write=dist.is_main,
+                           fresh_if_checkpoint_changed=after_training)
+    state.save()  # from here on, --resume has an evaluation to continue
     result = run_sweep(model, test, EPSILONS, args.iterations, args.restarts, args.seed,
-                       args.test_batch, device, dist=dist)
+                       args.test_batch, device, dist=dist, state=state, keep_adv=keep_adv)
     log.info("clean accuracy %.2f%% on %d test images", result.clean_acc, len(test))
     if not dist.is_main:
         return result
@@ -327,7 +338,11 @@ def evaluate_model(args, model, test: ImageData, out_dir: str, device: torch.dev
         seed=args.seed))
     if getattr(args, "strong", False) or getattr(args, "autoattack", False):
         from utils.strong_evaluation import evaluate_strong  # stronger attacks, same images
-        evaluate_strong(args, model, test, result, out_dir, device)
+        evaluate_strong(args, model, test, result, out_dir, device, state)
+    elif keep_adv:
+        from utils.adversarial_store import ADVERSARIAL_FILE, save_adversarial
+        save_adversarial(os.path.join(out_dir, ADVERSARIAL_FILE), model, test, result,
+                         batch=args.test_batch, device=device)
     return result
 
 

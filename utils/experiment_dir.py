@@ -16,6 +16,7 @@ import os
 
 from utils.checkpoint import temp_prefix
 from utils.errors import UsageError
+from utils.eval_state import EVAL_RESUME_FILE
 
 log = logging.getLogger("clustr")
 
@@ -25,7 +26,8 @@ TRAIN_OUTPUTS = ("log.txt", "params.txt", "checkpoint.pth", "checkpoint_*.pth", 
                  "metrics.csv")
 EVAL_OUTPUTS = ("params.txt", "attack_results_ext.csv", "predictions_eps*.csv",
                 "robustness.png", "eval_summary.json", "attack_results_strong.csv",
-                "diagnostics.json")
+                "diagnostics.json", "args.json", "run.log", EVAL_RESUME_FILE, "adversarial.pt",
+                "autoattack_log.txt")
 
 
 class ExperimentDir:
@@ -54,10 +56,12 @@ class ExperimentDir:
                              f"another experiment directory")
         self._check_writable()
         if resume:
-            if not os.path.isfile(self.file(RESUME_FILE)):
-                raise UsageError(f"--resume: {self.file(RESUME_FILE)} not found, so there is "
-                                 f"no interrupted run to continue in {self.path} (run without "
-                                 f"--resume to start one)")
+            name, kind = ((EVAL_RESUME_FILE, "evaluation") if evaluate_only
+                          else (RESUME_FILE, "run"))
+            if not os.path.isfile(self.file(name)):
+                raise UsageError(f"--resume: {self.file(name)} not found, so there is "
+                                 f"no interrupted {kind} to continue in {self.path} (run "
+                                 f"without --resume to start one)")
             return
         found = self.existing(self.outputs(evaluate_only))
         if found and not overwrite:

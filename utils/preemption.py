@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 
 import torch
 
@@ -49,7 +50,10 @@ def _handler(signum, _frame):
 
 
 def install() -> None:
-    """Route SIGTERM and SIGINT to a stop request (main thread only; idempotent)."""
+    """Route SIGTERM and SIGINT to a stop request (idempotent; only the main thread may set
+    handlers, elsewhere the defaults stay)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
     for s in SIGNALS:
         signal.signal(s, _handler)
     _STATE.update(signum=None, immediate=False, installed=True)

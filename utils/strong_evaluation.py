@@ -19,7 +19,6 @@ and write, next to ``attack_results_ext.csv``:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -28,6 +27,8 @@ import time
 import torch
 
 from datasets.data import ImageData, balanced_subset
+from utils import autoattack_backend, preemption
+from utils.adversarial_store import ADVERSARIAL_FILE
 from utils.attacks import logit_ce_loss, paper_loss
 from utils.checkpoint import write_text_atomic
 from utils.evaluation import EPSILONS, STEP, SweepResult, plot_robustness
@@ -47,6 +48,7 @@ log = logging.getLogger("clustr")
 
 STRONG_CSV = "attack_results_strong.csv"
 DIAGNOSTICS = "diagnostics.json"
+AUTOATTACK_LOG = "autoattack_log.txt"  # the GitHub package's own log (log_path)
 DIAGNOSTIC_EPS = 8.0  # the random start of the gradient diagnostics, units of 1/255
 
 
@@ -71,7 +73,7 @@ def add_strong_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_strong_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Refuse, at parse time (before any training), what the evaluation could not run."""
-    if args.autoattack and importlib.util.find_spec("pyautoattack") is None:
+    if args.autoattack and not autoattack_backend.available():
         parser.error(AUTOATTACK_HINT)
     extras = [flag for flag, given in (("--strong-subset", args.strong_subset is not None),
                                        ("--autoattack-eps", args.autoattack_eps != [8.0]))
@@ -81,8 +83,9 @@ def check_strong_arguments(args: argparse.Namespace, parser: argparse.ArgumentPa
 
 
 def evaluate_strong(args, model, test: ImageData, paper: SweepResult, out_dir: str,
-                    device) -> dict:
-    """Strong attacks on the images the paper's sweep attacked; returns the diagnostics."""
+                    device, state=None) -> dict:
+    """Strong attacks on the images the paper's sweep attacked; returns the diagnostics.
+    ``state`` (``utils.eval_state.EvalState``) keeps their progress for ``--resume``."""
     sub, pos = _strong_images(test, args.strong_subset, args.seed)
     batch = args.test_batch
     start = time.time()
@@ -93,13 +96,16 @@ def evaluate_strong(args, model, test: ImageData, paper: SweepResult, out_dir: s
     for r in paper.per_eps:
         outcomes.append(Outcome("paper-pgd", r.eps, r.adv_pred[pos] == sub.labels,
                                 r.seconds if full else float("nan")))
+    keep_adv = bool(getattr(args, "save_adv", False))
     if args.strong:
         for attack in ADAPTIVE_LOSSES:
             outcomes += adaptive_sweep(model, sub, attack, EPSILONS, args.iterations,
-                                       args.restarts, args.seed, batch, device, clean=clean)
+                                       args.restarts, args.seed, batch, device, clean=clean,
+                                       state=state, keep_adv=keep_adv)
     if args.autoattack:
-        for eps in args.autoattack_eps:
-            outcomes.append(run_autoattack(model, sub, eps, args.seed, batch, device))
+        for i, eps in enumerate(args.autoattack_eps):
+            outcomes.append(autoattack_unit(model, sub, eps, i, args.seed, batch, device,
+                                            state, keep_adv, out_dir))
     outcomes += worst_case(outcomes, clean)
     _write_table(outcomes, len(sub), os.path.join(out_dir, STRONG_CSV))
     diagnostics = _diagnostics(args, model, sub, outcomes, device)
@@ -109,10 +115,37 @@ def evaluate_strong(args, model, test: ImageData, paper: SweepResult, out_dir: s
     if disagree:
         log.warning("WARNING: the logit's and the paper scores' arg-max differ on %d clean "
                     "image(s) (scores underflowing to 0?)", disagree)
+    packages = sorted({o.package for o in outcomes if o.package})
+    diagnostics["settings"]["autoattack_package"] = ", ".join(packages) or None
     write_text_atomic(os.path.join(out_dir, DIAGNOSTICS), json.dumps(diagnostics, indent=2)
                       + "\n")
+    if keep_adv:
+        from utils.adversarial_store import save_adversarial
+        save_adversarial(os.path.join(out_dir, ADVERSARIAL_FILE), model, test, paper,
+                         sub, pos, outcomes, batch, device)
     _plot(paper, outcomes, len(sub), full, os.path.join(out_dir, "robustness.png"))
     return diagnostics
+
+
+def autoattack_unit(model, sub: ImageData, eps: float, i: int, seed: int, batch: int, device,
+                    state, keep_adv: bool, out_dir: str) -> Outcome:
+    """AutoAttack at one eps, saved as unit ``autoattack/<i>`` (it cannot be saved part-way:
+    a stop request during it ends the run at once, to continue from the previous unit)."""
+    key = f"autoattack/{i}"
+    unit = state.get(key) if state is not None else None
+    if unit is None or not unit.get("done"):
+        with preemption.immediate():
+            out = run_autoattack(model, sub, eps, seed, batch, device, keep_adv=keep_adv,
+                                 log_path=os.path.join(out_dir, AUTOATTACK_LOG))
+        unit = {"done": True, "robust": out.robust, "seconds": out.seconds,
+                "package": out.package}
+        if out.adv is not None:
+            unit["adv_rows"], unit["adv_images"] = out.adv
+        if state is not None:
+            state.put(key, unit)
+        preemption.point(f"autoattack-eps-{i}")
+    adv = (unit["adv_rows"], unit["adv_images"]) if "adv_rows" in unit else None
+    return Outcome("autoattack", eps, unit["robust"], unit["seconds"], adv, unit["package"])
 
 
 def _strong_images(test: ImageData, n: int | None, seed: int) -> tuple[ImageData, torch.Tensor]:

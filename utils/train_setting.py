@@ -125,13 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bfloat16 autocast for training and embedding passes (CUDA only; "
                         "attacks stay in float32)")
     n.add_argument("--quiet", action="store_true", help="no progress bars")
+    n.add_argument("--save-adv", action="store_true",
+                   help="write adversarial.pt: per eps, the adversarial images that fooled "
+                        "the model under the paper's PGD and the strongest attack run "
+                        "(docs/LONG_EVALUATIONS.md)")
     n.add_argument("--dist-timeout", type=pos_float, default=600.0, metavar="SECONDS",
                    help="under torchrun: a collective waiting longer than this fails the job "
                         "instead of hanging")
     r = p.add_argument_group("interrupted runs and existing results (see README, Failure "
                              "behaviour)")
     r.add_argument("--resume", action="store_true",
-                   help="continue the interrupted run in --checkpoint from its resume.pth "
+                   help="continue the interrupted run in --checkpoint from its resume.pth, "
+                        "and its evaluation (or an --evaluate-ckpt run) from eval_resume.pth "
                         "(same arguments; --epochs may grow)")
     r.add_argument("--overwrite", action="store_true",
                    help="replace the results already in --checkpoint instead of refusing")
@@ -159,9 +164,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.resume and args.overwrite:
         parser.error("--resume continues the results in --checkpoint and --overwrite replaces "
                      "them: give one of the two")
-    if args.resume and args.evaluate_ckpt is not None:
-        parser.error("--resume continues training; --evaluate-ckpt only evaluates: give one of "
-                     "the two")
     from utils.strong_evaluation import check_strong_arguments
     check_strong_arguments(args, parser)
     return args

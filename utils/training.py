@@ -19,7 +19,7 @@ from models.cluster_head import ClusterHead
 from models.resnet import ResNet18
 from utils.clustering import Clusters, fit_clusters, kmeans_settings
 from utils.consistency import ExtraTerms
-from utils.distributed import Dist, rank_seed
+from utils.distributed import Dist, own_rank, per_rank, rank_seed, test_nan_hook
 from utils.embeddings import autocast, compute_embeddings_split, default_embed_batch, to_device
 from utils.errors import UsageError
 from utils.free_adversarial import FreePerturbation
@@ -191,9 +191,13 @@ class ClusTRTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 x_in = self.free.perturb(x) if self.free else x
                 terms, per_example = self.batch_terms(x_in, cluster_ids, classes, head)
-                loss = sum(terms.values())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at step {step + 1}")
+                loss = test_nan_hook(self.dist, sum(terms.values()))
+                # every process agrees before the backward: a non-finite loss on one ends all
+                # of them at once instead of leaving the others waiting in DDP's all-reduce
+                finite = bool(torch.isfinite(loss))
+                if not self.dist.all_agree(finite):
+                    raise FloatingPointError(f"non-finite loss at step {step + 1}" +
+                                             ("" if not finite else " on another process"))
                 loss.backward()
                 self.optimizer.step()
                 if self.free:
@@ -248,7 +252,9 @@ class ClusTRTrainer:
                  "clusters": {"centers": c.centers, "classes": c.classes,
                               "assignments": c.assignments, "variance": c.variance}}
         if self.free is not None and self.free.delta is not None:
-            state["free_delta"] = self.free.delta.detach().cpu()  # carried across batches
+            # carried across batches; each process has its own: (world, B, 3, H, W) under
+            # torchrun, restored per rank
+            state["free_delta"] = per_rank(self.dist, self.free.delta.detach().cpu())
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -257,7 +263,7 @@ class ClusTRTrainer:
         self.clusters = Clusters(**state["clusters"])
         self.sampler.update_clusters(self.clusters.assignments, self.clusters.centers)
         if self.free is not None and "free_delta" in state:
-            self.free.delta = state["free_delta"].to(self.device)
+            self.free.delta = own_rank(self.dist, state["free_delta"]).to(self.device)
 
     def _generator_state(self) -> torch.Tensor:
         """This process's generator state (G,) alone, or every process's (world, G)."""
