@@ -34,7 +34,13 @@ from utils.distributed import (
 from utils import preemption, run_log
 from utils.errors import UsageError, one_line
 from utils.eval_state import EVAL_RESUME_FILE
-from utils.evaluation import evaluate_checkpoint, evaluate_model, load_eval_inputs
+from utils.eval_state import check_arguments as check_eval_arguments
+from utils.evaluation import (
+    evaluate_checkpoint,
+    evaluate_model,
+    load_eval_inputs,
+    open_eval_state,
+)
 from utils.experiment_dir import RESUME_FILE, ExperimentDir
 from utils.progress import set_quiet
 from utils.results import EpochLog, MetricsCSV
@@ -214,18 +220,21 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
     if not evaluate_only:
         args.L = 10 if args.L is None else args.L
         args.not_normalize = bool(args.not_normalize)
+        if args.resume:  # an evaluation already started must go on with its arguments
+            check_eval_arguments(out.file(EVAL_RESUME_FILE), args)
         ckpt_path = train(args, out, device, dist)
         dist.barrier()  # the main process has written the checkpoint
         evaluate_checkpoint(args, ckpt_path, out.path, device, dist, after_training=True)
         return 0
     model, test = load_eval_inputs(args, args.evaluate_ckpt)
+    state = open_eval_state(args, args.evaluate_ckpt, test, out.path, device, dist)
     dist.barrier()  # every process checked its inputs before anything is written
     if dist.is_main:
         out.prepare(evaluate_only=True, overwrite=args.overwrite, inputs=[args.evaluate_ckpt])
         run_log.attach(out.path)
         write_text_atomic(out.file("params.txt"), params_line(args) + "\n")
         run_log.write_args_json(out.path, args)
-    evaluate_model(args, model, test, out.path, device, args.evaluate_ckpt, dist)
+    evaluate_model(args, model, test, out.path, device, args.evaluate_ckpt, dist, state=state)
     return 0
 
 

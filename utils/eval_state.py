@@ -83,6 +83,21 @@ def difference(saved: dict, now: dict) -> str | None:
     return None
 
 
+def check_arguments(path: str, args) -> None:
+    """Before a resumed training run continues: refuse evaluation arguments that differ from
+    those of the evaluation already started in ``path`` (when there is one)."""
+    if not os.path.isfile(path):
+        return
+    saved = load_checkpoint(path).get("fingerprint", {}).get("args", {})
+    now = {k: getattr(args, k, None) for k in EVAL_ARGS}
+    now = {k: list(v) if isinstance(v, tuple) else v for k, v in now.items()}
+    for k, v in saved.items():
+        if k in now and now[k] != v:
+            raise UsageError(f"--resume needs the interrupted evaluation's arguments: it had "
+                             f"--{k.replace('_', '-')} {v!r} (now {now[k]!r}); repeat its "
+                             f"command with --resume, or start afresh with --overwrite")
+
+
 class EvalState:
     """The units of one evaluation and the file they are saved in (written by the main
     process only; every process reads it on resume)."""

@@ -311,19 +311,28 @@ def evaluate_checkpoint(args, ckpt_path: str, out_dir: str, device: torch.device
     return evaluate_model(args, model, test, out_dir, device, ckpt_path, dist, after_training)
 
 
+def open_eval_state(args, ckpt_path: str, test: ImageData, out_dir: str, device,
+                    dist: Dist | None = None, after_training: bool = False) -> EvalState:
+    """The evaluation's resume state: new, or with ``--resume`` the saved one, checked
+    against this run's arguments, checkpoint and test images (nothing is written)."""
+    dist = dist or Dist.single()
+    return EvalState.open(os.path.join(out_dir, EVAL_RESUME_FILE),
+                          fingerprint(args, ckpt_path, test.images, test.labels, device,
+                                      dist.world_size),
+                          bool(getattr(args, "resume", False)), write=dist.is_main,
+                          fresh_if_checkpoint_changed=after_training)
+
+
 def evaluate_model(args, model, test: ImageData, out_dir: str, device: torch.device,
-                   ckpt_path: str, dist: Dist | None = None,
-                   after_training: bool = False) -> SweepResult:
+                   ckpt_path: str, dist: Dist | None = None, after_training: bool = False,
+                   state: EvalState | None = None) -> SweepResult:
     """The sweep (split over the processes under torchrun); the main process writes. The
     progress goes to ``eval_resume.pth`` (``utils.eval_state``), which ``--resume`` continues
     from; after training, an evaluation of an older checkpoint starts afresh."""
     dist = dist or Dist.single()
     keep_adv = bool(getattr(args, "save_adv", False))
-    state = EvalState.open(os.path.join(out_dir, EVAL_RESUME_FILE),
-                           fingerprint(args, ckpt_path, test.images, test.labels, device,
-                                       dist.world_size),
-                           bool(getattr(args, "resume", False)), write=dist.is_main,
-                           fresh_if_checkpoint_changed=after_training)
+    state = state or open_eval_state(args, ckpt_path, test, out_dir, device, dist,
+                                     after_training)
     state.save()  # from here on, --resume has an evaluation to continue
     result = run_sweep(model, test, EPSILONS, args.iterations, args.restarts, args.seed,
                        args.test_batch, device, dist=dist, state=state, keep_adv=keep_adv)

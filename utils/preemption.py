@@ -57,6 +57,7 @@ def install() -> None:
     for s in SIGNALS:
         signal.signal(s, _handler)
     _STATE.update(signum=None, immediate=False, installed=True)
+    _COUNTS.clear()
 
 
 def uninstall() -> None:
