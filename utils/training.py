@@ -278,7 +278,8 @@ class ClusTRTrainer:
         if world != self.dist.world_size:
             raise UsageError(f"the run was interrupted with {world} process(es) and continues "
                              f"with {self.dist.world_size}: resume with the same number")
-        self.generator.set_state(saved.reshape(world, -1)[self.dist.rank].contiguous())
+        # a copy: set_state reads a row view from the start of its storage (rank 0's state)
+        self.generator.set_state(saved.reshape(world, -1)[self.dist.rank].clone())
 
     @torch.no_grad()
     def metrics(self, emb: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
