@@ -20,6 +20,7 @@ import torch
 
 from datasets.data import balanced_subset, load_dataset
 from models.resnet import ResNet18, normalization_for
+from utils import preemption, run_log
 from utils.checkpoint import build_checkpoint, load_weights, save_atomic, write_text_atomic
 from utils.clustering import check_class_sizes
 from utils.device import resolve_device
@@ -31,7 +32,6 @@ from utils.distributed import (
     test_fail_hook,
     test_state_dump,
 )
-from utils import preemption, run_log
 from utils.errors import UsageError, one_line
 from utils.eval_state import EVAL_RESUME_FILE
 from utils.eval_state import check_arguments as check_eval_arguments

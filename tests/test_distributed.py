@@ -143,8 +143,8 @@ def _resume_state(path):
 def test_stopped_and_killed_two_process_run_resumes_to_the_same_log(tiny_folder, tmp_path):
     """Free replays (each process carries its own delta). SIGTERM to rank 1 alone, mid-epoch:
     both processes stop at that step with the one line. Resumed, rank 0 is SIGKILLed after
-    epoch 1 (once it has written the state; the job then ends). Resumed again, the run ends with the log.txt and sweep of an uninterrupted
-    2-process run."""
+    epoch 1 (once it has written the state; the job then ends). Resumed again, the run ends
+    with the log.txt and sweep of an uninterrupted 2-process run."""
     common = ("--data-root", tiny_folder, "--epochs", 2, "--minibatch-replays", 2, *SMALL)
     ref, exp = tmp_path / "ref", tmp_path / "exp"
     res = launch("--checkpoint", ref, *common)

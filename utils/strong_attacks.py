@@ -25,8 +25,8 @@ import torch
 
 from datasets.data import ImageData, to_float
 from utils import preemption
-from utils.autoattack_backend import HINT, find_backend, make_adversary, run_adversary
 from utils.attacks import AttackResult, LossFn, initial_best, logit_ce_loss, pgd, start_keys
+from utils.autoattack_backend import HINT, find_backend, make_adversary, run_adversary
 from utils.embeddings import eval_mode, to_device
 from utils.errors import UsageError
 from utils.progress import progress

@@ -27,7 +27,8 @@ def _record(**call):
 
 
 class AutoAttack:
-    def __init__(self, model, norm="Linf", eps=.3, seed=None, verbose=True, attacks_to_run=[],
+    def __init__(self, model, norm="Linf", eps=.3, seed=None, verbose=True,
+                 attacks_to_run=[],  # noqa: B006 (the GitHub package's own default)
                  version="standard", is_tf_model=False, device="cuda", log_path=None):
         self.model, self.norm, self.epsilon, self.seed = model, norm, eps, seed
         self.version, self.device, self.log_path = version, device, log_path
