@@ -92,8 +92,9 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, st
 def initial_best(x: torch.Tensor, y: torch.Tensor, with_delta: bool = True) -> AttackResult:
     """What ``pgd`` keeps before its first restart: no perturbation, loss -inf."""
     n, dev = len(x), x.device
+    # the loss in x's dtype: restarts merge into it in place (a float64 test model included)
     return AttackResult(delta=torch.zeros_like(x) if with_delta else None,
-                        loss=torch.full((n,), -float("inf"), device=dev),
+                        loss=x.new_full((n,), -float("inf")),
                         pred=y.clone(), correct=torch.ones(n, dtype=torch.bool, device=dev),
                         steps=torch.zeros(n, dtype=torch.long, device=dev))
 
