@@ -262,13 +262,15 @@ def main(argv=None) -> int:
 def how_to_continue(args, command: list[str], exc: BaseException) -> str:
     """The one line a stopped run prints: what stopped it and how to go on."""
     what = str(exc) if isinstance(exc, preemption.Preempted) else "interrupted"
-    saved = [n for n in (RESUME_FILE, EVAL_RESUME_FILE)
-             if os.path.isfile(os.path.join(args.checkpoint, n))]
+    saved = [p for p in (os.path.join(args.checkpoint, n) for n in (RESUME_FILE,
+                                                                     EVAL_RESUME_FILE))
+             if os.path.isfile(p)]
     if not saved:
         return f"{what}: nothing was saved yet; run the command again"
+    latest = max(saved, key=os.path.getmtime)  # the stage that was running
     again = shlex.join([a for a in command if a != "--resume"] + ["--resume"])
-    return (f"{what}: state saved in {os.path.join(args.checkpoint, saved[-1])}; continue "
-            f"with the same command and --resume: python main_clustr.py {again}")
+    return (f"{what}: state saved in {latest}; continue with the same command and --resume: "
+            f"python main_clustr.py {again}")
 
 
 def final_line(handler, line: str, status: int) -> int:
