@@ -78,6 +78,9 @@ def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist | None 
     mean, std = normalization_for(args.dataset)
     model = ResNet18(train_set.num_classes, mean, std)
     resume = read_resume(out.file(RESUME_FILE), args) if args.resume else None
+    if resume is not None:  # an evaluation already started goes on with its arguments
+        check_eval_arguments(out.file(EVAL_RESUME_FILE), args, out.file("checkpoint.pth"),
+                             resume["epoch"])
     if resume is None and args.pretrained_path:
         load_weights(model, args.pretrained_path)
     elif resume is None:
@@ -220,8 +223,6 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
     if not evaluate_only:
         args.L = 10 if args.L is None else args.L
         args.not_normalize = bool(args.not_normalize)
-        if args.resume:  # an evaluation already started must go on with its arguments
-            check_eval_arguments(out.file(EVAL_RESUME_FILE), args)
         ckpt_path = train(args, out, device, dist)
         dist.barrier()  # the main process has written the checkpoint
         evaluate_checkpoint(args, ckpt_path, out.path, device, dist, after_training=True)

@@ -264,6 +264,11 @@ def test_sigterm_during_training_and_its_sweep_resumes_to_the_same_files(four_cl
               CLUSTR_TEST_SIGNAL_AT="pgd-eps-0")
     assert res.returncode == 143, res.stderr[-2000:]
     assert units(exp)["pgd/0"]["done"] and "pgd/1" not in units(exp)
+    # the evaluation to continue is refused other evaluation arguments before anything runs
+    changed = train_argv(four_classes, exp)
+    changed[changed.index("--restarts") + 1] = "2"
+    res = run(changed + ["--resume"], calls)
+    assert res.returncode == 2 and "it had --restarts 1 (now 2)" in res.stderr
     res = run(train_argv(four_classes, exp) + ["--resume"], calls)
     assert res.returncode == 0, res.stderr[-2000:]
     for name in ("log.txt", "attack_results_ext.csv", "predictions_eps8.csv", "robustness.png"):

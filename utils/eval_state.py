@@ -83,12 +83,17 @@ def difference(saved: dict, now: dict) -> str | None:
     return None
 
 
-def check_arguments(path: str, args) -> None:
+def check_arguments(path: str, args, ckpt_path: str, epochs_done: int) -> None:
     """Before a resumed training run continues: refuse evaluation arguments that differ from
-    those of the evaluation already started in ``path`` (when there is one)."""
-    if not os.path.isfile(path):
+    those of the evaluation already started in ``path``, when that evaluation is the one to
+    continue (its checkpoint is ``ckpt_path`` and all ``--epochs`` are done). A run that
+    trains further makes a new checkpoint, whose evaluation starts afresh anyway."""
+    if not (os.path.isfile(path) and os.path.isfile(ckpt_path)) or epochs_done < args.epochs:
         return
-    saved = load_checkpoint(path).get("fingerprint", {}).get("args", {})
+    fp = load_checkpoint(path).get("fingerprint", {})
+    if fp.get("checkpoint_sha256") != file_sha256(ckpt_path):
+        return
+    saved = fp.get("args", {})
     now = {k: getattr(args, k, None) for k in EVAL_ARGS}
     now = {k: list(v) if isinstance(v, tuple) else v for k, v in now.items()}
     for k, v in saved.items():
