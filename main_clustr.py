@@ -95,7 +95,7 @@ def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist | None 
                       test_batch=args.test_batch, embed_batch=args.embed_batch, amp=args.amp,
                       consistency_lambda=args.consistency_lambda, xent_lambda=args.xent_lambda,
                       mse_consistency=args.mse_consistency, actual_trades=args.actual_trades,
-                      minibatch_replays=args.minibatch_replays)
+                      minibatch_replays=args.minibatch_replays, kmeans_seed=args.kmeans_seed)
     trainer = ClusTRTrainer(model, optimizer, train_set, test_set, cfg, device, dist)
     trainer.check_batch_shape()
     state = RunState(out.file(RESUME_FILE), args, model, optimizer, scheduler, trainer)
@@ -156,11 +156,12 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
             epoch_log.append(epoch, lr, metrics.train_loss, metrics.train_acc,
                              metrics.test_loss, metrics.test_acc)
             metrics_csv.append(epoch, lr, metrics, time.time() - begin)
-            ckpt = build_checkpoint(model, trainer.head(), args.k, epoch, metrics.test_acc,
-                                    extra, assignments=c.assignments)
+            # the original's checkpoints count epochs from 0 (its log.txt rows from 1)
+            ckpt = build_checkpoint(model, trainer.head(), args.k, epoch - 1,
+                                    metrics.test_acc, extra, assignments=c.assignments)
             save_atomic(ckpt, ckpt_path)
             if args.save_all:
-                save_atomic(ckpt, out.file(f"checkpoint_{epoch}.pth"))
+                save_atomic(ckpt, out.file(f"checkpoint_{epoch - 1}.pth"))
         state.save(Position(epoch))
         log.info("epoch %d/%d  lr %.2g  train loss %.4f acc %.2f%%  test loss %.4f acc "
                  "%.2f%%  (%.0fs)", epoch, args.epochs, lr, metrics.train_loss,

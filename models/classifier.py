@@ -61,9 +61,10 @@ class ClusterClassifier(nn.Module):
         """Rebuild the classifier from a checkpoint of this project or of the original code.
 
         The file is read with ``weights_only=True``; the model is returned in eval mode on
-        ``map_location`` (a device). ``L`` and ``normalize`` override the checkpoint's values;
-        ``dataset`` picks the input normalisation where the checkpoint does not record it
-        (the original's do not; CIFAR's is assumed then).
+        ``map_location`` (a device). ``L`` and ``normalize`` override the checkpoint's values.
+        ``dataset`` picks the input normalisation: a value given always wins; with None the
+        checkpoint's recorded data set is used, and CIFAR's where none is recorded (the
+        original's checkpoints record none).
         """
         from utils.checkpoint import classifier_from_checkpoint, load_checkpoint
 

@@ -44,7 +44,7 @@ def test_train_then_sweep_writes_the_seed_outputs(tiny_folder, tmp_path):
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
     for key in ORIGINAL_KEYS:
         assert key in ckpt, key
-    assert ckpt["epoch"] == 2 and ckpt["K"] == 2 and ckpt["L"] == 4
+    assert ckpt["epoch"] == 1 and ckpt["K"] == 2 and ckpt["L"] == 4  # from 0, as the original
     assert ckpt["normalize_probs"] is True
     assert ckpt["cluster_centers"].shape == (6, 512)
     assert ckpt["cluster_centers"].dtype == torch.float32
@@ -53,8 +53,11 @@ def test_train_then_sweep_writes_the_seed_outputs(tiny_folder, tmp_path):
     assert "conv1.weight" in ckpt["state_dict"]
     assert "layer2.0.shortcut.0.weight" in ckpt["state_dict"]
     assert not any(k.startswith(("module.", "backbone.")) for k in ckpt["state_dict"])
-    for epoch in (1, 2):
-        assert (out / f"checkpoint_{epoch}.pth").is_file()
+    for epoch in (0, 1):  # the original's names count from 0 too
+        saved = torch.load(out / f"checkpoint_{epoch}.pth", map_location="cpu",
+                           weights_only=True)
+        assert saved["epoch"] == epoch
+    assert not (out / "checkpoint_2.pth").exists()
 
     with open(out / "attack_results_ext.csv") as f:
         rows = list(csv.reader(f))

@@ -221,3 +221,28 @@ def test_checkpoint_and_data_set_with_different_classes_exit_2(original_ckpt, ti
     argv[argv.index("--test-subset") + 1] = "6"
     assert main_clustr.main(argv) == 2
     assert "classifies 10 classes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", [None, "normalized", "raw"])
+def test_baseline_input_feeds_a_bare_state_dict_raw_or_normalised(mode, tmp_path):
+    """The original feeds a bare state_dict (TRADES-style) raw [0, 1] images; this project
+    normalises by default and feeds them raw with --baseline-input raw."""
+    from types import SimpleNamespace
+
+    from models.resnet import ResNet18
+    from utils.evaluation import describe, load_eval_model
+
+    torch.manual_seed(0)
+    net = ResNet18(10).eval()  # normalises with CIFAR's mean and std
+    raw = ResNet18(10, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).eval()  # no normalisation
+    raw.load_state_dict(net.state_dict())
+    path = tmp_path / "bare.pt"
+    torch.save(net.state_dict(), path)
+    args = SimpleNamespace(dataset="cifar10", L=None, not_normalize=None, baseline_input=mode)
+    model = load_eval_model(args, str(path))
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = (raw if mode == "raw" else net).classify(x)
+        assert torch.allclose(model(x), expected, atol=1e-5)
+        assert not torch.allclose(net.classify(x), raw.classify(x), atol=1e-3)
+    assert describe(model)["baseline_input"] == ("raw" if mode == "raw" else "normalized")

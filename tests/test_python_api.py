@@ -225,7 +225,7 @@ def test_inspector_on_a_checkpoint_of_this_project(project_ckpt, capsys):
     rc, out, err = _inspect(project_ckpt, capsys)
     assert rc == 0 and err == ""
     assert "this project" in _field(out, "format")
-    assert _field(out, "epoch") == "1"
+    assert _field(out, "epoch") == "0 (counted from 0: 1 epoch(s) done)"
     assert _field(out, "test accuracy").startswith(f"{ckpt['test_acc']:.2f}%")
     assert _field(out, "data set") == "imagefolder"
     assert _field(out, "classes") == "3: alpha, beta, gamma"

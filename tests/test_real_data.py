@@ -44,3 +44,77 @@ def test_one_short_clustr_epoch_keeps_85(real_subset, real_weights, tmp_path):
     assert res.returncode == 0, res.stderr
     row = (out / "log.txt").read_text().splitlines()[1].split("\t")
     assert float(row[5]) >= 85.0, row
+
+
+def real_trainer(real_subset, real_weights, **variant):
+    """The real trainer on 40 training images with the shared weights, clusters fitted."""
+    from datasets.data import balanced_subset
+    from utils.training import ClusTRTrainer, TrainConfig
+
+    train = balanced_subset(load_dataset("imagefolder", str(real_subset), "train"), 40, 0)
+    test = balanced_subset(load_dataset("imagefolder", str(real_subset), "test"), 10, 0)
+    model = ResNet18(10)
+    load_weights(model, str(real_weights))
+    cfg = TrainConfig(dataset="imagefolder", K=2, m=2, d=4, L=20, seed=3, **variant)
+    trainer = ClusTRTrainer(model, torch.optim.SGD(model.parameters(), lr=0.01), train, test,
+                            cfg, torch.device("cpu"))
+    trainer.refresh_clusters()
+    return trainer
+
+
+def test_real_actual_trades_adversary_is_the_originals(real_subset, real_weights):
+    """The shared network on a real batch: our --actual-trades adversary equals the
+    original's rule (normalised units, 0.03 steps, uniform start)."""
+    from tests.test_variants import EPS, a_batch, class_probabilities, original_trades_adversary
+
+    trainer = real_trainer(real_subset, real_weights, consistency_lambda=1.0, actual_trades=True)
+    # float64: in float32 the two unit systems' rounding flips the sign of near-zero input
+    # gradients, and over 10 steps about 10% of the pixels then end elsewhere
+    model = trainer.model.eval().double()
+    x, _, head = a_batch(trainer)
+    x, head = x.double(), head.double()
+    with torch.no_grad():
+        emb = model(x)
+    gen_copy = torch.Generator().set_state(trainer.generator.get_state())
+    ours = trainer.extras.adversary(model, head, x, emb, trainer.generator)
+    u = torch.empty(x.shape).uniform_(-EPS, EPS, generator=gen_copy)
+    theirs = original_trades_adversary(model, head, x, class_probabilities(head, emb), u)
+    assert (ours - x).abs().max() > 4 / 255  # it moved
+    assert (ours - theirs).abs().max() < 1e-7  # float32 constants; one step is 6e-3
+
+
+def test_real_free_replays_give_the_sampler_the_originals_losses(real_subset, real_weights,
+                                                                  monkeypatch):
+    """The shared network, one real batch, M = 2: the sampler receives the updated
+    network's Magnet losses on x + the final delta (the original's rule, restated)."""
+    from tests.test_variants import EPS
+    from utils.magnet_loss import magnet_loss
+
+    variant = dict(minibatch_replays=2, consistency_lambda=1.0)
+    trainer = real_trainer(real_subset, real_weights, **variant)
+    reference = real_trainer(real_subset, real_weights, **variant)
+    monkeypatch.setattr(trainer, "steps_per_epoch", lambda: 1)
+    seen, recorded = [], []
+    perturb, record = trainer.free.perturb, trainer.sampler.record_losses
+    monkeypatch.setattr(trainer.free, "perturb", lambda x: (seen.append(x.clone()),
+                                                              perturb(x))[1])
+    monkeypatch.setattr(trainer.sampler, "record_losses", lambda i, v: (
+        recorded.append((i.clone(), v.clone())), record(i, v))[1])
+    trainer.train_epoch()
+    x, (indices, losses) = seen[0], recorded[0]
+    ids = reference.sampler.assignments[indices]
+    classes = reference.head().classes
+    model, opt = reference.model.train(), reference.optimizer
+    delta = torch.zeros_like(x)
+    for _ in range(2):
+        delta.requires_grad_(True)
+        loss = magnet_loss(model(x + delta), ids, classes, reference.cfg.alpha)[0].mean()
+        opt.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            delta = (delta + EPS * delta.grad.sign()).clamp(-EPS, EPS)
+            delta = torch.max(torch.min(delta, 1 - x), -x)
+        opt.step()
+    with torch.no_grad():
+        expected = magnet_loss(model(x + delta), ids, classes, reference.cfg.alpha)[0]
+    assert torch.allclose(losses, expected, rtol=1e-4, atol=1e-4), (losses, expected)

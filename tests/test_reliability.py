@@ -157,14 +157,20 @@ def test_overwrite_then_resume_between_epochs(noisy, reference, no_sweep, tmp_pa
                  ".resume.pth.abc123"):  # the last: a temporary left by a killed save
         (exp / name).write_bytes(b"earlier run")
     (exp / "notes.md").write_bytes(b"mine")
-    assert cli(train_argv(noisy, exp, epochs=1, every=0) + ["--overwrite"], capsys)[0] == 0
-    assert sorted(os.listdir(exp)) == ["args.json", "checkpoint.pth", "log.txt", "metrics.csv",
-                                       "notes.md", "params.txt", "resume.pth", "run.log"]
+    assert cli(train_argv(noisy, exp, epochs=1, every=0) + ["--overwrite", "--save-all"],
+               capsys)[0] == 0
+    assert sorted(os.listdir(exp)) == ["args.json", "checkpoint.pth", "checkpoint_0.pth",
+                                       "log.txt", "metrics.csv", "notes.md", "params.txt",
+                                       "resume.pth", "run.log"]
     assert (exp / "notes.md").read_bytes() == b"mine"
     assert (exp / "log.txt").read_text().count("\n") == 2  # header and epoch 1
     add_stale_rows(exp / "log.txt", 1)
-    assert cli(train_argv(noisy, exp, epochs=2, every=0) + ["--resume"], capsys)[0] == 0
+    assert cli(train_argv(noisy, exp, epochs=2, every=0) + ["--resume", "--save-all"],
+               capsys)[0] == 0
     assert_same_run(reference, exp)
+    # checkpoint epochs count from 0 (as the original's), across the resume too
+    assert [load_checkpoint(str(exp / f"checkpoint_{e}.pth"))["epoch"] for e in (0, 1)] == [0, 1]
+    assert load_checkpoint(str(exp / "checkpoint.pth"))["epoch"] == 1
 
 
 def test_resume_state_loads_weights_only(reference):
@@ -349,10 +355,6 @@ BAD_INPUTS = [
      r"--m 6 needs 5 impostor clusters of other classes but there are only 4"),
     ("d-below-2", lambda c: tiny_args(c) + ["--d", "1"],
      r"--d 1: the Magnet loss needs at least 2 examples per cluster"),
-    ("k-means-singleton", lambda c: tiny_args(c) + ["--data-root", c.duplicates(),
-                                                    "--train-subset", "12", "--m", "2",
-                                                    "--L", "2"],
-     r"k-means left cluster\(s\) \[\d+, \d+, \d+\] with fewer than 2 examples"),
     ("k-above-smallest-class", lambda c: tiny_args(c) + ["--k", "13"],
      r"--k 13 is larger than the 12 training examples of class 'alpha'"),
     ("k-clusters-below-2", lambda c: tiny_args(c) + ["--k", "7"],

@@ -1,6 +1,19 @@
-"""Per-class k-means over the training embeddings, and the inference variance."""
+"""Per-class k-means over the training embeddings, and the inference variance.
+
+k-means is scikit-learn's, per class, with the original's settings (k-means++ init; 1 init
+and 20 iterations for CIFAR-10, 10 and 40 otherwise) and a fixed ``random_state`` for every
+class and refresh (``--kmeans-seed``, 1 as the original).
+
+Small clusters: the Magnet loss needs at least 2 examples of a cluster in a batch, and
+k-means can leave an outlier alone in its cluster at any refresh. Such a cluster takes, one
+at a time, the example of its class nearest to its centroid among the clusters of that
+class holding more than 2, until it holds 2; the centroids stay k-means' own, and the run
+logs a warning. With at least 2*K examples per class (checked before training) this always
+succeeds, so a refresh never stops a run.
+"""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -8,6 +21,8 @@ import torch
 
 from models.cluster_head import squared_distances
 from utils.errors import UsageError
+
+log = logging.getLogger("clustr")
 
 
 @dataclass
@@ -59,29 +74,70 @@ def fit_clusters(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, K: i
                     random_state=seed).fit(x[members])
         centers[c * K:(c + 1) * K] = torch.from_numpy(km.cluster_centers_).float()
     classes = torch.arange(num_classes).repeat_interleave(K)
-    assignments, variance = assign_and_variance(emb, labels, centers, classes)
-    sizes = torch.bincount(assignments, minlength=num_classes * K)
-    if (sizes < 2).any():
-        bad = (sizes < 2).nonzero().flatten().tolist()
-        raise UsageError(f"k-means left cluster(s) {bad} with fewer than 2 examples: lower "
-                         f"--k or use more training data")
-    return Clusters(centers, classes, assignments, variance)
+    assignments = nearest_own_cluster(emb, labels, centers, classes)
+    assignments = fill_small_clusters(emb, labels, centers, classes, assignments)
+    return Clusters(centers, classes, assignments, variance_of(emb, centers, assignments))
+
+
+def nearest_own_cluster(emb: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
+                        classes: torch.Tensor) -> torch.Tensor:
+    """The global id (N,) of every example's nearest centroid of its own class."""
+    sq_dist = squared_distances(emb, centers)
+    sq_dist = sq_dist.masked_fill(classes[None, :] != labels[:, None], float("inf"))
+    return sq_dist.argmin(1)
+
+
+def variance_of(emb: torch.Tensor, centers: torch.Tensor,
+                assignments: torch.Tensor) -> torch.Tensor:
+    """sigma^2 = sum of squared distances to the assigned centroids / (N - 1), (C*K,)."""
+    best = (emb - centers[assignments]).pow(2).sum(1)  # exact, not the expanded form
+    return (best.sum() / (len(emb) - 1)).expand(len(centers)).clone()
+
+
+def fill_small_clusters(emb: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
+                        classes: torch.Tensor, assignments: torch.Tensor,
+                        minimum: int = 2) -> torch.Tensor:
+    """Give every cluster ``minimum`` examples: a smaller one takes, one at a time, the
+    example of its class nearest to its centroid among that class's clusters holding more
+    than ``minimum``. Returns the (possibly) changed assignments (N,); warns when it moves
+    any. Raises UsageError only where a class has fewer than minimum*K examples."""
+    sizes = torch.bincount(assignments, minlength=len(centers))
+    small = (sizes < minimum).nonzero().flatten().tolist()
+    if not small:
+        return assignments
+    assignments = assignments.clone()
+    moved = 0
+    for c in small:
+        cls = int(classes[c])
+        while int(sizes[c]) < minimum:
+            donors = (labels == cls) & (sizes[assignments] > minimum)  # (N,)
+            if not donors.any():
+                raise UsageError(f"class {cls} has too few training examples for every one "
+                                 f"of its clusters to hold {minimum}: lower --k or use more "
+                                 f"training data")
+            cand = donors.nonzero().flatten()
+            dist = (emb[cand] - centers[c]).pow(2).sum(1)
+            pick = int(cand[dist.argmin()])
+            sizes[assignments[pick]] -= 1
+            assignments[pick] = c
+            sizes[c] += 1
+            moved += 1
+    log.warning("k-means left cluster(s) %s with fewer than %d examples: moved %d example(s) "
+                "of the same class, nearest to those centroids, into them", small, minimum,
+                moved)
+    return assignments
 
 
 def assign_and_variance(emb: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
                         classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest own-class centroid of every example, and sigma^2 = sum of those squared
     distances / (N - 1), repeated for every cluster."""
-    sq_dist = squared_distances(emb, centers)
-    sq_dist = sq_dist.masked_fill(classes[None, :] != labels[:, None], float("inf"))
-    assignments = sq_dist.argmin(1)
-    best = (emb - centers[assignments]).pow(2).sum(1)  # exact, not the expanded form
-    variance = best.sum() / (len(emb) - 1)
-    return assignments, variance.expand(len(centers)).clone()
+    assignments = nearest_own_cluster(emb, labels, centers, classes)
+    return assignments, variance_of(emb, centers, assignments)
 
 
 def fit_cluster_classifier(backbone, train, dataset: str, K: int, L: int,
-                           normalize: bool = True, seed: int = 111, batch: int = 256,
+                           normalize: bool = True, seed: int = 1, batch: int = 256,
                            device="cpu"):
     """The cluster classifier of a trained ResNet18, with no further training.
 

@@ -10,10 +10,12 @@ classes and the inference sigma^2), while the Magnet term uses the batch's own m
   10/255 from a uniform start in the 8/255 ball. The loss adds λ · CE(p, s(x')).
 * ``--mse-consistency``: the divergence is the MSE between the clean and the adversarial
   embeddings instead, and the adversary maximises that MSE.
-* ``--actual-trades``: the adversary is TRADES's (Zhang et al., 2019): start at
-  x + 0.001 · N(0, 1), then 10 signed-gradient steps of 0.03 on KL(p || softmax(s(x')))
-  (MSE with ``--mse-consistency``). KL and CE differ by the entropy of p, which does not
-  depend on x', so both give the same steps; the training term stays λ · CE.
+* ``--actual-trades``: the adversary is the original's TRADES-style one: a uniform start in
+  the 8/255 ball, then 10 signed-gradient steps on KL(p || softmax(s(x'))) (MSE with
+  ``--mse-consistency``). Each step is 0.03 *in normalised units*, as the original attacks
+  normalised images: 0.03 · std_c per channel c in pixels (about 1.5/255 for CIFAR). KL and
+  CE differ by the entropy of p, which does not depend on x', so both give the same steps;
+  the training term stays λ · CE.
 * ``--xent-lambda w``: adds w · CE(s(x), y) on the clean batch's paper scores.
 
 Decisions (written down because the original is silent or differs):
@@ -43,9 +45,8 @@ log = logging.getLogger("clustr")
 
 EPS = 8.0 / 255            # radius of the consistency adversary's l-inf ball
 QTRADES_STEP = 10.0 / 255  # one signed-gradient step of this size
-TRADES_STEP = 0.03         # --actual-trades: step size ...
-TRADES_STEPS = 10          # ... and number of steps
-TRADES_START_STD = 0.001   # ... from x + 0.001 * N(0, 1)
+TRADES_STEP = 0.03         # --actual-trades: step in normalised units (x 255 std_c in 1/255)
+TRADES_STEPS = 10          # ... and number of steps, from a uniform start in the ball
 
 
 def class_probabilities(head: ClusterHead, emb: torch.Tensor) -> torch.Tensor:
@@ -73,16 +74,25 @@ def kl_divergence(target: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return (target * (log_target - scores.log_softmax(1))).sum(1)
 
 
+def trades_step(pixel_std) -> torch.Tensor:
+    """The --actual-trades step per channel in pixels, (1, 3, 1, 1): 0.03 normalised units
+    times the data set's per-channel std."""
+    return TRADES_STEP * torch.as_tensor(pixel_std, dtype=torch.float32).view(1, -1, 1, 1)
+
+
 def maximise(model: torch.nn.Module, x: torch.Tensor, objective: Callable[[torch.Tensor],
-             torch.Tensor], start: torch.Tensor, step: float, steps: int,
+             torch.Tensor], start: torch.Tensor, step: float | torch.Tensor, steps: int,
              eps: float = EPS) -> torch.Tensor:
     """x' = x + delta maximising ``objective(x')`` (per example, (N,)) by signed gradients.
 
     ``start`` (N, 3, H, W) is the initial perturbation; it and every step are projected to
-    the eps-ball and to [0, 1]. The model runs in eval mode and only the input gets a
-    gradient, so parameter ``.grad`` is left exactly as it was.
+    the eps-ball and to [0, 1]. ``step`` is a float or a per-channel (1, 3, 1, 1) tensor.
+    The model runs in eval mode and only the input gets a gradient, so parameter ``.grad``
+    is left exactly as it was.
     """
     x = x.detach()
+    if isinstance(step, torch.Tensor):
+        step = step.to(x.device, x.dtype)
     delta = project_linf(x, start.to(x.device, x.dtype), eps)
     with eval_mode(model):
         for _ in range(steps):
@@ -97,12 +107,13 @@ class ExtraTerms:
 
     def __init__(self, consistency_lambda: float = 0.0, xent_lambda: float = 0.0,
                  mse_consistency: bool = False, actual_trades: bool = False,
-                 amp: bool = False):
+                 amp: bool = False, pixel_std=(0.2023, 0.1994, 0.2010)):
         self.consistency_lambda = float(consistency_lambda)
         self.xent_lambda = float(xent_lambda)
         self.mse = bool(mse_consistency)
         self.actual_trades = bool(actual_trades)
         self.amp = amp
+        self.trades_step = trades_step(pixel_std)  # (1, 3, 1, 1), used with --actual-trades
         if (self.mse or self.actual_trades) and self.consistency_lambda == 0:
             log.warning("--mse-consistency/--actual-trades have no effect without "
                         "--consistency-lambda > 0")
@@ -149,8 +160,8 @@ class ExtraTerms:
         else:
             def objective(xa):
                 return soft_cross_entropy(p, head.paper_scores(model(xa)))
-        if self.actual_trades:
-            start = TRADES_START_STD * torch.randn(x.shape, generator=generator)
-            return maximise(model, x, objective, start, TRADES_STEP, TRADES_STEPS)
+        # both adversaries start uniformly in the ball (the original's rand=True), clipped
         start = torch.empty(x.shape).uniform_(-EPS, EPS, generator=generator)
+        if self.actual_trades:
+            return maximise(model, x, objective, start, self.trades_step, TRADES_STEPS)
         return maximise(model, x, objective, start, QTRADES_STEP, 1)

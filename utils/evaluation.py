@@ -259,8 +259,9 @@ def _eps_result(eps: float, unit: dict) -> EpsResult:
 
 def load_eval_model(args, ckpt_path: str):
     """A fresh model rebuilt from the file: ClusterClassifier, or LinearClassifier for a
-    plain state_dict (evaluated through its linear head, as the original does for
-    baselines). ``--L`` and ``--not-normalize`` win when given, else the file's values."""
+    plain state_dict (evaluated through its linear head; inputs normalised, or raw with
+    ``--baseline-input raw``). ``--L`` and ``--not-normalize`` win when given, else the
+    file's values."""
     ckpt = load_checkpoint(ckpt_path)
     if ckpt.get("dataset") not in (None, args.dataset):
         log.warning("%s was trained on %s but is evaluated on --dataset %s", ckpt_path,
@@ -274,20 +275,32 @@ def load_eval_model(args, ckpt_path: str):
             raise UsageError(f"--L {head.L} is larger than the checkpoint's "
                              f"{head.num_clusters} clusters: pass --L {head.num_clusters} or "
                              f"fewer")
+        if getattr(args, "baseline_input", None) is not None:
+            log.warning("--baseline-input applies to files without cluster keys only: "
+                        "ignored for %s", ckpt_path)
         log.info("evaluating %s: %d clusters, L %d%s, %s%s", ckpt_path, head.num_clusters,
                  head.L, "" if args.L is not None else " (from the checkpoint)",
                  "L nearest" if head.normalize else "all clusters (--not-normalize)",
                  "" if args.not_normalize is not None else " (from the checkpoint)")
         return model
-    log.info("evaluating %s as a plain classifier through its linear head (no cluster keys)",
-             ckpt_path)
-    return LinearClassifier(backbone_from_state(ckpt, args.dataset))
+    raw = getattr(args, "baseline_input", None) == "raw"
+    log.info("evaluating %s as a plain classifier through its linear head (no cluster keys), "
+             "inputs %s", ckpt_path, "raw in [0, 1] (--baseline-input raw)" if raw else
+             "normalised with the data set's mean and std (--baseline-input raw for a "
+             "network that takes raw images)")
+    backbone = backbone_from_state(ckpt, args.dataset)
+    if raw:
+        backbone.mean.zero_()
+        backbone.std.fill_(1.0)
+    return LinearClassifier(backbone)
 
 
 def describe(model) -> dict:
     """What was attacked: the classifier kind and, for clusters, the L and rule used."""
     if isinstance(model, LinearClassifier):
-        return {"classifier": "linear head", "attack": "PGD, cross-entropy on the logits"}
+        raw = bool((model.backbone.std == 1).all() and (model.backbone.mean == 0).all())
+        return {"classifier": "linear head", "attack": "PGD, cross-entropy on the logits",
+                "baseline_input": "raw" if raw else "normalized"}
     return {"classifier": "clusters", "L": model.head.L,
             "normalize_probs": model.head.normalize,
             "attack": "paper PGD, cross-entropy on the cluster class scores"}

@@ -6,10 +6,17 @@ x + delta, and the ONE backward of the training loss gives both the parameter gr
 
     delta <- project(delta + eps * sign(grad_delta))   (eps-ball, and x + delta in [0, 1])
 
-delta is not reset between batches: it carries over to the next one, as in Free-AT. It
-starts at zero and has the shape of a full batch (m*d examples); a smaller batch (a cluster
-with fewer than d examples) uses and updates the leading rows only, so the rest keep their
-values for the next full batch.
+As in the original: delta carries over from batch to batch within an epoch and is set to
+zero at the start of every epoch (``reset``); the sampler records the per-example losses of
+one extra no-grad forward of the *updated* network on x + the final delta, after the M
+replays; the replays train on the Magnet loss alone (no consistency or cross-entropy term).
+delta has the shape of a full batch (m*d examples); a smaller batch (a cluster with fewer
+than d examples) uses and updates the leading rows only, so the rest keep their values for
+the next full batch.
+
+Kept on purpose: delta carried to a new batch is first projected to that batch's image
+range, so every input is an image (the original carried it unchanged, so x + delta could
+leave [0, 1] on the first replay of a batch).
 
 Steps: as in the original, every replay is an optimiser step, and an epoch keeps its
 ``len(train set) // (m*d)`` batches, so it makes M times as many steps (and costs about M
@@ -31,6 +38,16 @@ class FreePerturbation:
         self.eps = eps
         self.delta: torch.Tensor | None = None  # (B, 3, H, W), B = the largest batch so far
         self._leaf: torch.Tensor | None = None  # this replay's delta, with its gradient
+
+    def reset(self) -> None:
+        """delta = 0 again (the start of an epoch)."""
+        self.delta, self._leaf = None, None
+
+    def current(self, x: torch.Tensor) -> torch.Tensor:
+        """x + the delta after the last step, detached (for the sampler's loss forward)."""
+        if self.delta is None:
+            return x.detach()
+        return (x + self.delta[:len(x)]).detach()
 
     def perturb(self, x: torch.Tensor) -> torch.Tensor:
         """x + delta for this replay, with delta a leaf that collects its gradient."""

@@ -47,11 +47,9 @@ def describe(ckpt: dict) -> list[tuple[str, str]]:
     model = classifier_from_checkpoint(ckpt)  # validates weights and cluster state
     head = model.head
     names = model.class_names or [str(c) for c in range(model.num_classes)]
-    original = "format" not in ckpt
     rows = [
         ("format", _format(ckpt)),
-        ("epoch", f"{ckpt.get('epoch', 'not recorded')}"
-                  + (" (the original code counts from 0)" if original else "")),
+        ("epoch", _epoch(ckpt.get("epoch"))),
         ("test accuracy", _accuracy(ckpt.get("test_acc"))),
         ("data set", str(ckpt.get("dataset", "not recorded"))),
         ("classes", f"{model.num_classes}: {', '.join(names)}" if model.class_names
@@ -83,6 +81,13 @@ def not_clustr(ckpt: dict) -> str:
     return (f"not a ClusTR checkpoint (no cluster keys): a plain ResNet18 state_dict "
             f"({n:,} parameters, {backbone.linear.out_features}-way linear head), usable with "
             f"--pretrained-path, or evaluated through its linear head by --evaluate-ckpt")
+
+
+def _epoch(epoch) -> str:
+    """Both this project and the original count checkpoint epochs from 0."""
+    if not isinstance(epoch, int) or isinstance(epoch, bool):
+        return "not recorded" if epoch is None else str(epoch)
+    return f"{epoch} (counted from 0: {epoch + 1} epoch(s) done)"
 
 
 def _format(ckpt: dict) -> str:

@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--embed-batch", type=pos_int, default=None,
                    help="batch size of the per-epoch embedding pass over the training set "
                         "(none given: 64 on a CPU, 256 on CUDA)")
+    n.add_argument("--kmeans-seed", type=seed_int, default=1,
+                   help="random_state of every per-class k-means fit (the original fixes 1)")
+    n.add_argument("--baseline-input", choices=("normalized", "raw"), default=None,
+                   help="--evaluate-ckpt of a file without cluster keys: feed its network "
+                        "inputs normalised with the data set's mean and std (default, as "
+                        "this project's and the seed's weights expect) or raw in [0, 1] (as "
+                        "the original does for a bare state_dict, e.g. TRADES models)")
     n.add_argument("--amp", action="store_true",
                    help="bfloat16 autocast for training and embedding passes (CUDA only; "
                         "attacks stay in float32)")

@@ -8,6 +8,7 @@ in ``utils/free_adversarial.py``.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ import torch
 from datasets.data import ImageData, augment
 from datasets.magnet_sampler import MagnetSampler
 from models.cluster_head import ClusterHead
-from models.resnet import ResNet18
+from models.resnet import ResNet18, normalization_for
 from utils.clustering import Clusters, fit_clusters, kmeans_settings
 from utils.consistency import ExtraTerms
 from utils.distributed import Dist, own_rank, per_rank, rank_seed, test_nan_hook
@@ -25,6 +26,8 @@ from utils.errors import UsageError
 from utils.free_adversarial import FreePerturbation
 from utils.magnet_loss import magnet_loss, magnet_loss_full
 from utils.progress import progress
+
+log = logging.getLogger("clustr")
 
 
 @dataclass
@@ -45,6 +48,7 @@ class TrainConfig:
     mse_consistency: bool = False
     actual_trades: bool = False
     minibatch_replays: int = 0  # free adversarial training (0 = off)
+    kmeans_seed: int = 1  # random_state of every k-means fit, as the original
 
 
 @dataclass
@@ -79,8 +83,13 @@ class ClusTRTrainer:
         self.clusters: Clusters | None = None
         self.train_embeddings: torch.Tensor | None = None
         self.extras = ExtraTerms(cfg.consistency_lambda, cfg.xent_lambda, cfg.mse_consistency,
-                                 cfg.actual_trades, cfg.amp)
+                                 cfg.actual_trades, cfg.amp,
+                                 pixel_std=normalization_for(cfg.dataset)[1])
         self.free = FreePerturbation() if cfg.minibatch_replays > 0 else None
+        if self.free and (cfg.consistency_lambda > 0 or cfg.xent_lambda > 0):
+            log.warning("--consistency-lambda/--xent-lambda have no effect with "
+                        "--minibatch-replays: free training uses the Magnet loss alone, as "
+                        "the original")
         # after_step(steps_done, totals) runs after every step (periodic resume saves)
         self.after_step = None
 
@@ -144,7 +153,7 @@ class ClusTRTrainer:
         if self.dist.is_main:
             try:
                 fit = fit_clusters(emb, self.train.labels, self.num_classes, self.cfg.K,
-                                   n_init, max_iter, self.cfg.seed)
+                                   n_init, max_iter, self.cfg.kmeans_seed)
             except (UsageError, FloatingPointError) as exc:
                 error = exc
         if not self.dist.all_agree(error is None):
@@ -172,8 +181,10 @@ class ClusTRTrainer:
         """Magnet steps over one epoch; returns the mean of every loss term per optimiser step.
 
         With free training each batch is replayed ``minibatch_replays`` times, one optimiser
-        step per replay; the sampler records the losses of the last replay. A resumed run
-        starts at ``start_step`` with the running ``totals`` of the steps done.
+        step per replay, on the Magnet loss alone; delta starts the epoch at zero, and the
+        sampler records the losses of a no-grad forward of the updated network on x + the
+        final delta (``free_losses``). A resumed run starts at ``start_step`` with the
+        running ``totals`` of the steps done (and, with free training, the saved delta).
         """
         self.model.train()
         head = self.head().to(self.device)  # this epoch's clusters, for the extra terms
@@ -181,6 +192,8 @@ class ClusTRTrainer:
         replays = max(1, self.cfg.minibatch_replays)
         totals: dict[str, float] = dict(totals or {})
         steps = self.steps_per_epoch()
+        if self.free and start_step == 0:
+            self.free.reset()  # the original sets delta to zero at every epoch's start
         bar = progress(range(start_step, steps), desc=desc, leave=False)
         for step in bar:
             indices, cluster_ids = self.sampler.sample(self.generator)
@@ -190,7 +203,8 @@ class ClusTRTrainer:
             for _ in range(replays):
                 self.optimizer.zero_grad(set_to_none=True)
                 x_in = self.free.perturb(x) if self.free else x
-                terms, per_example = self.batch_terms(x_in, cluster_ids, classes, head)
+                terms, per_example = self.batch_terms(x_in, cluster_ids, classes, head,
+                                                      extras=not self.free)
                 loss = test_nan_hook(self.dist, sum(terms.values()))
                 # every process agrees before the backward: a non-finite loss on one ends all
                 # of them at once instead of leaving the others waiting in DDP's all-reduce
@@ -204,6 +218,8 @@ class ClusTRTrainer:
                     self.free.step(x)
                 for name, value in self._mean_over_ranks(terms).items():
                     totals[name] = totals.get(name, 0.0) + value
+            if self.free:
+                per_example = self.free_losses(x, cluster_ids, classes)
             # every process records every process's batch: the sampler states stay equal
             self.sampler.record_losses(self.dist.gather_cat(indices.cpu()),
                                        self.dist.gather_cat(per_example.detach().float().cpu()))
@@ -221,15 +237,31 @@ class ClusTRTrainer:
         means = self.dist.gather_cat(values).mean(0)  # (T,)
         return {name: float(m) for name, m in zip(terms, means)}
 
+    @torch.no_grad()
+    def free_losses(self, x: torch.Tensor, cluster_ids: torch.Tensor,
+                    classes: torch.Tensor) -> torch.Tensor:
+        """Per-example Magnet losses (N,) of the updated network on x + the final delta.
+
+        As the original's extra forward after the replays: training mode (batch statistics;
+        BatchNorm's running statistics take this forward too), no gradient.
+        """
+        with autocast(self.device, self.cfg.amp):
+            emb = self.model(self.free.current(x)).float()
+        return magnet_loss(emb, cluster_ids, classes, self.cfg.alpha)[0]
+
     def batch_terms(self, x: torch.Tensor, cluster_ids: torch.Tensor, classes: torch.Tensor,
-                    head: ClusterHead) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                    head: ClusterHead, extras: bool = True
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """{'magnet', and the enabled 'consistency'/'xent'} of a batch, and the per-example
-        Magnet losses (N,). Their sum is the training loss; plain ClusTR has 'magnet' alone.
+        Magnet losses (N,). Their sum is the training loss; plain ClusTR has 'magnet' alone,
+        and so has a free replay (``extras=False``).
         """
         with autocast(self.device, self.cfg.amp):
             emb = self.train_model(x).float()  # (N, 512)
         per_example, _ = magnet_loss(emb, cluster_ids, classes, self.cfg.alpha)
         terms = {"magnet": per_example.mean()}
+        if not extras:
+            return terms, per_example
         terms.update(self.extras.terms(self.model, head, x, emb, classes[cluster_ids],
                                        self.generator))
         return terms, per_example
