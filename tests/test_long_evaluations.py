@@ -295,3 +295,28 @@ def test_a_refused_run_leaves_no_run_log(four_classes, ckpt, tmp_path):
     (exp / "params.txt").write_text("x\n")
     res = run(eval_argv(four_classes, ckpt, exp), tmp_path / "calls")
     assert res.returncode == 2 and not (exp / "run.log").exists()
+
+
+def test_a_signal_asks_to_stop_a_second_one_or_one_in_an_unsaveable_region_stops_at_once():
+    import signal
+
+    from utils import preemption
+
+    before = signal.getsignal(signal.SIGINT)
+    preemption.install()
+    try:
+        assert not preemption.should_stop()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preemption.should_stop() and preemption.requested() == signal.SIGINT
+        assert preemption.stop("here").exit_status == 130
+        with pytest.raises(preemption.Preempted) as second:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert second.value.exit_status == 130
+        preemption.install()  # a fresh request state
+        with pytest.raises(preemption.Preempted) as inside:
+            with preemption.immediate():
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert inside.value.exit_status == 143 and "nothing new to save" in str(inside.value)
+    finally:
+        preemption.uninstall()
+    assert signal.getsignal(signal.SIGINT) is before

@@ -40,6 +40,7 @@ class Preempted(Exception):
 
 
 _STATE = {"signum": None, "immediate": False, "installed": False}
+_PREVIOUS: dict[int, object] = {}
 
 
 def _handler(signum, _frame):
@@ -54,6 +55,8 @@ def install() -> None:
     handlers, elsewhere the defaults stay)."""
     if threading.current_thread() is not threading.main_thread():
         return
+    if not _STATE["installed"]:
+        _PREVIOUS.update({s: signal.getsignal(s) for s in SIGNALS})
     for s in SIGNALS:
         signal.signal(s, _handler)
     _STATE.update(signum=None, immediate=False, installed=True)
@@ -61,10 +64,11 @@ def install() -> None:
 
 
 def uninstall() -> None:
-    """Back to the default handlers (the in-process CLI tests call main() repeatedly)."""
+    """Back to the handlers before ``install`` (in-process callers run main() repeatedly)."""
     if _STATE["installed"]:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for s in SIGNALS:
+            previous = _PREVIOUS.get(s)
+            signal.signal(s, signal.SIG_DFL if previous is None else previous)
     _STATE.update(signum=None, immediate=False, installed=False)
 
 
