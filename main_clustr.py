@@ -4,7 +4,9 @@
         --pretrained-path pretrained_weights/resnet18.pt --lr 0.0001 --epochs 30
     python main_clustr.py --checkpoint expA_pgd --evaluate-ckpt expA/checkpoint.pth
 
-This file only wires the pieces together; see README.md for the outputs.
+This file only wires the pieces together: it parses the arguments, builds one
+configuration per stage from them (``TrainConfig``, ``EvalConfig``, ``AttackConfig``) and
+hands those on; nothing below it sees the parsed arguments. See README.md for the outputs.
 """
 from __future__ import annotations
 
@@ -18,35 +20,33 @@ import time
 import numpy as np
 import torch
 
+from base import preemption
+from base.cli import config
+from base.device import resolve_device
+from base.distributed import Dist, close_distributed, init_distributed, process_device
+from base.errors import UsageError, one_line
+from base.io import save_atomic, write_text_atomic
+from base.progress import set_quiet
 from datasets.data import balanced_subset, load_dataset
+from models.checkpoint import build_checkpoint, load_weights
 from models.resnet import ResNet18, normalization_for
-from utils import preemption, run_log
-from utils.checkpoint import build_checkpoint, load_weights, save_atomic, write_text_atomic
-from utils.clustering import check_class_sizes
-from utils.device import resolve_device
-from utils.distributed import (
-    Dist,
-    close_distributed,
-    init_distributed,
-    process_device,
-    test_fail_hook,
-    test_state_dump,
-)
-from utils.errors import UsageError, one_line
-from utils.eval_state import EVAL_RESUME_FILE
-from utils.eval_state import check_arguments as check_eval_arguments
-from utils.evaluation import (
-    evaluate_checkpoint,
+from utils.eval.adversarial_store import save_adversarial
+from utils.eval.eval_state import check_arguments as check_eval_arguments
+from utils.eval.evaluation import (
+    AttackConfig,
+    EvalConfig,
     evaluate_model,
     load_eval_inputs,
     open_eval_state,
 )
-from utils.experiment_dir import RESUME_FILE, ExperimentDir
-from utils.progress import set_quiet
-from utils.results import EpochLog, MetricsCSV
-from utils.resume import Position, RunState, read_resume
-from utils.train_setting import params_line, parse_args
-from utils.training import ClusTRTrainer, TrainConfig
+from utils.eval.strong_evaluation import evaluate_strong
+from utils.outputs import files, run_log
+from utils.outputs.experiment_dir import ExperimentDir
+from utils.outputs.results import EpochLog, MetricsCSV
+from utils.train.clustering import check_class_sizes
+from utils.train.resume import Position, RunState, read_resume
+from utils.train.training import ClusTRTrainer, TrainConfig
+from utils.train_setting import params_line, parse_args, run_arguments
 
 log = logging.getLogger("clustr")
 
@@ -77,9 +77,10 @@ def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist | None 
              len(train_set), len(test_set), train_set.num_classes)
     mean, std = normalization_for(args.dataset)
     model = ResNet18(train_set.num_classes, mean, std)
-    resume = read_resume(out.file(RESUME_FILE), args) if args.resume else None
+    run_args = run_arguments(args)
+    resume = read_resume(out.file(files.RESUME), run_args, args.epochs) if args.resume else None
     if resume is not None:  # an evaluation already started goes on with its arguments
-        check_eval_arguments(out.file(EVAL_RESUME_FILE), args, out.file("checkpoint.pth"),
+        check_eval_arguments(out.file(files.EVAL_RESUME), args, out.file(files.CHECKPOINT),
                              resume["epoch"])
     if resume is None and args.pretrained_path:
         load_weights(model, args.pretrained_path)
@@ -90,15 +91,10 @@ def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist | None 
     if not args.milestones:
         log.info("no --milestones: the learning rate stays %g", args.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
-    cfg = TrainConfig(dataset=args.dataset, K=args.k, m=args.m, d=args.d, L=args.L,
-                      normalize=not args.not_normalize, alpha=args.alpha, seed=args.seed,
-                      test_batch=args.test_batch, embed_batch=args.embed_batch, amp=args.amp,
-                      consistency_lambda=args.consistency_lambda, xent_lambda=args.xent_lambda,
-                      mse_consistency=args.mse_consistency, actual_trades=args.actual_trades,
-                      minibatch_replays=args.minibatch_replays, kmeans_seed=args.kmeans_seed)
+    cfg = config(TrainConfig, args, K=args.k, normalize=not args.not_normalize)
     trainer = ClusTRTrainer(model, optimizer, train_set, test_set, cfg, device, dist)
     trainer.check_batch_shape()
-    state = RunState(out.file(RESUME_FILE), args, model, optimizer, scheduler, trainer)
+    state = RunState(out.file(files.RESUME), run_args, model, optimizer, scheduler, trainer)
     if resume is not None:
         return state, state.restore(resume)
     try:
@@ -115,10 +111,9 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
     state, start = build_run(args, out, device, dist)
     model, optimizer, scheduler, trainer = (state.model, state.optimizer, state.scheduler,
                                             state.trainer)
-    epoch_log = EpochLog(out.file("log.txt"), keep_epochs=start.epoch if args.resume else None,
-                         write=False)
-    metrics_csv = MetricsCSV(out.file("metrics.csv"), keep_epochs=start.epoch if args.resume
-                             else None)
+    kept = start.epoch if args.resume else None
+    epoch_log = EpochLog(out.file(files.LOG), keep_epochs=kept, write=False)
+    metrics_csv = MetricsCSV(out.file(files.METRICS), keep_epochs=kept)
     # every input is checked on every process: from here on the experiment directory changes
     dist.barrier()
     if dist.is_main:
@@ -128,12 +123,12 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
         state.save(start)  # from the first result on, --resume has a state to continue from
     if dist.is_main:
         run_log.attach(out.path)
-        write_text_atomic(out.file("params.txt"), params_line(args) + "\n")
+        write_text_atomic(out.file(files.PARAMS), params_line(args) + "\n")
         run_log.write_args_json(out.path, args)
         epoch_log.flush()
     extra = {"args": {k: v for k, v in vars(args).items()}, "dataset": args.dataset,
              "classes": list(trainer.train.classes)}
-    ckpt_path = out.file("checkpoint.pth")
+    ckpt_path = out.file(files.CHECKPOINT)
     log.info("%d steps of %d x %d examples per epoch", trainer.steps_per_epoch(), args.m,
              args.d)
     if dist.enabled:
@@ -141,27 +136,23 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
                  "learning rate is not rescaled)", dist.world_size, dist.world_size, args.m,
                  args.d, dist.world_size * args.m * args.d)
     for epoch in range(start.epoch + 1, args.epochs + 1):
-        test_fail_hook(dist, f"epoch {epoch}")
         begin = time.time()
         lr = optimizer.param_groups[0]["lr"]
         resumed = start if epoch == start.epoch + 1 else Position(epoch - 1)
         trainer.after_step = stop_or_save(state, args.checkpoint_every, epoch, dist)
         metrics = run_epoch(trainer, epoch, resumed, ckpt_path)
         scheduler.step()
-        c = trainer.clusters
-        test_state_dump(dist, epoch, {"centers": c.centers, "assignments": c.assignments,
-                                      "variance": c.variance, "losses": trainer.sampler.losses,
-                                      **model.state_dict()})
         if dist.is_main:
             epoch_log.append(epoch, lr, metrics.train_loss, metrics.train_acc,
                              metrics.test_loss, metrics.test_acc)
             metrics_csv.append(epoch, lr, metrics, time.time() - begin)
             # the original's checkpoints count epochs from 0 (its log.txt rows from 1)
             ckpt = build_checkpoint(model, trainer.head(), args.k, epoch - 1,
-                                    metrics.test_acc, extra, assignments=c.assignments)
+                                    metrics.test_acc, extra,
+                                    assignments=trainer.clusters.assignments)
             save_atomic(ckpt, ckpt_path)
             if args.save_all:
-                save_atomic(ckpt, out.file(f"checkpoint_{epoch - 1}.pth"))
+                save_atomic(ckpt, out.file(files.EPOCH_CHECKPOINT.format(epoch=epoch - 1)))
         state.save(Position(epoch))
         log.info("epoch %d/%d  lr %.2g  train loss %.4f acc %.2f%%  test loss %.4f acc "
                  "%.2f%%  (%.0fs)", epoch, args.epochs, lr, metrics.train_loss,
@@ -221,23 +212,53 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
     out = ExperimentDir(args.checkpoint)
     evaluate_only = args.evaluate_ckpt is not None
     out.check(evaluate_only, args.resume, args.overwrite)  # before anything is read or written
-    if not evaluate_only:
+    if not evaluate_only:  # training fixes L and the rule, which the evaluation then uses
         args.L = 10 if args.L is None else args.L
         args.not_normalize = bool(args.not_normalize)
+    normalize = None if args.not_normalize is None else not args.not_normalize
+    eval_cfg = config(EvalConfig, args, normalize=normalize)
+    attack = config(AttackConfig, args)
+    if not evaluate_only:
         ckpt_path = train(args, out, device, dist)
         dist.barrier()  # the main process has written the checkpoint
-        evaluate_checkpoint(args, ckpt_path, out.path, device, dist, after_training=True)
+        evaluate_checkpoint(eval_cfg, attack, ckpt_path, out.path, device, dist, args.resume)
         return 0
-    model, test = load_eval_inputs(args, args.evaluate_ckpt)
-    state = open_eval_state(args, args.evaluate_ckpt, test, out.path, device, dist)
+    model, test = load_eval_inputs(eval_cfg, args.evaluate_ckpt)
+    state = open_eval_state(eval_cfg, attack, args.evaluate_ckpt, test, out.path, device, dist,
+                            args.resume)
     dist.barrier()  # every process checked its inputs before anything is written
     if dist.is_main:
         out.prepare(evaluate_only=True, overwrite=args.overwrite, inputs=[args.evaluate_ckpt])
         run_log.attach(out.path)
-        write_text_atomic(out.file("params.txt"), params_line(args) + "\n")
+        write_text_atomic(out.file(files.PARAMS), params_line(args) + "\n")
         run_log.write_args_json(out.path, args)
-    evaluate_model(args, model, test, out.path, device, args.evaluate_ckpt, dist, state=state)
+    evaluate(model, test, eval_cfg, attack, out.path, device, args.evaluate_ckpt, dist, state)
     return 0
+
+
+def evaluate_checkpoint(eval_cfg: EvalConfig, attack: AttackConfig, ckpt_path: str,
+                        out_dir: str, device: torch.device, dist: Dist,
+                        resume: bool = False) -> None:
+    """Rebuild a fresh model from the saved file (what was trained is never what gets
+    evaluated) and evaluate it; with ``resume``, from where its evaluation stopped (an
+    evaluation of an older checkpoint starts afresh)."""
+    model, test = load_eval_inputs(eval_cfg, ckpt_path)
+    state = open_eval_state(eval_cfg, attack, ckpt_path, test, out_dir, device, dist, resume,
+                            after_training=True)
+    evaluate(model, test, eval_cfg, attack, out_dir, device, ckpt_path, dist, state)
+
+
+def evaluate(model, test, eval_cfg: EvalConfig, attack: AttackConfig, out_dir: str,
+             device: torch.device, ckpt_path: str, dist: Dist, state=None) -> None:
+    """The paper's PGD sweep, then (on the main process) the honest evaluation, on the same
+    test images; ``state`` (``utils.eval.eval_state``) keeps the progress for --resume."""
+    paper = evaluate_model(model, test, attack, out_dir, device, ckpt_path, eval_cfg.dataset,
+                           dist, state)
+    if attack.honest and dist.is_main:
+        evaluate_strong(model, test, paper, attack, out_dir, device, state)
+    elif attack.save_adv and dist.is_main:
+        save_adversarial(os.path.join(out_dir, files.ADVERSARIAL), model, test, paper,
+                         batch=attack.test_batch, device=device)
 
 
 def main(argv=None) -> int:
@@ -264,9 +285,8 @@ def main(argv=None) -> int:
 def how_to_continue(args, command: list[str], exc: BaseException) -> str:
     """The one line a stopped run prints: what stopped it and how to go on."""
     what = str(exc) if isinstance(exc, preemption.Preempted) else "interrupted"
-    saved = [p for p in (os.path.join(args.checkpoint, n) for n in (RESUME_FILE,
-                                                                     EVAL_RESUME_FILE))
-             if os.path.isfile(p)]
+    saved = [p for p in (os.path.join(args.checkpoint, n)
+                         for n in (files.RESUME, files.EVAL_RESUME)) if os.path.isfile(p)]
     if not saved:
         return f"{what}: nothing was saved yet; run the command again"
     latest = max(saved, key=os.path.getmtime)  # the stage that was running

@@ -6,13 +6,13 @@ import logging
 
 import torch
 
+from base.tensors import to_device
 from datasets.data import ImageData, augment
 from models.classifier import ClusterClassifier
-from models.cluster_head import ClusterHead
-from utils.clustering import fit_clusters, kmeans_settings
-from utils.embeddings import compute_embeddings, default_embed_batch, to_device
-from utils.evaluation import run_sweep
-from utils.magnet_loss import magnet_loss
+from utils.eval.evaluation import run_sweep
+from utils.train.clustering import fit_cluster_classifier, fit_clusters, kmeans_settings
+from utils.train.embeddings import compute_embeddings, default_embed_batch
+from utils.train.magnet_loss import magnet_loss
 
 from .timing import StepClock, median, median_call, timed
 from .workloads import Workload, build_model
@@ -113,11 +113,8 @@ def cluster_classifier(train: ImageData, weights, device: torch.device, K: int, 
     """The classifier the CLI evaluates: the network, per-class k-means (CIFAR-10 settings)
     on its un-augmented, eval-mode training embeddings, the L nearest clusters voting."""
     backbone = build_model(train.num_classes, weights, device, seed)
-    emb = compute_embeddings(backbone, train.images, default_embed_batch(device), device)
-    n_init, max_iter = kmeans_settings("cifar10")
-    c = fit_clusters(emb, train.labels, train.num_classes, K, n_init, max_iter, seed)
-    head = ClusterHead(c.centers, c.classes, c.variance, train.num_classes, L)
-    return ClusterClassifier(backbone, head).to(device)
+    return fit_cluster_classifier(backbone, train, "cifar10", K, L, seed=seed,
+                                  batch=default_embed_batch(device), device=device).to(device)
 
 
 def measure_pgd(model: ClusterClassifier, test: ImageData, device: torch.device,

@@ -19,14 +19,15 @@ import os
 import sys
 import time
 
+from base.device import resolve_device
+from base.errors import UsageError, exit_status
+from base.io import save_atomic
+from base.progress import set_quiet
 from datasets.data import DATASETS, balanced_subset, load_dataset
+from models.checkpoint import build_checkpoint, load_weights
 from models.resnet import ResNet18, normalization_for
-from utils.checkpoint import build_checkpoint, load_weights, save_atomic
-from utils.clustering import fit_cluster_classifier
-from utils.device import resolve_device
-from utils.embeddings import compute_embeddings
-from utils.errors import UsageError, exit_status
-from utils.progress import set_quiet
+from utils.train.clustering import fit_cluster_classifier
+from utils.train.embeddings import compute_embeddings
 
 log = logging.getLogger("clustr")
 

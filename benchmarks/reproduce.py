@@ -34,8 +34,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from utils.checkpoint import extract_state_dict, load_checkpoint, write_text_atomic
-from utils.results import read_csv
+from base.io import load_checkpoint, write_text_atomic
+from models.checkpoint import extract_state_dict
+from utils.outputs.results import read_csv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {

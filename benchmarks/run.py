@@ -1,7 +1,7 @@
 """Benchmark ClusTR against plain cross-entropy training and write docs/BENCHMARKS.md.
 
-    python -m benchmarks.run                 # full run (~20 min on 2 CPU cores)
-    python -m benchmarks.run --quick         # smoke run of the harness (< 2 min)
+    python -m benchmarks.run                 # full run (the report records its duration)
+    python -m benchmarks.run --quick         # smoke run of the harness
     python -m benchmarks.run --device cuda --amp --out docs/BENCHMARKS_cuda.md
 
 Measured in one process (the scaling sizes in one subprocess each), on whatever device is
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from utils.device import resolve_device
-from utils.errors import UsageError, exit_status
-from utils.evaluation import EPSILONS
-from utils.progress import set_quiet
+from base.device import resolve_device
+from base.errors import UsageError, exit_status
+from base.progress import set_quiet
+from utils.eval.evaluation import EPSILONS
 
 from .machine import load_average, machine_info, usable_cores
 from .measures import (

@@ -96,7 +96,7 @@ def run_scaling(base: int, test_size: int, data: str, data_dir, m: int, d: int, 
 
 
 def main(argv=None) -> int:
-    from utils.errors import exit_status
+    from base.errors import exit_status
 
     logging.basicConfig(level=logging.WARNING)
     return exit_status(lambda: print(json.dumps(run_worker(worker_args(argv)))))

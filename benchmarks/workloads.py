@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from base.errors import UsageError
+from base.tensors import autocast, to_device
 from datasets.data import ImageData, augment, balanced_subset, load_dataset
+from models.checkpoint import load_weights
 from models.resnet import ResNet18
-from utils.checkpoint import load_weights
-from utils.embeddings import autocast, compute_embeddings, to_device
-from utils.errors import UsageError
-from utils.training import ClusTRTrainer, TrainConfig
+from utils.train.embeddings import compute_embeddings
+from utils.train.training import ClusTRTrainer, TrainConfig
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")

@@ -7,12 +7,16 @@ attack it directly. The paper's own (bounded) class scores are ``paper_scores(x)
 
 This is the one implementation of ClusTR inference: the CLI's evaluation rebuilds the same
 class from the checkpoint file, so a model loaded here predicts what the CLI reports.
+``LinearClassifier`` gives a plain ResNet18 (its linear head) the same interface, for
+baselines evaluated through ``--evaluate-ckpt``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from base.io import load_checkpoint
+from models.checkpoint import cluster_parts
 from models.cluster_head import ClusterHead
 from models.resnet import ResNet18
 
@@ -66,8 +70,35 @@ class ClusterClassifier(nn.Module):
         checkpoint's recorded data set is used, and CIFAR's where none is recorded (the
         original's checkpoints record none).
         """
-        from utils.checkpoint import classifier_from_checkpoint, load_checkpoint
-
         model = classifier_from_checkpoint(load_checkpoint(path, "cpu"), dataset=dataset, L=L,
                                            normalize=normalize)
         return model.to(map_location)
+
+
+def classifier_from_checkpoint(ckpt: dict, dataset: str | None = None, L: int | None = None,
+                               normalize: bool | None = None) -> ClusterClassifier:
+    """A ClusterClassifier in eval mode; explicit ``L``/``normalize`` win over the file's."""
+    return ClusterClassifier(*cluster_parts(ckpt, dataset=dataset, L=L, normalize=normalize))
+
+
+class LinearClassifier(nn.Module):
+    """A plain ResNet18 classifier (linear head) with the interface the attacks use."""
+
+    def __init__(self, backbone: ResNet18):
+        super().__init__()
+        self.backbone = backbone
+        self.eval()
+
+    @property
+    def num_classes(self) -> int:
+        return self.backbone.linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.classify(x)  # (N, C)
+
+    def paper_scores(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.classify(x)  # the original attacks a baseline's logits
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x).argmax(1)

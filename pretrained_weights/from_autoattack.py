@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
+from base.errors import UsageError, exit_status
+from base.io import save_atomic
+from models.checkpoint import load_weights
 from models.resnet import CIFAR_MEAN, CIFAR_STD, ResNet18
-from utils.checkpoint import load_weights, save_atomic
-from utils.errors import UsageError, exit_status
 
 PACKAGE = "pyautoattack"
 PACKAGE_PIN = "pyautoattack==0.2.0"

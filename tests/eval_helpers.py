@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 
 from datasets.data import ImageData, balanced_subset, load_dataset, to_float
+from models.checkpoint import load_weights
 from models.resnet import ResNet18
-from utils.checkpoint import load_weights
-from utils.clustering import fit_cluster_classifier
+from utils.train.clustering import fit_cluster_classifier
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 TRAIN_SLICE = 200  # training images the test cluster classifier is fitted on

@@ -14,13 +14,14 @@ import sys
 import pytest
 import torch
 
+from base.tensors import to_device
 from datasets.data import ImageData, to_float
 from models.classifier import ClusterClassifier
 from tests.conftest import ROOT
 from tests.eval_helpers import real_backbone, real_cluster_classifier, real_test_data
-from utils.embeddings import compute_embeddings, to_device
-from utils.evaluation import predict_all, run_sweep
-from utils.strong_attacks import adaptive_sweep, run_autoattack
+from utils.attacks.adaptive import adaptive_sweep, run_autoattack
+from utils.eval.evaluation import predict_all, run_sweep
+from utils.train.embeddings import compute_embeddings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device on this machine")
@@ -124,8 +125,11 @@ def test_cli_trains_and_evaluates_on_the_gpu(tiny_folder, tmp_path, amp):
         assert len(list(csv.reader(f))) > 1
     assert (out / "attack_results_strong.csv").is_file()
 
-    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    # no map_location: tensors come back on the device they were saved from, so this shows
+    # that the run saved CPU tensors (a file that loads on a machine without a GPU)
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["cluster_centers"].device.type == "cpu"
+    assert all(v.device.type == "cpu" for v in ckpt["state_dict"].values())
     assert ckpt["cluster_centers"].dtype == torch.float32
     on_cpu = ClusterClassifier.from_checkpoint(str(out / "checkpoint.pth"))
     on_gpu = ClusterClassifier.from_checkpoint(str(out / "checkpoint.pth"), map_location=GPU)

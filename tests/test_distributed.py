@@ -16,11 +16,14 @@ SMALL = ("--dataset", "imagefolder", "--k", 2, "--m", 3, "--d", 4, "--L", 4, "--
 
 def launch(*args, procs: int = 2, env: dict | None = None, timeout: float = 120):
     """main_clustr.py under torchrun with ``procs`` processes (procs=0: plain python). The
-    ``--`` keeps torchrun's parser off ``--m`` and ``--d`` (prefixes of its own options)."""
+    ``--`` keeps torchrun's parser off ``--m`` and ``--d`` (prefixes of its own options).
+    With ``env`` (STATE_DIR, FAIL_RANK), torchrun runs ``tests/distributed_worker.py``: the
+    same command with the tests' instrumentation of the epoch loop."""
     runner = ([] if procs == 0 else ["-m", "torch.distributed.run", "--standalone",
                                      "--nproc_per_node", str(procs), "--"])
     environ = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, *runner, str(ROOT / "main_clustr.py"),
+    script = ROOT / ("tests/distributed_worker.py" if env else "main_clustr.py")
+    return subprocess.run([sys.executable, *runner, str(script),
                            *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=environ)
 
@@ -33,7 +36,7 @@ def two_process_run(tiny_folder, tmp_path_factory):
     states.mkdir()
     out = base / "run2"
     res = launch("--checkpoint", out, "--data-root", tiny_folder, "--epochs", 2, *SMALL,
-                 env={"CLUSTR_TEST_STATE_DIR": str(states)})
+                 env={"STATE_DIR": str(states)})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return out, states, res
 
@@ -66,9 +69,9 @@ def test_ranks_hold_identical_clusters_and_sampler_state(two_process_run):
 def _embed_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     import torch.distributed as dist
 
+    from base.distributed import Dist
     from models.resnet import ResNet18, normalization_for
-    from utils.distributed import Dist
-    from utils.embeddings import compute_embeddings_split
+    from utils.train.embeddings import compute_embeddings_split
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -86,7 +89,7 @@ def _embed_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
 
 def test_split_embedding_pass_equals_single_pass(tmp_path):
     from models.resnet import ResNet18, normalization_for
-    from utils.embeddings import compute_embeddings
+    from utils.train.embeddings import compute_embeddings
 
     out_file = str(tmp_path / "emb.pt")
     torch.multiprocessing.spawn(_embed_worker, args=(2, str(tmp_path / "init"), out_file),
@@ -129,7 +132,7 @@ def test_two_process_sweep_agrees_with_one_process_evaluate_ckpt(two_process_run
 def test_a_failing_rank_ends_the_job(tiny_folder, tmp_path):
     begin = time.time()
     res = launch("--checkpoint", tmp_path / "fail", "--data-root", tiny_folder, "--epochs", 1,
-                 "--dist-timeout", 30, *SMALL, env={"CLUSTR_TEST_FAIL_RANK": "1"}, timeout=90)
+                 "--dist-timeout", 30, *SMALL, env={"FAIL_RANK": "1"}, timeout=90)
     assert res.returncode != 0
     assert "rank 1 fails on purpose" in res.stdout + res.stderr
     assert time.time() - begin < 90

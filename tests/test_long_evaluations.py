@@ -53,10 +53,11 @@ def four_classes(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ckpt(four_classes, tmp_path_factory) -> Path:
     """A ClusTR checkpoint of a seeded random ResNet18 with K = 1 cluster per class."""
+    from base.io import save_atomic
     from datasets.data import load_dataset
+    from models.checkpoint import build_checkpoint
     from models.resnet import ResNet18, normalization_for
-    from utils.checkpoint import build_checkpoint, save_atomic
-    from utils.clustering import fit_cluster_classifier
+    from utils.train.clustering import fit_cluster_classifier
 
     torch.manual_seed(0)
     backbone = ResNet18(4, *normalization_for("imagefolder")).eval()
@@ -190,7 +191,7 @@ def test_github_autoattack_called_through_its_signature(reference):
 
 def test_pyautoattack_is_used_without_the_github_package(monkeypatch):
     pytest.importorskip("pyautoattack", reason="pyautoattack not installed")
-    from utils.autoattack_backend import find_backend
+    from utils.attacks.autoattack_backend import find_backend
 
     monkeypatch.setitem(sys.modules, "autoattack", None)  # not installed
     backend = find_backend()
@@ -300,7 +301,7 @@ def test_a_refused_run_leaves_no_run_log(four_classes, ckpt, tmp_path):
 def test_a_signal_asks_to_stop_a_second_one_or_one_in_an_unsaveable_region_stops_at_once():
     import signal
 
-    from utils import preemption
+    from base import preemption
 
     before = signal.getsignal(signal.SIGINT)
     preemption.install()

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 import main_clustr
+from base.io import load_checkpoint
 from datasets.data import balanced_subset, load_dataset, to_float
 from models import ClusterClassifier, ClusterHead, ResNet18
+from models.checkpoint import load_weights
 from utils import inspect_ckpt
-from utils.checkpoint import load_checkpoint, load_weights
-from utils.clustering import fit_clusters
-from utils.embeddings import compute_embeddings
+from utils.train.clustering import fit_clusters
+from utils.train.embeddings import compute_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -27,10 +28,10 @@ ORIGINAL_KEYS = ("state_dict", "epoch", "test_acc", "cluster_centers", "cluster_
 @pytest.fixture(scope="module")
 def readme_layout(tmp_path_factory, tiny_folder) -> Path:
     """A folder laid out as the README assumes: run/expA/checkpoint.pth, written by the CLI
-    on tiny images, and ../shared/data/cifar10-subset (here: the tiny image folder)."""
+    on tiny images, and run/DIR (here: the tiny image folder)."""
     root = tmp_path_factory.mktemp("readme")
-    (root / "shared" / "data").mkdir(parents=True)
-    (root / "shared" / "data" / "cifar10-subset").symlink_to(tiny_folder)
+    (root / "run").mkdir()
+    (root / "run" / "DIR").symlink_to(tiny_folder)
     rc = main_clustr.main([
         "--checkpoint", str(root / "run" / "expA"), "--dataset", "imagefolder",
         "--data-root", str(tiny_folder), "--epochs", "1", "--k", "2", "--m", "2", "--d", "36",
@@ -178,6 +179,17 @@ def test_readme_session_runs_as_written(readme_layout, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert re.search(r"clean accuracy: [0-9.]+\n", out)
     assert re.search(r"APGD-CE accuracy: [0-9.]+\n", out)
+
+
+def test_docs_evaluation_session_runs_as_written(readme_layout, monkeypatch):
+    text = (ROOT / "docs" / "evaluation.md").read_text()
+    section = text[text.index("## The evaluation from Python"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(readme_layout / "run")
+    exec(compile(block, "docs/evaluation.md", "exec"), {})
+    out = readme_layout / "run" / "expA_eval"
+    for name in ("attack_results_ext.csv", "attack_results_strong.csv", "diagnostics.json"):
+        assert (out / name).is_file(), name
 
 
 # -- set-up files --------------------------------------------------------------------------

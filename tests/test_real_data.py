@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from datasets.data import load_dataset
+from models.checkpoint import load_weights
 from models.cluster_head import ClusterHead
 from models.resnet import ResNet18
 from tests.conftest import ROOT
-from utils.checkpoint import load_weights
-from utils.clustering import fit_clusters
-from utils.embeddings import compute_embeddings
+from utils.train.clustering import fit_clusters
+from utils.train.embeddings import compute_embeddings
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def test_one_short_clustr_epoch_keeps_85(real_subset, real_weights, tmp_path):
 def real_trainer(real_subset, real_weights, **variant):
     """The real trainer on 40 training images with the shared weights, clusters fitted."""
     from datasets.data import balanced_subset
-    from utils.training import ClusTRTrainer, TrainConfig
+    from utils.train.training import ClusTRTrainer, TrainConfig
 
     train = balanced_subset(load_dataset("imagefolder", str(real_subset), "train"), 40, 0)
     test = balanced_subset(load_dataset("imagefolder", str(real_subset), "test"), 10, 0)
@@ -88,7 +88,7 @@ def test_real_free_replays_give_the_sampler_the_originals_losses(real_subset, re
     """The shared network, one real batch, M = 2: the sampler receives the updated
     network's Magnet losses on x + the final delta (the original's rule, restated)."""
     from tests.test_variants import EPS
-    from utils.magnet_loss import magnet_loss
+    from utils.train.magnet_loss import magnet_loss
 
     variant = dict(minibatch_replays=2, consistency_lambda=1.0)
     trainer = real_trainer(real_subset, real_weights, **variant)

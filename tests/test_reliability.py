@@ -23,15 +23,18 @@ import torch
 from PIL import Image
 
 import main_clustr
+from base.io import load_checkpoint, save_atomic
 from models.resnet import ResNet18
-from utils.checkpoint import load_checkpoint, save_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # 3 classes x 3 noise images, one cluster per class, batches of 2 clusters x 2 images:
 # 2 Magnet steps per epoch, each a ResNet18 step on 4 images.
+# --device cpu: the byte-for-byte comparisons below hold on the CPU (on a GPU, auto would
+# pick CUDA, whose kernels are not bit-for-bit reproducible)
 SMALL = ["--m", "2", "--d", "2", "--k", "1", "--L", "3", "--iterations", "1", "--restarts",
-         "1", "--quiet", "--workers", "0", "--test-batch", "8", "--embed-batch", "8"]
+         "1", "--quiet", "--workers", "0", "--test-batch", "8", "--embed-batch", "8",
+         "--device", "cpu"]
 
 
 class Killed(BaseException):
@@ -96,9 +99,9 @@ def reference(noisy, no_sweep, tmp_path_factory) -> Path:
 # -- resume -----------------------------------------------------------------------------------
 def kill_at_step(monkeypatch, n: int) -> None:
     """Kill the run when the n-th Magnet step since its start begins."""
-    import utils.training
+    import utils.train.training
 
-    real, calls = utils.training.magnet_loss, {"n": 0}
+    real, calls = utils.train.training.magnet_loss, {"n": 0}
 
     def counting(*args, **kwargs):
         calls["n"] += 1
@@ -106,7 +109,7 @@ def kill_at_step(monkeypatch, n: int) -> None:
             raise Killed(f"step {n}")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(utils.training, "magnet_loss", counting)
+    monkeypatch.setattr(utils.train.training, "magnet_loss", counting)
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -187,19 +190,19 @@ def test_non_finite_loss_stops_naming_epoch_and_step(noisy, reference, no_sweep,
     """The finished 2-epoch run, resumed for a third epoch whose step 2 gives a NaN loss: one
     line naming epoch and step, exit 2, and the last good checkpoint, log rows and resume
     state byte-identical."""
-    import utils.training
+    import utils.train.training
 
     exp = tmp_path / "exp"
     shutil.copytree(reference, exp)
     kept = {n: (exp / n).read_bytes() for n in ("checkpoint.pth", "resume.pth", "log.txt")}
-    real, calls = utils.training.magnet_loss, {"n": 0}
+    real, calls = utils.train.training.magnet_loss, {"n": 0}
 
     def nan_at_step_2(*args, **kwargs):
         calls["n"] += 1
         per_example, other = real(*args, **kwargs)
         return (per_example * float("nan") if calls["n"] == 2 else per_example), other
 
-    monkeypatch.setattr(utils.training, "magnet_loss", nan_at_step_2)
+    monkeypatch.setattr(utils.train.training, "magnet_loss", nan_at_step_2)
     code, err = cli(train_argv(noisy, exp, epochs=3, every=0) + ["--resume"], capsys)
     assert code == 2
     assert err.count("\n") == 1

@@ -21,20 +21,18 @@ import sys
 
 import torch
 
-from models.classifier import ClusterClassifier
-from utils.checkpoint import (
+from base.errors import UsageError
+from base.io import load_checkpoint
+from models.checkpoint import (
     CLUSTER_KEYS,
     FORMAT,
+    ORIGINAL_KEYS,
+    PROJECT_KEYS,
     backbone_from_state,
-    classifier_from_checkpoint,
     has_clusters,
-    load_checkpoint,
 )
-from utils.errors import UsageError
+from models.classifier import ClusterClassifier, classifier_from_checkpoint
 
-ORIGINAL_KEYS = ("state_dict", "epoch", "test_acc", "cluster_centers", "cluster_classes",
-                 "variance", "K", "L", "normalize_probs")
-PROJECT_KEYS = ("format", "cluster_sizes", "args", "dataset", "classes")
 LABEL_WIDTH = 16
 LINE_WIDTH = 100
 ITEM_SEP = " | "  # separates items that a wrapped line never splits

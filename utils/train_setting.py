@@ -5,66 +5,18 @@ Nothing is parsed at import time: ``parse_args(argv)`` is called from ``main()``
 from __future__ import annotations
 
 import argparse
-import math
-import sys
 
+from base.cli import ArgParser, nonneg_float, nonneg_int, pos_float, pos_int, seed_int
 from datasets.data import DATASETS
+from utils.attacks import autoattack_backend
+from utils.attacks.adaptive import AUTOATTACK_HINT
+from utils.outputs import files
 
 ARCHS = ("resnet18",)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, as for every other bad input
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        sys.exit(2)
-
-
-def _positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not value > 0 or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-        return value
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
-
-
-def _non_negative(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not value >= 0 or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-        return value
-    parse.__name__ = f"non-negative {kind.__name__}"
-    return parse
-
-
-pos_int, pos_float = _positive(int), _positive(float)
-nonneg_int, nonneg_float = _non_negative(int), _non_negative(float)
-
-
-def seed_int(text):
-    """A seed numpy, torch and scikit-learn all accept: 0 <= seed < 2**32."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32 - 1, got {text}")
-    return value
-
-
-seed_int.__name__ = "seed"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="main_clustr.py",
+    p = ArgParser(prog="main_clustr.py",
                 description="ClusTR: Magnet-loss clustering training and PGD evaluation.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     o = p.add_argument_group("the original's arguments")
@@ -135,12 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--save-adv", action="store_true",
                    help="write adversarial.pt: per eps, the adversarial images that fooled "
                         "the model under the paper's PGD and the strongest attack run "
-                        "(docs/LONG_EVALUATIONS.md)")
+                        "(docs/long_evaluations.md)")
     n.add_argument("--dist-timeout", type=pos_float, default=600.0, metavar="SECONDS",
                    help="under torchrun: a collective waiting longer than this fails the job "
                         "instead of hanging")
-    r = p.add_argument_group("interrupted runs and existing results (see README, Failure "
-                             "behaviour)")
+    r = p.add_argument_group("interrupted runs and existing results (see docs/failures.md)")
     r.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --checkpoint from its resume.pth, "
                         "and its evaluation (or an --evaluate-ckpt run) from eval_resume.pth "
@@ -150,8 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint-every", type=nonneg_int, default=0, metavar="N",
                    help="also save the resume state every N training steps within an epoch "
                         "(0: only at the end of each epoch)")
-    from utils.strong_evaluation import add_strong_arguments
-    add_strong_arguments(p)
+    g = p.add_argument_group("honest evaluation (added by this project; off by default)")
+    g.add_argument("--strong", action="store_true",
+                   help="also attack the proper logit with PGD-CE and PGD-DLR on the paper's "
+                        "eps grid, step, --iterations and --restarts; writes "
+                        f"{files.STRONG_RESULTS} and {files.DIAGNOSTICS}")
+    g.add_argument("--autoattack", action="store_true",
+                   help="also run AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, "
+                        "Square; needs pyautoattack); its cost grows with the model's "
+                        "robustness, as every attack after APGD-CE runs on the images that "
+                        "survive it")
+    g.add_argument("--autoattack-eps", type=pos_float, nargs="+", default=[8.0], metavar="E",
+                   help="AutoAttack eps values, in units of 1/255")
+    g.add_argument("--strong-subset", type=pos_int, default=None, metavar="N",
+                   help="run the strong attacks on a seeded, class-balanced subset of N of "
+                        "the evaluated test images; without it, all of them")
     return p
 
 
@@ -171,9 +135,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.resume and args.overwrite:
         parser.error("--resume continues the results in --checkpoint and --overwrite replaces "
                      "them: give one of the two")
-    from utils.strong_evaluation import check_strong_arguments
-    check_strong_arguments(args, parser)
+    # the honest evaluation: refused now, before any training, if it could not run
+    if args.autoattack and not autoattack_backend.available():
+        parser.error(AUTOATTACK_HINT)
+    extras = [flag for flag, given in (("--strong-subset", args.strong_subset is not None),
+                                       ("--autoattack-eps", args.autoattack_eps != [8.0]))
+              if given]
+    if extras and not (args.strong or args.autoattack):
+        parser.error(f"{' and '.join(extras)} only apply with --strong or --autoattack")
     return args
+
+
+def run_arguments(args: argparse.Namespace) -> dict:
+    """The arguments as plain types (lists for tuples): what ``resume.pth`` and the
+    checkpoint record, loadable with ``weights_only=True``."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
 
 
 def params_line(args: argparse.Namespace) -> str:

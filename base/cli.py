@@ -1,0 +1,84 @@
+"""Argument-parsing pieces every command-line tool of the project shares.
+
+``ArgParser`` answers a bad argument with one line and exit status 2, as every other bad
+input; the ``pos_*``, ``nonneg_*`` and ``seed_int`` types refuse out-of-range values at
+parse time, naming the value. ``config`` builds a stage's configuration dataclass from the
+parsed arguments, field by field, so no code below a command's ``main`` sees the Namespace.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+
+
+class ArgParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, as for every other bad input
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0 or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _non_negative(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value >= 0 or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+        return value
+    parse.__name__ = f"non-negative {kind.__name__}"
+    return parse
+
+
+pos_int, pos_float = _positive(int), _positive(float)
+nonneg_int, nonneg_float = _non_negative(int), _non_negative(float)
+
+
+def seed_int(text):
+    """A seed numpy, torch and scikit-learn all accept: 0 <= seed < 2**32."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32 - 1, got {text}")
+    return value
+
+
+seed_int.__name__ = "seed"
+
+
+def config(cls, args: argparse.Namespace, **values):
+    """An instance of the dataclass ``cls`` whose fields take the parsed arguments of the same
+    names; ``values`` give the fields that have no argument of their name (``K`` from
+    ``--k``, ``normalize`` from ``--not-normalize``). Lists become tuples where the field's
+    default is one. Every field must be covered: a config never silently keeps a default
+    that a flag was meant to set."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            out[f.name] = values.pop(f.name)
+        elif hasattr(args, f.name):
+            value = getattr(args, f.name)
+            out[f.name] = tuple(value) if isinstance(value, list) and isinstance(
+                f.default, tuple) else value
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: no argument of that name; pass it")
+    if values:
+        raise TypeError(f"{cls.__name__} has no field(s) {', '.join(values)}")
+    return cls(**out)

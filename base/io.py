@@ -1,0 +1,125 @@
+"""File I/O every part of the project shares: weights-only loading and atomic writes.
+
+* ``load_checkpoint`` reads a PyTorch file with ``torch.load(..., weights_only=True)``: only
+  tensors and plain Python types are rebuilt, so a file holding a pickled object is refused
+  rather than executed; every failure is one ``UsageError`` line.
+* ``atomic_write`` (and ``save_atomic``, ``write_text_atomic``) write to a hidden temporary
+  file beside the target and rename it over the target, so a killed process leaves the old
+  file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import warnings
+
+import torch
+
+from base.errors import UsageError
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """``torch.load(path, weights_only=True)``, with a one-line error for every failure.
+
+    ``weights_only=True`` only rebuilds tensors and plain Python types: a file that holds a
+    pickled object (a class instance, a numpy scalar, ...) is refused rather than executed.
+    """
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():  # torch's own warnings would break the one-line answer
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UsageError(_refusal(path, str(exc))) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # truncated zip, text file, empty file, bad map_location, ...
+        raise UsageError(f"{path} is not a readable PyTorch file (truncated or corrupt?): "
+                         f"{_first_line(exc)}") from exc
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
+    return obj
+
+
+def _refusal(path: str, message: str) -> str:
+    """The one-line reason a file was refused by the weights-only unpickler."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if found:
+        what = f"a pickled {found.group(1)} object"
+    else:
+        found = re.search(r"WeightsUnpickler error: \s*(.+)", message)
+        what = "pickled data" + (f" ({found.group(1).strip()[:80]})" if found else "")
+    return (f"{path} holds {what}: refused, because unpickling arbitrary objects can run code "
+            f"(weights_only=True); if you trust the file, re-save it with tensors and plain "
+            f"types only")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first[:200]
+
+
+def save_atomic(obj, path: str) -> None:
+    """Write ``obj`` with ``torch.save`` to a temporary file, then move it into place."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write(path: str, write) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    A process killed at any moment leaves either the previous file or the new one, never a
+    partial one (at worst a hidden ``.<name>.*`` temporary, removed by the next run). The
+    data and the rename are both flushed to disk before returning.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=folder)
+    try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; keep the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _file_mode(path: str) -> int:
+    """The replaced file's permissions, or those a plain ``open(path, "w")`` would give."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def temp_prefix(path: str) -> str:
+    """Temporary files of ``atomic_write(path)`` are named ``<prefix>XXXXXXXX``."""
+    return "." + os.path.basename(path) + "."
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform; the rename itself is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

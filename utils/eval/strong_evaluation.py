@@ -1,0 +1,189 @@
+"""The honest evaluation next to the paper's: strong attacks, one table, masking checks.
+
+``main_clustr.py --strong`` and/or ``--autoattack`` run, after the paper's PGD sweep and on
+the same test images (or a fixed, seeded subset of them, ``--strong-subset N``):
+
+* PGD-CE and PGD-DLR on the proper logit, on the paper's eps grid with its step,
+  ``--iterations`` and ``--restarts`` (``utils.attacks.adaptive``);
+* AutoAttack (standard) at ``--autoattack-eps`` (default 8/255);
+
+and write, next to ``attack_results_ext.csv``:
+
+* ``attack_results_strong.csv`` -- ``epsilon, attack, robust_accuracy, examples, seconds``
+  for the clean images, the paper's PGD restricted to the same images, each strong attack,
+  and ``worst-case`` (an example is robust only if every attack at that eps failed);
+* ``diagnostics.json`` -- zero-gradient fractions under the paper's and the adaptive losses,
+  the paper-versus-strongest gap per eps, and the warnings (also logged);
+* ``robustness.png`` redrawn with every curve.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import torch
+
+from base import preemption
+from base.io import write_text_atomic
+from datasets.data import ImageData, balanced_subset
+from utils.attacks.adaptive import (
+    ADAPTIVE_LOSSES,
+    Outcome,
+    adaptive_sweep,
+    logit_dlr_loss,
+    logit_predictions,
+    run_autoattack,
+)
+from utils.attacks.gradient_masking import GAP_THRESHOLD, gradient_summary, robustness_gaps
+from utils.attacks.pgd import logit_ce_loss, paper_loss
+from utils.eval.adversarial_store import save_adversarial
+from utils.eval.evaluation import EPSILONS, STEP, AttackConfig, SweepResult, plot_robustness
+from utils.outputs import files
+from utils.outputs.results import write_csv
+
+log = logging.getLogger("clustr")
+
+DIAGNOSTIC_EPS = 8.0  # the random start of the gradient diagnostics, units of 1/255
+
+
+def evaluate_strong(model, test: ImageData, paper: SweepResult, attack: AttackConfig,
+                    out_dir: str, device, state=None) -> dict:
+    """Strong attacks on the images the paper's sweep attacked; returns the diagnostics.
+    ``state`` (``utils.eval.eval_state.EvalState``) keeps their progress for ``--resume``."""
+    device = torch.device(device)
+    sub, pos = strong_images(test, attack.strong_subset, attack.seed)
+    batch = attack.test_batch
+    start = time.time()
+    clean_pred = logit_predictions(model, sub.images, batch, device)
+    clean = clean_pred == sub.labels
+    outcomes = [Outcome("clean", 0.0, clean, time.time() - start)]
+    full = len(pos) == len(test)
+    for r in paper.per_eps:
+        outcomes.append(Outcome("paper-pgd", r.eps, r.adv_pred[pos] == sub.labels,
+                                r.seconds if full else float("nan")))
+    keep_adv = attack.save_adv
+    if attack.strong:
+        for name in ADAPTIVE_LOSSES:
+            outcomes += adaptive_sweep(model, sub, name, EPSILONS, attack.iterations,
+                                       attack.restarts, attack.seed, batch, device, clean=clean,
+                                       state=state, keep_adv=keep_adv)
+    if attack.autoattack:
+        for i, eps in enumerate(attack.autoattack_eps):
+            outcomes.append(autoattack_unit(model, sub, eps, i, attack.seed, batch, device,
+                                            state, keep_adv, out_dir))
+    outcomes += worst_case(outcomes, clean)
+    write_table(outcomes, len(sub), os.path.join(out_dir, files.STRONG_RESULTS))
+    diagnostics = masking_diagnostics(attack, model, sub, outcomes, device)
+    # the paper's scores and the logit must agree on the clean predictions
+    disagree = int((paper.clean_pred[pos] != clean_pred).sum())
+    diagnostics["clean_prediction_disagreements"] = disagree
+    if disagree:
+        log.warning("WARNING: the logit's and the paper scores' arg-max differ on %d clean "
+                    "image(s) (scores underflowing to 0?)", disagree)
+    packages = sorted({o.package for o in outcomes if o.package})
+    diagnostics["settings"]["autoattack_package"] = ", ".join(packages) or None
+    write_text_atomic(os.path.join(out_dir, files.DIAGNOSTICS),
+                      json.dumps(diagnostics, indent=2) + "\n")
+    if keep_adv:
+        save_adversarial(os.path.join(out_dir, files.ADVERSARIAL), model, test, paper,
+                         sub, pos, outcomes, batch, device)
+    plot_all(paper, outcomes, len(sub), full, os.path.join(out_dir, files.PLOT))
+    return diagnostics
+
+
+def autoattack_unit(model, sub: ImageData, eps: float, i: int, seed: int, batch: int, device,
+                    state, keep_adv: bool, out_dir: str) -> Outcome:
+    """AutoAttack at one eps, saved as unit ``autoattack/<i>`` (it cannot be saved part-way:
+    a stop request during it ends the run at once, to continue from the previous unit)."""
+    key = f"autoattack/{i}"
+    unit = state.get(key) if state is not None else None
+    if unit is None or not unit.get("done"):
+        with preemption.immediate():
+            out = run_autoattack(model, sub, eps, seed, batch, device, keep_adv=keep_adv,
+                                 log_path=os.path.join(out_dir, files.AUTOATTACK_LOG))
+        unit = {"done": True, "robust": out.robust, "seconds": out.seconds,
+                "package": out.package}
+        if out.adv is not None:
+            unit["adv_rows"], unit["adv_images"] = out.adv
+        if state is not None:
+            state.put(key, unit)
+        preemption.point(f"autoattack-eps-{i}")
+    adv = (unit["adv_rows"], unit["adv_images"]) if "adv_rows" in unit else None
+    return Outcome("autoattack", eps, unit["robust"], unit["seconds"], adv, unit["package"])
+
+
+def strong_images(test: ImageData, n: int | None, seed: int) -> tuple[ImageData, torch.Tensor]:
+    """The images to attack and their positions in ``test``."""
+    sub = balanced_subset(test, n, seed)
+    where = {int(i): p for p, i in enumerate(test.indices.tolist())}
+    return sub, torch.tensor([where[int(i)] for i in sub.indices], dtype=torch.long)
+
+
+def worst_case(outcomes: list[Outcome], clean: torch.Tensor) -> list[Outcome]:
+    """Per eps, robust only if correct when clean and robust to every attack run at it."""
+    out = []
+    for eps in sorted({o.eps for o in outcomes if o.eps > 0}):
+        robust = clean.clone()
+        for o in outcomes:
+            if o.eps == eps:
+                robust &= o.robust
+        out.append(Outcome("worst-case", eps, robust, float("nan")))
+    return out
+
+
+def write_table(outcomes: list[Outcome], n: int, path: str) -> None:
+    rows = [[f"{o.eps:g}", o.attack, f"{o.accuracy:.2f}", n,
+             "" if o.seconds != o.seconds else f"{o.seconds:.1f}"]  # NaN: not measured here
+            for o in sorted(outcomes, key=lambda o: o.eps)]
+    write_csv(path, ["epsilon", "attack", "robust_accuracy", "examples", "seconds"], rows)
+
+
+def masking_diagnostics(attack: AttackConfig, model, sub: ImageData, outcomes: list[Outcome],
+                        device) -> dict:
+    losses = {"paper": paper_loss, "pgd-ce": logit_ce_loss, "pgd-dlr": logit_dlr_loss}
+    start_eps = DIAGNOSTIC_EPS if DIAGNOSTIC_EPS in EPSILONS else None
+    grads = gradient_summary(model, sub, losses, attack.test_batch, device, start_eps,
+                             attack.seed, EPSILONS.index(DIAGNOSTIC_EPS) if start_eps else 0)
+    for point, stats in grads.items():
+        log.info("input gradients at %s: %s", point, ", ".join(
+            f"{name} {100 * s['zero_fraction']:.1f}% exactly zero (median l1 "
+            f"{s['median_l1']:.3g})" for name, s in stats.items()))
+    paper = {o.eps: o.robust for o in outcomes if o.attack == "paper-pgd"}
+    strongest = {o.eps: (worst_name(outcomes, o.eps), o.robust) for o in outcomes
+                 if o.attack == "worst-case"}
+    gaps, warnings = robustness_gaps(paper, strongest, GAP_THRESHOLD)
+    for w in warnings:
+        log.warning("WARNING: %s", w)
+    return {
+        "examples": len(sub),
+        "image_indices": [int(i) for i in sub.indices],
+        "settings": {"iterations": attack.iterations, "restarts": attack.restarts,
+                     "step": STEP * 255, "seed": attack.seed,
+                     "strong": bool(attack.strong), "autoattack": bool(attack.autoattack),
+                     "autoattack_eps": list(attack.autoattack_eps) if attack.autoattack else [],
+                     "L": getattr(getattr(model, "head", None), "L", None),
+                     "normalize": getattr(getattr(model, "head", None), "normalize", None)},
+        "input_gradients": grads,
+        "gap_threshold": GAP_THRESHOLD,
+        "paper_vs_strongest": gaps,
+        "warnings": warnings,
+    }
+
+
+def worst_name(outcomes: list[Outcome], eps: float) -> str:
+    names = [o.attack for o in outcomes if o.eps == eps and o.attack != "worst-case"]
+    return "worst case of " + ", ".join(names)
+
+
+def plot_all(paper: SweepResult, outcomes: list[Outcome], n: int, full: bool, path: str) -> None:
+    curves = {"paper PGD": [(0.0, paper.clean_acc)] + [(r.eps, r.accuracy(paper.labels))
+                                                       for r in paper.per_eps]}
+    suffix = "" if full else f" ({n} images)"
+    clean = next(o.accuracy for o in outcomes if o.attack == "clean")
+    for name in ("pgd-ce", "pgd-dlr", "autoattack", "worst-case"):
+        points = [(o.eps, o.accuracy) for o in outcomes if o.attack == name]
+        if points:
+            curves[name + suffix] = [(0.0, clean)] + points
+    plot_robustness(path, curves)

@@ -1,0 +1,89 @@
+"""The experiment directory (``--checkpoint``): what this project writes there, and the rule
+that a run never overwrites results it was not asked to replace.
+
+A training run refuses a directory that already holds any output of this project; an
+evaluation-only run (``--evaluate-ckpt``) refuses one that already holds evaluation outputs
+(``params.txt`` included, since it would be rewritten). ``--resume`` continues the run whose
+``resume.pth`` is there; ``--overwrite`` deletes the previous outputs first. Files of other
+names are never touched, so a directory may also hold the user's own notes or weights.
+All of this is decided before anything is written.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+
+from base.errors import UsageError
+from base.io import temp_prefix
+from utils.outputs.files import EVAL_OUTPUTS, EVAL_RESUME, RESUME, TRAIN_OUTPUTS
+
+log = logging.getLogger("clustr")
+
+
+class ExperimentDir:
+    def __init__(self, path: str):
+        self.path = path
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def outputs(self, evaluate_only: bool) -> tuple[str, ...]:
+        """The patterns a run of this kind writes (and so would overwrite)."""
+        return EVAL_OUTPUTS if evaluate_only else TRAIN_OUTPUTS + EVAL_OUTPUTS
+
+    def existing(self, patterns) -> list[str]:
+        """Names of the files in the directory that match any of ``patterns``, sorted."""
+        if not os.path.isdir(self.path):
+            return []
+        return sorted(name for name in os.listdir(self.path)
+                      if os.path.isfile(self.file(name))
+                      and any(fnmatch.fnmatchcase(name, p) for p in patterns))
+
+    def check(self, evaluate_only: bool, resume: bool, overwrite: bool) -> None:
+        """Refuse, before anything is written, a directory this run must not write into."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise UsageError(f"--checkpoint {self.path} is a file, not a directory: choose "
+                             f"another experiment directory")
+        self._check_writable()
+        if resume:
+            name, kind = (EVAL_RESUME, "evaluation") if evaluate_only else (RESUME, "run")
+            if not os.path.isfile(self.file(name)):
+                raise UsageError(f"--resume: {self.file(name)} not found, so there is "
+                                 f"no interrupted {kind} to continue in {self.path} (run "
+                                 f"without --resume to start one)")
+            return
+        found = self.existing(self.outputs(evaluate_only))
+        if found and not overwrite:
+            kind = "evaluation results" if evaluate_only else "results"
+            more = "" if evaluate_only else ", --resume to continue its run"
+            shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4
+                                            else "")
+            raise UsageError(f"{self.path} already holds {kind} ({shown}): choose a new "
+                             f"--checkpoint directory, or pass --overwrite to replace them"
+                             f"{more}")
+
+    def _check_writable(self) -> None:
+        folder = os.path.abspath(self.path)
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise UsageError(f"--checkpoint {self.path}: {folder} is a file, not a directory")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UsageError(f"--checkpoint {self.path}: {folder} is not writable")
+
+    def prepare(self, evaluate_only: bool, overwrite: bool, inputs=()) -> None:
+        """Create the directory, drop temporaries left by a killed run and, with
+        ``overwrite``, delete the previous outputs (never a file this run reads)."""
+        os.makedirs(self.path, exist_ok=True)
+        keep = {os.path.realpath(p) for p in inputs if p}
+        patterns = self.outputs(evaluate_only)
+        stale = [n for n in os.listdir(self.path)
+                 if any(fnmatch.fnmatchcase(n, temp_prefix(p) + "*") for p in patterns)]
+        old = self.existing(patterns) if overwrite else []
+        for name in stale + old:
+            if os.path.realpath(self.file(name)) not in keep:
+                os.unlink(self.file(name))
+        if old:
+            log.info("--overwrite: removed %d previous result file(s) from %s", len(old),
+                     self.path)

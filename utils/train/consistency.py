@@ -1,0 +1,167 @@
+"""The extra loss terms of ClusTR's variants: QTRADES consistency and cross-entropy on scores.
+
+All of them read the cluster state of the current epoch (a ``ClusterHead``: centroids,
+classes and the inference sigma^2), while the Magnet term uses the batch's own means.
+
+* **QTRADES** (``--consistency-lambda λ``). The clean class probabilities p are the paper's
+  class scores normalised to sum to one. An adversarial batch x' maximises the soft-target
+  cross-entropy CE(p, s(x')) = -sum_c p_c log softmax(s(x'))_c, where s are the paper's
+  (bounded) class scores used as logits, as the original does; one signed-gradient step of
+  10/255 from a uniform start in the 8/255 ball. The loss adds λ · CE(p, s(x')).
+* ``--mse-consistency``: the divergence is the MSE between the clean and the adversarial
+  embeddings instead, and the adversary maximises that MSE.
+* ``--actual-trades``: the adversary is the original's TRADES-style one: a uniform start in
+  the 8/255 ball, then 10 signed-gradient steps on KL(p || softmax(s(x'))) (MSE with
+  ``--mse-consistency``). Each step is 0.03 *in normalised units*, as the original attacks
+  normalised images: 0.03 · std_c per channel c in pixels (about 1.5/255 for CIFAR). KL and
+  CE differ by the entropy of p, which does not depend on x', so both give the same steps;
+  the training term stays λ · CE.
+* ``--xent-lambda w``: adds w · CE(s(x), y) on the clean batch's paper scores.
+
+Decisions (written down because the original is silent or differs):
+
+* The clean side is a **fixed target**: p (and the clean embedding of the MSE variant) is
+  detached, so the consistency term pulls the adversarial prediction toward the clean one
+  and the clean prediction is shaped by the Magnet and cross-entropy terms only.
+* The adversary runs in **eval mode** (the caller's mode is restored) with
+  ``torch.autograd.grad`` on the input only, so no parameter ``.grad`` is written: the
+  original left the adversary's parameter gradients behind and they leaked into the step.
+* Every x' stays inside the 8/255 ball around x and inside [0, 1].
+* Random starts come from the caller's CPU generator, so a run is reproducible on any device.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from base.tensors import autocast, eval_mode
+from models.cluster_head import ClusterHead
+from utils.attacks.pgd import project_linf
+
+log = logging.getLogger("clustr")
+
+EPS = 8.0 / 255            # radius of the consistency adversary's l-inf ball
+QTRADES_STEP = 10.0 / 255  # one signed-gradient step of this size
+TRADES_STEP = 0.03         # --actual-trades: step in normalised units (x 255 std_c in 1/255)
+TRADES_STEPS = 10          # ... and number of steps, from a uniform start in the ball
+
+
+def class_probabilities(head: ClusterHead, emb: torch.Tensor) -> torch.Tensor:
+    """The paper's class scores divided by their sum, (N, C).
+
+    Computed as a softmax over the counted clusters' -d^2/2sigma^2 summed per class, which
+    equals scores / scores.sum(1) exactly but stays finite when every exp(-d^2/2sigma^2)
+    underflows (where the plain ratio would be 0/0).
+    """
+    log_scores = head.cluster_log_scores(emb)  # (N, C*K)
+    counted = log_scores.masked_fill(~head.counted_mask(log_scores), -float("inf"))
+    per_cluster = counted.softmax(1)  # (N, C*K), zero outside the counted clusters
+    return per_cluster.new_zeros(len(emb), head.num_classes).index_add_(1, head.classes,
+                                                                        per_cluster)
+
+
+def soft_cross_entropy(target: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Per-example -sum_c target_c log softmax(scores)_c, (N,); >= 0 for a probability target."""
+    return -(target * scores.log_softmax(1)).sum(1)
+
+
+def kl_divergence(target: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Per-example KL(target || softmax(scores)), (N,), with 0 log 0 = 0."""
+    log_target = target.clamp_min(1e-30).log()
+    return (target * (log_target - scores.log_softmax(1))).sum(1)
+
+
+def trades_step(pixel_std) -> torch.Tensor:
+    """The --actual-trades step per channel in pixels, (1, 3, 1, 1): 0.03 normalised units
+    times the data set's per-channel std."""
+    return TRADES_STEP * torch.as_tensor(pixel_std, dtype=torch.float32).view(1, -1, 1, 1)
+
+
+def maximise(model: torch.nn.Module, x: torch.Tensor, objective: Callable[[torch.Tensor],
+             torch.Tensor], start: torch.Tensor, step: float | torch.Tensor, steps: int,
+             eps: float = EPS) -> torch.Tensor:
+    """x' = x + delta maximising ``objective(x')`` (per example, (N,)) by signed gradients.
+
+    ``start`` (N, 3, H, W) is the initial perturbation; it and every step are projected to
+    the eps-ball and to [0, 1]. ``step`` is a float or a per-channel (1, 3, 1, 1) tensor.
+    The model runs in eval mode and only the input gets a gradient, so parameter ``.grad``
+    is left exactly as it was.
+    """
+    x = x.detach()
+    if isinstance(step, torch.Tensor):
+        step = step.to(x.device, x.dtype)
+    delta = project_linf(x, start.to(x.device, x.dtype), eps)
+    with eval_mode(model):
+        for _ in range(steps):
+            d = delta.clone().requires_grad_(True)
+            grad, = torch.autograd.grad(objective(x + d).sum(), d)
+            delta = project_linf(x, d.detach() + step * grad.sign(), eps)
+    return (x + delta).detach()
+
+
+class ExtraTerms:
+    """The variant terms of one training run; ``terms(...)`` is empty for plain ClusTR."""
+
+    def __init__(self, consistency_lambda: float = 0.0, xent_lambda: float = 0.0,
+                 mse_consistency: bool = False, actual_trades: bool = False,
+                 amp: bool = False, pixel_std=(0.2023, 0.1994, 0.2010)):
+        self.consistency_lambda = float(consistency_lambda)
+        self.xent_lambda = float(xent_lambda)
+        self.mse = bool(mse_consistency)
+        self.actual_trades = bool(actual_trades)
+        self.amp = amp
+        self.trades_step = trades_step(pixel_std)  # (1, 3, 1, 1), used with --actual-trades
+        if (self.mse or self.actual_trades) and self.consistency_lambda == 0:
+            log.warning("--mse-consistency/--actual-trades have no effect without "
+                        "--consistency-lambda > 0")
+
+    def terms(self, model: torch.nn.Module, head: ClusterHead, x: torch.Tensor,
+              emb: torch.Tensor, labels: torch.Tensor,
+              generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """{'consistency': ..., 'xent': ...} for the enabled terms, weights applied.
+
+        ``x`` (N, 3, H, W) is the batch the model saw, ``emb`` (N, 512) its training-mode
+        embeddings (with the graph), ``labels`` (N,) its classes.
+        """
+        out = {}
+        if self.consistency_lambda > 0:
+            out["consistency"] = self.consistency_lambda * self.consistency(
+                model, head, x, emb, generator)
+        if self.xent_lambda > 0:
+            out["xent"] = self.xent_lambda * F.cross_entropy(head.paper_scores(emb), labels)
+        return out
+
+    def consistency(self, model: torch.nn.Module, head: ClusterHead, x: torch.Tensor,
+                    emb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The unweighted consistency divergence between x and its adversary, a scalar."""
+        x_adv = self.adversary(model, head, x, emb, generator)
+        with autocast(x.device, self.amp):
+            emb_adv = model(x_adv).float()  # training mode, with the graph
+        if self.mse:
+            return F.mse_loss(emb_adv, emb.detach())
+        p = class_probabilities(head, emb.detach())  # fixed target
+        return soft_cross_entropy(p, head.paper_scores(emb_adv)).mean()
+
+    def adversary(self, model: torch.nn.Module, head: ClusterHead, x: torch.Tensor,
+                  emb: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """x' for the consistency term (float32, no autocast: it is an attack)."""
+        x = x.detach()
+        target_emb = emb.detach()
+        p = class_probabilities(head, target_emb)
+        if self.mse:
+            def objective(xa):
+                return (model(xa) - target_emb).pow(2).mean(1)
+        elif self.actual_trades:
+            def objective(xa):
+                return kl_divergence(p, head.paper_scores(model(xa)))
+        else:
+            def objective(xa):
+                return soft_cross_entropy(p, head.paper_scores(model(xa)))
+        # both adversaries start uniformly in the ball (the original's rand=True), clipped
+        start = torch.empty(x.shape).uniform_(-EPS, EPS, generator=generator)
+        if self.actual_trades:
+            return maximise(model, x, objective, start, self.trades_step, TRADES_STEPS)
+        return maximise(model, x, objective, start, QTRADES_STEP, 1)

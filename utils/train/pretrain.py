@@ -1,0 +1,200 @@
+"""Cross-entropy pre-training of the CIFAR ResNet18: the weights ``--pretrained-path`` takes.
+
+    python -m utils.train.pretrain --dataset cifar10 --data-root ./data \
+        --out pretrained_weights/resnet18.pt --epochs 200
+
+The standard CIFAR recipe: SGD (momentum 0.9, weight decay 5e-4, lr 0.1, batch 128) with a
+cosine (or multi-step) schedule, the training augmentation of ``datasets.data.augment``, the
+ResNet18's linear head on inputs in [0, 1]. Batches are indexed from the in-memory uint8
+tensors. After every epoch the train (running, augmented) and test (eval mode) loss and
+accuracy are logged and the weights are written atomically as a plain ``state_dict`` with
+the original's key names, so an interrupted run still leaves a usable file.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from base.cli import ArgParser, config, nonneg_float, nonneg_int, pos_float, pos_int
+from base.device import resolve_device
+from base.errors import UsageError, exit_status
+from base.io import save_atomic
+from base.progress import progress, set_quiet
+from base.tensors import autocast, eval_mode, to_device
+from datasets.data import DATASETS, ImageData, augment, balanced_subset, load_dataset
+from models.resnet import ResNet18, normalization_for
+
+log = logging.getLogger("clustr")
+
+SCHEDULES = ("cosine", "multistep")
+
+
+@dataclass
+class PretrainConfig:
+    dataset: str
+    epochs: int = 200
+    batch_size: int = 128
+    test_batch: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: tuple[int, ...] = (100, 150)  # for the multi-step schedule (gamma 0.1)
+    seed: int = 111
+    amp: bool = False
+
+
+def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig):
+    """SGD with momentum and weight decay, and its per-epoch learning-rate schedule."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    if cfg.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones),
+                                                         gamma=0.1)
+    return optimizer, scheduler
+
+
+def train_one_epoch(model: ResNet18, optimizer: torch.optim.Optimizer, data: ImageData,
+                    cfg: PretrainConfig, generator: torch.Generator,
+                    device: torch.device) -> tuple[float, float]:
+    """One shuffled pass of augmented batches; (mean loss, accuracy %) over the pass."""
+    model.train()
+    order = torch.randperm(len(data), generator=generator)
+    loss_sum, correct = 0.0, 0
+    bar = progress(range(0, len(data), cfg.batch_size), desc="pretrain", leave=False)
+    for start in bar:
+        rows = order[start:start + cfg.batch_size]
+        x = to_device(augment(data.images[rows], cfg.dataset, generator), device)
+        y = data.labels[rows].to(device)
+        with autocast(device, cfg.amp):
+            logits = model.classify(x).float()  # (B, C)
+        loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at example {start}: lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(rows)
+        correct += int((logits.argmax(1) == y).sum())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return loss_sum / len(data), 100.0 * correct / len(data)
+
+
+@torch.no_grad()
+def evaluate(model: ResNet18, data: ImageData, batch: int, device: torch.device,
+             amp: bool = False) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy %) of the linear head on un-augmented images."""
+    loss_sum, correct = 0.0, 0
+    with eval_mode(model):
+        for start in progress(range(0, len(data), batch), desc="test", leave=False):
+            x = to_device(data.images[start:start + batch], device)
+            y = data.labels[start:start + batch].to(device)
+            with autocast(device, amp):
+                logits = model.classify(x).float()
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+    return loss_sum / max(1, len(data)), 100.0 * correct / max(1, len(data))
+
+
+def state_dict_cpu(model: ResNet18) -> dict:
+    """The plain weight file: the original's keys, CPU tensors, no normalisation buffers."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def pretrain(model: ResNet18, train: ImageData, test: ImageData, cfg: PretrainConfig,
+             device: torch.device, out: str | None = None) -> list[dict]:
+    """Train ``model`` with cross-entropy; one history row per epoch; saves to ``out``."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer, scheduler = make_optimizer(model, cfg)
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        start = time.time()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = train_one_epoch(model, optimizer, train, cfg, generator, device)
+        scheduler.step()
+        test_loss, test_acc = evaluate(model, test, cfg.test_batch, device, cfg.amp)
+        if out:
+            save_atomic(state_dict_cpu(model), out)
+        row = dict(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc,
+                   test_loss=test_loss, test_acc=test_acc, seconds=time.time() - start)
+        history.append(row)
+        log.info("epoch %d/%d  lr %.3g  train loss %.4f acc %.2f%%  test loss %.4f acc "
+                 "%.2f%%  (%.0fs)", epoch, cfg.epochs, lr, train_loss, train_acc, test_loss,
+                 test_acc, row["seconds"])
+    return history
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgParser(prog="python -m utils.train.pretrain",
+                description="Cross-entropy pre-training of the CIFAR ResNet18 for "
+                            "--pretrained-path.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="cifar10", choices=DATASETS, help="data set")
+    p.add_argument("--data-root", default="./data", help="data folder (as main_clustr.py)")
+    p.add_argument("--out", default="pretrained_weights/resnet18.pt",
+                   help="weight file to write (a plain state_dict)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--epochs", type=pos_int, default=200, help="training epochs")
+    p.add_argument("--batch-size", type=pos_int, default=128, help="training batch size")
+    p.add_argument("--test-batch", type=pos_int, default=256, help="evaluation batch size")
+    p.add_argument("--lr", type=pos_float, default=0.1, help="initial SGD learning rate")
+    p.add_argument("--momentum", type=nonneg_float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=nonneg_float, default=5e-4, help="weight decay")
+    p.add_argument("--schedule", default="cosine", choices=SCHEDULES,
+                   help="per-epoch learning-rate schedule")
+    p.add_argument("--milestones", type=pos_int, nargs="*", default=[100, 150],
+                   help="epochs at which the multistep schedule multiplies lr by 0.1")
+    p.add_argument("--seed", type=int, default=111, help="seed of weights, order, augmentation")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=nonneg_int, default=4,
+                   help="threads decoding image-folder files at load time")
+    p.add_argument("--train-subset", type=pos_int, default=None, metavar="N",
+                   help="seeded, class-balanced subset of N training images")
+    p.add_argument("--test-subset", type=pos_int, default=None, metavar="N",
+                   help="seeded, class-balanced subset of N test images")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if os.path.exists(args.out) and not args.force:
+        raise UsageError(f"{args.out} exists: pass --force to overwrite it or choose --out")
+    if args.momentum >= 1:
+        raise UsageError(f"--momentum {args.momentum}: must be below 1")
+    device = resolve_device(args.device)
+    set_quiet(args.quiet)
+    torch.manual_seed(args.seed)
+    train = balanced_subset(load_dataset(args.dataset, args.data_root, "train",
+                                         workers=args.workers), args.train_subset, args.seed)
+    test = balanced_subset(load_dataset(args.dataset, args.data_root, "test",
+                                        workers=args.workers), args.test_subset, args.seed)
+    log.info("pre-training a ResNet18 on %s: %d training and %d test images, %d classes",
+             args.dataset, len(train), len(test), train.num_classes)
+    mean, std = normalization_for(args.dataset)
+    model = ResNet18(train.num_classes, mean, std).to(device, memory_format=torch.channels_last)
+    cfg = config(PretrainConfig, args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    pretrain(model, train, test, cfg, device, out=args.out)
+    log.info("wrote %s (use it with main_clustr.py --pretrained-path %s)", args.out, args.out)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout)
+    return exit_status(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Resuming an interrupted training run exactly where it stopped.
+
+The state lives in ``resume.pth`` beside ``checkpoint.pth`` (which keeps only the original's
+keys and this project's plain extras, so other code can read it unchanged). It is rewritten
+atomically at the end of every epoch and, with ``--checkpoint-every N``, every N steps within
+one. It holds the network, the optimiser and scheduler, the trainer's state (clusters,
+sampler losses, generator), every global random state (torch CPU and CUDA, numpy, Python),
+the position (epochs completed, steps done in the next one, running loss sums) and the
+arguments: tensors and plain types only, so it loads with ``weights_only=True``.
+
+Continuing from it replays the same batches, augmentations and updates, so on CPU a
+resumed run writes the same ``log.txt`` rows as one that was never interrupted.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from base.errors import UsageError
+from base.io import load_checkpoint, save_atomic
+
+log = logging.getLogger("clustr")
+
+FORMAT = "clustr-resume-1"
+REQUIRED = ("format", "epoch", "step", "totals", "args", "model", "optimizer", "scheduler",
+            "trainer", "rng")
+# Arguments a resumed run may change: where things are, how they are shown, how long to go
+# on and what to evaluate afterwards. Any other difference would change what is computed.
+MAY_DIFFER = frozenset({
+    "checkpoint", "data_root", "pretrained_path", "device", "workers", "quiet", "resume",
+    "overwrite", "checkpoint_every", "save_all", "epochs", "iterations", "restarts",
+    "test_batch", "embed_batch", "evaluate_ckpt", "dist_timeout",
+})
+
+
+@dataclass
+class Position:
+    """Where a run stands: ``epoch`` epochs done, ``step`` steps of the next one done, and the
+    running sums of its loss terms over those steps."""
+
+    epoch: int = 0
+    step: int = 0
+    totals: dict = field(default_factory=dict)
+
+
+# -- random states --------------------------------------------------------------------------
+def rng_state() -> dict:
+    """Every global random state, as tensors and plain types."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        if len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            log.warning("resume: the run had %d CUDA devices and this machine has %d; the "
+                        "CUDA random states are not restored", len(state["cuda"]),
+                        torch.cuda.device_count())
+
+
+# -- the file -------------------------------------------------------------------------------
+def read_resume(path: str, run_args: dict, epochs: int) -> dict:
+    """Load and check ``resume.pth``: this project's format, and the same run's arguments.
+
+    ``run_args`` are this run's arguments as plain types (flag name without dashes ->
+    value), ``epochs`` the number of epochs it is to complete."""
+    state = load_checkpoint(path)
+    missing = [k for k in REQUIRED if k not in state]
+    if missing or state.get("format") != FORMAT:
+        raise UsageError(f"{path} is not a resume state of this project (missing "
+                         f"{', '.join(missing) or 'format ' + FORMAT}): start afresh with "
+                         f"--overwrite")
+    saved, now = state["args"], run_args
+    differ = [k for k in saved if k in now and k not in MAY_DIFFER and saved[k] != now[k]]
+    if differ:
+        shown = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {now[k]!r})"
+                          for k in differ[:3])
+        raise UsageError(f"--resume needs the interrupted run's arguments: it had {shown}; "
+                         f"repeat its command with --resume, or start afresh with --overwrite")
+    if state["epoch"] > epochs:
+        raise UsageError(f"--resume: the run already completed {state['epoch']} epochs, more "
+                         f"than --epochs {epochs}")
+    return state
+
+
+class RunState:
+    """The objects of one training run whose state a resume must restore, and its file."""
+
+    def __init__(self, path: str, run_args: dict, model: torch.nn.Module, optimizer, scheduler,
+                 trainer):
+        self.path, self.run_args = path, run_args
+        self.model, self.optimizer, self.scheduler, self.trainer = (model, optimizer,
+                                                                    scheduler, trainer)
+
+    def save(self, position: Position) -> None:
+        """Every process calls this (the trainer's state gathers from all of them); only
+        the main process writes."""
+        state = {
+            "format": FORMAT,
+            "epoch": int(position.epoch),
+            "step": int(position.step),
+            "totals": {k: float(v) for k, v in position.totals.items()},
+            "args": self.run_args,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "trainer": self.trainer.state_dict(),
+            "rng": rng_state(),
+        }
+        if self.trainer.dist.is_main:
+            save_atomic(state, self.path)
+
+    def restore(self, state: dict) -> Position:
+        """Put the saved state into the run's objects; returns where to continue."""
+        try:
+            n = len(state["trainer"]["clusters"]["assignments"])
+            if n != len(self.trainer.train):
+                raise UsageError(f"{self.path} was written for {n} training examples, but "
+                                 f"there are {len(self.trainer.train)} now: the data changed "
+                                 f"since the run started")
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.trainer.load_state_dict(state["trainer"])
+            set_rng_state(state["rng"])
+            position = Position(int(state["epoch"]), int(state["step"]),
+                                {k: float(v) for k, v in state["totals"].items()})
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError
+                ) as exc:
+            text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else repr(exc)
+            raise UsageError(f"{self.path} does not fit this run (damaged, or written by "
+                             f"other code): {text}; start afresh with --overwrite") from exc
+        log.info("resuming after epoch %d, step %d, from %s", position.epoch, position.step,
+                 self.path)
+        return position
+
+    def step_saver(self, every: int, epoch: int):
+        """``trainer.after_step`` hook saving every ``every`` steps of epoch ``epoch``
+        (1-based); the epoch's last step is covered by the end-of-epoch save."""
+        steps = self.trainer.steps_per_epoch()
+
+        def after_step(done: int, totals: dict) -> None:
+            if done % every == 0 and done < steps:
+                self.save(Position(epoch - 1, done, totals))
+
+        return after_step if every > 0 else None

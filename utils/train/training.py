@@ -1,0 +1,325 @@
+"""ClusTR training: Magnet-loss steps, the per-epoch cluster refresh, and the epoch metrics.
+
+One epoch = ``steps_per_epoch`` Magnet batches, then ONE no-grad, eval-mode embedding pass
+over the un-augmented training set whose embeddings serve the k-means refresh, sigma^2, the
+reported training loss and the training accuracy; then one pass over the test set.
+The variants' extra terms live in ``utils/train/consistency.py``, the "free" replays' perturbation
+in ``utils/train/free_adversarial.py``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from base.distributed import Dist, own_rank, per_rank, rank_seed, test_nan_hook
+from base.errors import UsageError
+from base.progress import progress
+from base.tensors import autocast, to_device
+from datasets.data import ImageData, augment
+from datasets.magnet_sampler import MagnetSampler
+from models.cluster_head import ClusterHead
+from models.resnet import ResNet18, normalization_for
+from utils.train.clustering import Clusters, fit_clusters, kmeans_settings
+from utils.train.consistency import ExtraTerms
+from utils.train.embeddings import compute_embeddings_split, default_embed_batch
+from utils.train.free_adversarial import FreePerturbation
+from utils.train.magnet_loss import magnet_loss, magnet_loss_full
+
+log = logging.getLogger("clustr")
+
+
+@dataclass
+class TrainConfig:
+    dataset: str
+    K: int = 2
+    m: int = 12
+    d: int = 20
+    L: int = 10
+    normalize: bool = True
+    alpha: float = 12.5
+    seed: int = 111
+    test_batch: int = 64
+    embed_batch: int | None = None  # None: default_embed_batch(device)
+    amp: bool = False
+    consistency_lambda: float = 0.0  # QTRADES (0 = plain ClusTR)
+    xent_lambda: float = 0.0
+    mse_consistency: bool = False
+    actual_trades: bool = False
+    minibatch_replays: int = 0  # free adversarial training (0 = off)
+    kmeans_seed: int = 1  # random_state of every k-means fit, as the original
+
+
+@dataclass
+class EpochMetrics:
+    train_loss: float
+    train_acc: float
+    test_loss: float
+    test_acc: float
+    components: dict = field(default_factory=dict)  # mean of each loss term over the steps
+
+
+class ClusTRTrainer:
+    """Owns the network, the optimiser, the clusters and the sampler of one training run.
+
+    Under torchrun (``dist`` of several processes) every process holds the same clusters and
+    sampler state; the training forward/backward goes through DistributedDataParallel, while
+    the embedding passes and the adversaries use the plain module.
+    """
+
+    def __init__(self, model: ResNet18, optimizer: torch.optim.Optimizer, train: ImageData,
+                 test: ImageData, cfg: TrainConfig, device: torch.device,
+                 dist: Dist | None = None):
+        self.model, self.optimizer, self.train, self.test = model, optimizer, train, test
+        self.cfg, self.device = cfg, device
+        self.dist = dist or Dist.single()
+        self.num_classes = train.num_classes
+        self.sampler = MagnetSampler(train.labels, self.num_classes, cfg.K, cfg.m, cfg.d)
+        # each process draws its own batches and augmentations; rank 0's stream is the
+        # single-process one
+        self.generator = torch.Generator().manual_seed(rank_seed(cfg.seed, self.dist.rank))
+        self.train_model = self._wrap_ddp(model)
+        self.clusters: Clusters | None = None
+        self.train_embeddings: torch.Tensor | None = None
+        self.extras = ExtraTerms(cfg.consistency_lambda, cfg.xent_lambda, cfg.mse_consistency,
+                                 cfg.actual_trades, cfg.amp,
+                                 pixel_std=normalization_for(cfg.dataset)[1])
+        self.free = FreePerturbation() if cfg.minibatch_replays > 0 else None
+        if self.free and (cfg.consistency_lambda > 0 or cfg.xent_lambda > 0):
+            log.warning("--consistency-lambda/--xent-lambda have no effect with "
+                        "--minibatch-replays: free training uses the Magnet loss alone, as "
+                        "the original")
+        # after_step(steps_done, totals) runs after every step (periodic resume saves)
+        self.after_step = None
+
+    def _wrap_ddp(self, model: ResNet18) -> torch.nn.Module:
+        """The module the training steps call: DDP (gradients averaged over the processes)
+        when a process group was joined, else the model itself. The linear head takes no part
+        in the Magnet loss, hence find_unused_parameters."""
+        if not self.dist.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+    def _sync_buffers(self) -> None:
+        """Rank 0's BatchNorm statistics on every process. DDP broadcasts them before each
+        forward, so after the last step each process holds its own update; the embedding
+        passes (split over processes) and the saved checkpoint need one set."""
+        if self.dist.enabled:
+            for buf in self.model.buffers():
+                buf.copy_(self.dist.broadcast(buf))
+
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch(self.dist.world_size)
+
+    def check_batch_shape(self) -> None:
+        """Refuse m, L and K that the cluster structure cannot serve."""
+        total, other = self.num_classes * self.cfg.K, (self.num_classes - 1) * self.cfg.K
+        if self.cfg.m > total:
+            raise UsageError(f"--m {self.cfg.m} is larger than the {total} clusters "
+                             f"({self.num_classes} classes x --k {self.cfg.K})")
+        if self.cfg.m - 1 > other:
+            raise UsageError(f"--m {self.cfg.m} needs {self.cfg.m - 1} impostor clusters of "
+                             f"other classes but there are only {other}: lower --m or raise --k")
+        if self.cfg.L > total:
+            raise UsageError(f"--L {self.cfg.L} is larger than the {total} clusters "
+                             f"({self.num_classes} classes x --k {self.cfg.K})")
+
+    # -- clusters ---------------------------------------------------------------------------
+    def refresh_clusters(self) -> torch.Tensor:
+        """Embed the training set once, re-run k-means, hand the result to the sampler.
+
+        Returns the embeddings (N, 512) so the caller can reuse them for the metrics.
+        """
+        batch = self.cfg.embed_batch or default_embed_batch(self.device)
+        emb = self.embed(self.train.images, batch, "embed train")
+        self.clusters = self._fit_once(emb)
+        self.sampler.update_clusters(self.clusters.assignments, self.clusters.centers)
+        return emb
+
+    def embed(self, images: torch.Tensor, batch: int, desc: str) -> torch.Tensor:
+        """Embeddings (N, 512) of a whole set; each process embeds its shard."""
+        return compute_embeddings_split(self.model, images, batch, self.device, self.dist,
+                                        desc=desc, amp=self.cfg.amp)
+
+    def _fit_once(self, emb: torch.Tensor) -> Clusters:
+        """k-means on the main process, its result broadcast, so every process holds the
+        very same clusters and sigma^2. A failure there fails every process alike."""
+        n_init, max_iter = kmeans_settings(self.cfg.dataset)
+        fit, error = None, None
+        if self.dist.is_main:
+            try:
+                fit = fit_clusters(emb, self.train.labels, self.num_classes, self.cfg.K,
+                                   n_init, max_iter, self.cfg.kmeans_seed)
+            except (UsageError, FloatingPointError) as exc:
+                error = exc
+        if not self.dist.all_agree(error is None):
+            if error is not None:
+                raise error
+            raise UsageError("k-means failed on the main process (see its message)")
+        if not self.dist.enabled:
+            return fit
+        n_clusters, n = self.num_classes * self.cfg.K, len(self.train)
+        empty = Clusters(torch.zeros(n_clusters, emb.shape[1]),
+                         torch.zeros(n_clusters, dtype=torch.long),
+                         torch.zeros(n, dtype=torch.long), torch.zeros(n_clusters))
+        fit = fit or empty
+        return Clusters(*(self.dist.broadcast(t) for t in (fit.centers, fit.classes,
+                                                            fit.assignments, fit.variance)))
+
+    def head(self) -> ClusterHead:
+        c = self.clusters
+        return ClusterHead(c.centers, c.classes, c.variance, self.num_classes, self.cfg.L,
+                           self.cfg.normalize)
+
+    # -- one epoch --------------------------------------------------------------------------
+    def train_epoch(self, desc: str = "train", start_step: int = 0,
+                    totals: dict | None = None) -> dict:
+        """Magnet steps over one epoch; returns the mean of every loss term per optimiser step.
+
+        With free training each batch is replayed ``minibatch_replays`` times, one optimiser
+        step per replay, on the Magnet loss alone; delta starts the epoch at zero, and the
+        sampler records the losses of a no-grad forward of the updated network on x + the
+        final delta (``free_losses``). A resumed run starts at ``start_step`` with the
+        running ``totals`` of the steps done (and, with free training, the saved delta).
+        """
+        self.model.train()
+        head = self.head().to(self.device)  # this epoch's clusters, for the extra terms
+        classes = head.classes
+        replays = max(1, self.cfg.minibatch_replays)
+        totals: dict[str, float] = dict(totals or {})
+        steps = self.steps_per_epoch()
+        if self.free and start_step == 0:
+            self.free.reset()  # the original sets delta to zero at every epoch's start
+        bar = progress(range(start_step, steps), desc=desc, leave=False)
+        for step in bar:
+            indices, cluster_ids = self.sampler.sample(self.generator)
+            images = augment(self.train.images[indices], self.cfg.dataset, self.generator)
+            x = to_device(images, self.device)
+            cluster_ids = cluster_ids.to(self.device)
+            for _ in range(replays):
+                self.optimizer.zero_grad(set_to_none=True)
+                x_in = self.free.perturb(x) if self.free else x
+                terms, per_example = self.batch_terms(x_in, cluster_ids, classes, head,
+                                                      extras=not self.free)
+                loss = test_nan_hook(self.dist, sum(terms.values()))
+                # every process agrees before the backward: a non-finite loss on one ends all
+                # of them at once instead of leaving the others waiting in DDP's all-reduce
+                finite = bool(torch.isfinite(loss))
+                if not self.dist.all_agree(finite):
+                    raise FloatingPointError(f"non-finite loss at step {step + 1}" +
+                                             ("" if not finite else " on another process"))
+                loss.backward()
+                self.optimizer.step()
+                if self.free:
+                    self.free.step(x)
+                for name, value in self._mean_over_ranks(terms).items():
+                    totals[name] = totals.get(name, 0.0) + value
+            if self.free:
+                per_example = self.free_losses(x, cluster_ids, classes)
+            # every process records every process's batch: the sampler states stay equal
+            self.sampler.record_losses(self.dist.gather_cat(indices.cpu()),
+                                       self.dist.gather_cat(per_example.detach().float().cpu()))
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if self.after_step is not None:
+                self.after_step(step + 1, totals)
+        self._sync_buffers()
+        return {name: total / (steps * replays) for name, total in totals.items()}
+
+    def _mean_over_ranks(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Each loss term averaged over the processes' batches (one value per process)."""
+        if not self.dist.enabled:
+            return {name: v.item() for name, v in terms.items()}
+        values = torch.tensor([[v.item() for v in terms.values()]], dtype=torch.float64)  # (1, T)
+        means = self.dist.gather_cat(values).mean(0)  # (T,)
+        return {name: float(m) for name, m in zip(terms, means)}
+
+    @torch.no_grad()
+    def free_losses(self, x: torch.Tensor, cluster_ids: torch.Tensor,
+                    classes: torch.Tensor) -> torch.Tensor:
+        """Per-example Magnet losses (N,) of the updated network on x + the final delta.
+
+        As the original's extra forward after the replays: training mode (batch statistics;
+        BatchNorm's running statistics take this forward too), no gradient.
+        """
+        with autocast(self.device, self.cfg.amp):
+            emb = self.model(self.free.current(x)).float()
+        return magnet_loss(emb, cluster_ids, classes, self.cfg.alpha)[0]
+
+    def batch_terms(self, x: torch.Tensor, cluster_ids: torch.Tensor, classes: torch.Tensor,
+                    head: ClusterHead, extras: bool = True
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """{'magnet', and the enabled 'consistency'/'xent'} of a batch, and the per-example
+        Magnet losses (N,). Their sum is the training loss; plain ClusTR has 'magnet' alone,
+        and so has a free replay (``extras=False``).
+        """
+        with autocast(self.device, self.cfg.amp):
+            emb = self.train_model(x).float()  # (N, 512)
+        per_example, _ = magnet_loss(emb, cluster_ids, classes, self.cfg.alpha)
+        terms = {"magnet": per_example.mean()}
+        if not extras:
+            return terms, per_example
+        terms.update(self.extras.terms(self.model, head, x, emb, classes[cluster_ids],
+                                       self.generator))
+        return terms, per_example
+
+    def run_epoch(self, start_step: int = 0, totals: dict | None = None) -> EpochMetrics:
+        components = self.train_epoch(start_step=start_step, totals=totals)
+        train_emb = self.refresh_clusters()
+        train_loss, train_acc = self.metrics(train_emb, self.train.labels)
+        test_emb = self.embed(self.test.images, self.cfg.test_batch, "embed test")
+        test_loss, test_acc = self.metrics(test_emb, self.test.labels)
+        return EpochMetrics(train_loss, train_acc, test_loss, test_acc, components)
+
+    # -- resume -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the network and the optimiser: the clusters, the
+        sampler's per-example losses and the generator of batches and augmentation. Tensors
+        and plain types only, so it loads with ``weights_only=True``."""
+        c = self.clusters
+        state = {"generator": self._generator_state(), "sampler": self.sampler.state_dict(),
+                 "clusters": {"centers": c.centers, "classes": c.classes,
+                              "assignments": c.assignments, "variance": c.variance}}
+        if self.free is not None and self.free.delta is not None:
+            # carried across batches; each process has its own: (world, B, 3, H, W) under
+            # torchrun, restored per rank
+            state["free_delta"] = per_rank(self.dist, self.free.delta.detach().cpu())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._set_generator_state(state["generator"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.clusters = Clusters(**state["clusters"])
+        self.sampler.update_clusters(self.clusters.assignments, self.clusters.centers)
+        if self.free is not None and "free_delta" in state:
+            self.free.delta = own_rank(self.dist, state["free_delta"]).to(self.device)
+
+    def _generator_state(self) -> torch.Tensor:
+        """This process's generator state (G,) alone, or every process's (world, G)."""
+        own = self.generator.get_state()
+        return self.dist.gather_cat(own[None]) if self.dist.enabled else own
+
+    def _set_generator_state(self, saved: torch.Tensor) -> None:
+        if saved.dim() == 1 and not self.dist.enabled:
+            self.generator.set_state(saved)
+            return
+        world = 1 if saved.dim() == 1 else len(saved)
+        if world != self.dist.world_size:
+            raise UsageError(f"the run was interrupted with {world} process(es) and continues "
+                             f"with {self.dist.world_size}: resume with the same number")
+        # a copy: set_state reads a row view from the start of its storage (rank 0's state)
+        self.generator.set_state(saved.reshape(world, -1)[self.dist.rank].clone())
+
+    @torch.no_grad()
+    def metrics(self, emb: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+        """Full-set Magnet loss (training sigma^2) and nearest-cluster accuracy in percent."""
+        head = self.head()
+        losses = magnet_loss_full(emb, labels, head.centers, head.classes, head.variance,
+                                  self.cfg.alpha)
+        acc = 100.0 * int((head.predict(emb) == labels).sum()) / len(labels)  # exact, as sweep
+        loss = losses.mean().item()
+        return (loss if math.isfinite(loss) else float("nan")), acc
