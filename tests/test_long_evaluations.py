@@ -5,7 +5,7 @@ GitHub ``autoattack`` package is called through its documented signature.
 
 The evaluations run as subprocesses (a SIGKILL must not take pytest with it) on 4 test
 images of a ResNet18 with per-class clusters fitted on 12 training images (no training).
-``CLUSTR_TEST_KILL_AT`` / ``CLUSTR_TEST_SIGNAL_AT`` (``utils.preemption.point``) stop them at
+``CLUSTR_TEST_KILL_AT`` / ``CLUSTR_TEST_SIGNAL_AT`` (``base.preemption.point``) stop them at
 named points. ``tests/fakes/autoattack`` stands in for the GitHub package, which is not on
 PyPI: it records its calls and returns FGSM images.
 """
