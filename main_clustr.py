@@ -14,12 +14,14 @@ import dataclasses
 import logging
 import os
 import random
+import shlex
 import sys
 import time
 
 import numpy as np
 import torch
 
+from base import preemption
 from base.cli import config
 from base.device import resolve_device
 from base.distributed import Dist, close_distributed, init_distributed, process_device
@@ -30,9 +32,17 @@ from datasets.data import balanced_subset, load_dataset
 from models.checkpoint import build_checkpoint, load_weights
 from models.resnet import ResNet18, normalization_for
 from utils.attacks.batch_size import attack_batch
-from utils.eval.evaluation import AttackConfig, EvalConfig, evaluate_model, load_eval_inputs
+from utils.eval.adversarial_store import save_adversarial
+from utils.eval.eval_state import check_arguments as check_eval_arguments
+from utils.eval.evaluation import (
+    AttackConfig,
+    EvalConfig,
+    evaluate_model,
+    load_eval_inputs,
+    open_eval_state,
+)
 from utils.eval.strong_evaluation import evaluate_strong
-from utils.outputs import files
+from utils.outputs import files, run_log
 from utils.outputs.experiment_dir import ExperimentDir
 from utils.outputs.results import EpochLog, MetricsCSV
 from utils.train.clustering import check_class_sizes
@@ -71,6 +81,9 @@ def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist | None 
     model = ResNet18(train_set.num_classes, mean, std)
     run_args = run_arguments(args)
     resume = read_resume(out.file(files.RESUME), run_args, args.epochs) if args.resume else None
+    if resume is not None:  # an evaluation already started goes on with its arguments
+        check_eval_arguments(out.file(files.EVAL_RESUME), args, out.file(files.CHECKPOINT),
+                             resume["epoch"])
     if resume is None and args.pretrained_path:
         load_weights(model, args.pretrained_path)
     elif resume is None:
@@ -111,7 +124,9 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
     if not args.resume:
         state.save(start)  # from the first result on, --resume has a state to continue from
     if dist.is_main:
+        run_log.attach(out.path)
         write_text_atomic(out.file(files.PARAMS), params_line(args) + "\n")
+        run_log.write_args_json(out.path, args)
         epoch_log.flush()
     extra = {"args": {k: v for k, v in vars(args).items()}, "dataset": args.dataset,
              "classes": list(trainer.train.classes)}
@@ -126,7 +141,7 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
         begin = time.time()
         lr = optimizer.param_groups[0]["lr"]
         resumed = start if epoch == start.epoch + 1 else Position(epoch - 1)
-        trainer.after_step = state.step_saver(args.checkpoint_every, epoch)
+        trainer.after_step = stop_or_save(state, args.checkpoint_every, epoch, dist)
         metrics = run_epoch(trainer, epoch, resumed, ckpt_path)
         scheduler.step()
         if dist.is_main:
@@ -144,7 +159,26 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
         log.info("epoch %d/%d  lr %.2g  train loss %.4f acc %.2f%%  test loss %.4f acc "
                  "%.2f%%  (%.0fs)", epoch, args.epochs, lr, metrics.train_loss,
                  metrics.train_acc, metrics.test_loss, metrics.test_acc, time.time() - begin)
+        preemption.point(f"train-epoch-{epoch}", dist.rank)
+        if preemption.should_stop(dist):
+            raise preemption.stop(f"after epoch {epoch}")
     return ckpt_path
+
+
+def stop_or_save(state: RunState, every: int, epoch: int, dist: Dist):
+    """The trainer's ``after_step``: the periodic resume save (``--checkpoint-every``) and,
+    when a signal asked to stop, a save of this step's position and the stop."""
+    save, steps = state.step_saver(every, epoch), state.trainer.steps_per_epoch()
+
+    def after_step(done: int, totals: dict) -> None:
+        if save is not None:
+            save(done, totals)
+        preemption.point(f"train-step-{epoch}-{done}", dist.rank)
+        if done < steps and preemption.should_stop(dist):  # the last step: after the epoch
+            state.save(Position(epoch - 1, done, totals))
+            raise preemption.stop(f"in epoch {epoch} after step {done}")
+
+    return after_step
 
 
 def run_epoch(trainer: ClusTRTrainer, epoch: int, start: Position, ckpt_path: str):
@@ -189,54 +223,88 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
     if not evaluate_only:
         ckpt_path = train(args, out, device, dist)
         dist.barrier()  # the main process has written the checkpoint
-        evaluate_checkpoint(eval_cfg, attack, ckpt_path, out.path, device, dist)
+        evaluate_checkpoint(eval_cfg, attack, ckpt_path, out.path, device, dist, args.resume)
         return 0
     model, test = load_eval_inputs(eval_cfg, args.evaluate_ckpt)
+    state = open_eval_state(eval_cfg, attack, args.evaluate_ckpt, test, out.path, device, dist,
+                            args.resume)
     dist.barrier()  # every process checked its inputs before anything is written
     if dist.is_main:
         out.prepare(evaluate_only=True, overwrite=args.overwrite, inputs=[args.evaluate_ckpt])
+        run_log.attach(out.path)
         write_text_atomic(out.file(files.PARAMS), params_line(args) + "\n")
-    evaluate(model, test, eval_cfg, attack, out.path, device, args.evaluate_ckpt, dist)
+        run_log.write_args_json(out.path, args)
+    evaluate(model, test, eval_cfg, attack, out.path, device, args.evaluate_ckpt, dist, state)
     return 0
 
 
 def evaluate_checkpoint(eval_cfg: EvalConfig, attack: AttackConfig, ckpt_path: str,
-                        out_dir: str, device: torch.device, dist: Dist) -> None:
+                        out_dir: str, device: torch.device, dist: Dist,
+                        resume: bool = False) -> None:
     """Rebuild a fresh model from the saved file (what was trained is never what gets
-    evaluated) and evaluate it."""
+    evaluated) and evaluate it; with ``resume``, from where its evaluation stopped (an
+    evaluation of an older checkpoint starts afresh)."""
     model, test = load_eval_inputs(eval_cfg, ckpt_path)
-    evaluate(model, test, eval_cfg, attack, out_dir, device, ckpt_path, dist)
+    state = open_eval_state(eval_cfg, attack, ckpt_path, test, out_dir, device, dist, resume,
+                            after_training=True)
+    evaluate(model, test, eval_cfg, attack, out_dir, device, ckpt_path, dist, state)
 
 
 def evaluate(model, test, eval_cfg: EvalConfig, attack: AttackConfig, out_dir: str,
-             device: torch.device, ckpt_path: str, dist: Dist) -> None:
+             device: torch.device, ckpt_path: str, dist: Dist, state=None) -> None:
     """The paper's PGD sweep, then (on the main process) the honest evaluation, on the same
-    test images. The attack batch is settled once, for all of them."""
+    test images; ``state`` (``utils.eval.eval_state``) keeps the progress for --resume. The
+    attack batch is settled once, for all of them."""
     attack = dataclasses.replace(attack, attack_batch=attack_batch(attack.attack_batch, model,
                                                                    device, len(test)))
     paper = evaluate_model(model, test, attack, out_dir, device, ckpt_path, eval_cfg.dataset,
-                           dist)
+                           dist, state)
     if attack.honest and dist.is_main:
-        evaluate_strong(model, test, paper, attack, out_dir, device)
+        evaluate_strong(model, test, paper, attack, out_dir, device, state)
+    elif attack.save_adv and dist.is_main:
+        save_adversarial(os.path.join(out_dir, files.ADVERSARIAL), model, test, paper,
+                         batch=attack.test_batch, device=device)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout)
+    command = list(sys.argv[1:] if argv is None else map(str, argv))
+    handler = run_log.start()
+    preemption.install()
     try:
         return run(args)
     except UsageError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return final_line(handler, f"error: {one_line(exc)}", 2)
     except OSError as exc:  # disk full, permission denied, ...: one line, not a traceback
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        saved = os.path.isfile(os.path.join(args.checkpoint, files.RESUME))
-        print("interrupted" + (": continue with the same command and --resume" if saved and
-                               args.evaluate_ckpt is None else ""), file=sys.stderr)
-        return 130
+        return final_line(handler, f"error: {one_line(exc)}", 1)
+    except (preemption.Preempted, KeyboardInterrupt) as exc:
+        status = exc.exit_status if isinstance(exc, preemption.Preempted) else 130
+        return final_line(handler, how_to_continue(args, command, exc), status)
+    finally:
+        preemption.uninstall()
+        run_log.stop(handler)
+
+
+def how_to_continue(args, command: list[str], exc: BaseException) -> str:
+    """The one line a stopped run prints: what stopped it and how to go on."""
+    what = str(exc) if isinstance(exc, preemption.Preempted) else "interrupted"
+    saved = [p for p in (os.path.join(args.checkpoint, n)
+                         for n in (files.RESUME, files.EVAL_RESUME)) if os.path.isfile(p)]
+    if not saved:
+        return f"{what}: nothing was saved yet; run the command again"
+    latest = max(saved, key=os.path.getmtime)  # the stage that was running
+    again = shlex.join([a for a in command if a != "--resume"] + ["--resume"])
+    return (f"{what}: state saved in {latest}; continue with the same command and --resume: "
+            f"python main_clustr.py {again}")
+
+
+def final_line(handler, line: str, status: int) -> int:
+    """Print the run's last line on stderr and append it to run.log (when it is open)."""
+    print(line, file=sys.stderr)
+    handler.write_line(line)
+    return status
 
 
 if __name__ == "__main__":

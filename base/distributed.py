@@ -95,6 +95,28 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed if rank == 0 else seed + 1_000_003 * rank
 
 
+def per_rank(d: Dist, local: torch.Tensor):
+    """A per-process tensor for a resume state: the tensor itself in a world of one, else
+    ``{"rows": every rank's rows concatenated, "sizes": (world,)}`` (a collective)."""
+    if not d.enabled:
+        return local
+    sizes = d.gather_cat(torch.tensor([len(local)]))
+    return {"rows": d.gather_cat(local), "sizes": sizes}
+
+
+def own_rank(d: Dist, saved):
+    """This process's part of what ``per_rank`` saved."""
+    if not isinstance(saved, dict):
+        return saved
+    sizes = [int(s) for s in saved["sizes"]]
+    if len(sizes) != d.world_size:
+        from base.errors import UsageError
+        raise UsageError(f"the run was interrupted with {len(sizes)} process(es) and continues "
+                         f"with {d.world_size}: resume with the same number")
+    start = sum(sizes[:d.rank])
+    return saved["rows"][start:start + sizes[d.rank]]
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -125,4 +147,3 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> Dist:
 def close_distributed(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
-

@@ -5,7 +5,8 @@ epoch loop carries no test hooks. Set by the environment:
 
 * ``STATE_DIR``: after every epoch each process writes one SHA-256 per tensor of its
   clusters, sampler losses and network to ``STATE_DIR/rank<R>_epoch<E>.txt``;
-* ``FAIL_RANK``: that process raises at the start of its first epoch.
+* ``FAIL_RANK``: that process raises at the start of its first epoch;
+* ``NAN_RANK``: that process's second training loss is NaN.
 """
 import hashlib
 import os
@@ -39,6 +40,21 @@ def instrumented(run_epoch):
     return run
 
 
+def nan_on_second_call(batch_terms):
+    calls = {"n": 0}
+
+    def terms(trainer, *args, **kwargs):
+        terms, per_example = batch_terms(trainer, *args, **kwargs)
+        if os.environ.get("NAN_RANK") == str(trainer.dist.rank):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                terms = {name: t * float("nan") for name, t in terms.items()}
+        return terms, per_example
+    return terms
+
+
 if __name__ == "__main__":
     main_clustr.run_epoch = instrumented(main_clustr.run_epoch)
+    trainer_class = main_clustr.ClusTRTrainer
+    trainer_class.batch_terms = nan_on_second_call(trainer_class.batch_terms)
     sys.exit(main_clustr.main())

@@ -136,3 +136,55 @@ def test_a_failing_rank_ends_the_job(tiny_folder, tmp_path):
     assert res.returncode != 0
     assert "rank 1 fails on purpose" in res.stdout + res.stderr
     assert time.time() - begin < 90
+
+
+# -- interrupted and resumed under torchrun --------------------------------------------------
+def _resume_state(path):
+    return torch.load(path / "resume.pth", map_location="cpu", weights_only=True)
+
+
+def test_stopped_and_killed_two_process_run_resumes_to_the_same_log(tiny_folder, tmp_path):
+    """Free replays (each process carries its own delta). SIGTERM to rank 1 alone, mid-epoch:
+    both processes stop at that step with the one line. Resumed, rank 0 is SIGKILLed after
+    epoch 1 (once it has written the state; the job then ends). Resumed again, the run ends
+    with the log.txt and sweep of an uninterrupted 2-process run."""
+    common = ("--data-root", tiny_folder, "--epochs", 2, "--minibatch-replays", 2, *SMALL)
+    ref, exp = tmp_path / "ref", tmp_path / "exp"
+    res = launch("--checkpoint", ref, *common)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    res = launch("--checkpoint", exp, *common,
+                 env={"CLUSTR_TEST_SIGNAL_AT": "train-step-1-1@1"})
+    assert res.returncode != 0
+    assert res.stderr.count("stopped by SIGTERM in epoch 1 after step 1: state saved in") == 2
+    state = _resume_state(exp)
+    assert (state["epoch"], state["step"]) == (0, 1)
+    delta = state["trainer"]["free_delta"]  # one per process
+    assert delta["sizes"].tolist() == [12, 12] and delta["rows"].shape[0] == 24
+    assert not torch.equal(delta["rows"][:12], delta["rows"][12:])
+
+    res = launch("--checkpoint", exp, *common, "--resume",
+                 env={"CLUSTR_TEST_KILL_AT": "train-epoch-1@0"})
+    assert res.returncode != 0
+    assert _resume_state(exp)["epoch"] == 1
+    assert len((exp / "log.txt").read_text().splitlines()) == 2  # header + epoch 1
+
+    res = launch("--checkpoint", exp, *common, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (ref / "log.txt").read_bytes() == (exp / "log.txt").read_bytes()
+    assert _predictions(ref) == _predictions(exp)
+    log = (exp / "run.log").read_text()
+    assert log.count("epoch 1/2") == 1 and log.count("epoch 2/2") == 1
+    assert "stopped by SIGTERM" in log and log.count("resuming after epoch") == 2
+
+
+def test_non_finite_loss_on_one_process_ends_all_at_once(tiny_folder, tmp_path):
+    begin = time.time()
+    res = launch("--checkpoint", tmp_path / "nan", "--data-root", tiny_folder, "--epochs", 1,
+                 "--dist-timeout", 600, *SMALL, env={"NAN_RANK": "1"}, timeout=400)
+    assert res.returncode != 0
+    assert time.time() - begin < 300  # not the 600 s of --dist-timeout
+    err = res.stderr
+    assert "training stopped in epoch 1: non-finite loss at step 2;" in err
+    assert "non-finite loss at step 2 on another process" in err  # rank 0 stops too
+    assert "watchdog" not in err.lower()

@@ -162,8 +162,9 @@ def test_overwrite_then_resume_between_epochs(noisy, reference, no_sweep, tmp_pa
     (exp / "notes.md").write_bytes(b"mine")
     assert cli(train_argv(noisy, exp, epochs=1, every=0) + ["--overwrite", "--save-all"],
                capsys)[0] == 0
-    assert sorted(os.listdir(exp)) == ["checkpoint.pth", "checkpoint_0.pth", "log.txt",
-                                       "metrics.csv", "notes.md", "params.txt", "resume.pth"]
+    assert sorted(os.listdir(exp)) == ["args.json", "checkpoint.pth", "checkpoint_0.pth",
+                                       "log.txt", "metrics.csv", "notes.md", "params.txt",
+                                       "resume.pth", "run.log"]
     assert (exp / "notes.md").read_bytes() == b"mine"
     assert (exp / "log.txt").read_text().count("\n") == 2  # header and epoch 1
     add_stale_rows(exp / "log.txt", 1)
@@ -449,8 +450,12 @@ BAD_INPUTS = [
      r"--resume: .*resume\.pth not found, so there is no interrupted run to continue"),
     ("resume-and-overwrite", lambda c: tiny_args(c) + ["--resume", "--overwrite"],
      r"give one of the two"),
-    ("resume-and-evaluate", lambda c: evaluate(c, c.ref / "checkpoint.pth") + ["--resume"],
-     r"--resume continues training; --evaluate-ckpt only evaluates"),
+    ("resume-evaluation-nothing", lambda c: evaluate(c, c.ref / "checkpoint.pth") + ["--resume"],
+     r"--resume: .*eval_resume\.pth not found, so there is no interrupted evaluation to "
+     r"continue"),
+    ("resume-evaluation-not-ours", lambda c: results_in_exp(c, "eval_resume.pth")
+     or evaluate(c, c.ref / "checkpoint.pth") + ["--resume"],
+     r"eval_resume\.pth is not a readable PyTorch file"),
     # no clobbering
     ("results-log", lambda c: results_in_exp(c, "log.txt") or tiny_args(c),
      r"already holds results \(log\.txt\): choose a new --checkpoint directory, or pass "

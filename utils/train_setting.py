@@ -5,10 +5,10 @@ Nothing is parsed at import time: ``parse_args(argv)`` is called from ``main()``
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 from base.cli import ArgParser, nonneg_float, nonneg_int, pos_float, pos_int, seed_int
 from datasets.data import DATASETS
+from utils.attacks import autoattack_backend
 from utils.attacks.adaptive import AUTOATTACK_HINT
 from utils.outputs import files
 
@@ -89,12 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "embedding passes behind the clusters, sigma^2 and the logged "
                         "accuracies, and the attacks, stay in float32")
     n.add_argument("--quiet", action="store_true", help="no progress bars")
+    n.add_argument("--save-adv", action="store_true",
+                   help="write adversarial.pt: per eps, the adversarial images that fooled "
+                        "the model under the paper's PGD and the strongest attack run "
+                        "(docs/long_evaluations.md)")
     n.add_argument("--dist-timeout", type=pos_float, default=600.0, metavar="SECONDS",
                    help="under torchrun: a collective waiting longer than this fails the job "
                         "instead of hanging")
     r = p.add_argument_group("interrupted runs and existing results (see docs/failures.md)")
     r.add_argument("--resume", action="store_true",
-                   help="continue the interrupted run in --checkpoint from its resume.pth "
+                   help="continue the interrupted run in --checkpoint from its resume.pth, "
+                        "and its evaluation (or an --evaluate-ckpt run) from eval_resume.pth "
                         "(same arguments; --epochs may grow)")
     r.add_argument("--overwrite", action="store_true",
                    help="replace the results already in --checkpoint instead of refusing")
@@ -135,11 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.resume and args.overwrite:
         parser.error("--resume continues the results in --checkpoint and --overwrite replaces "
                      "them: give one of the two")
-    if args.resume and args.evaluate_ckpt is not None:
-        parser.error("--resume continues training; --evaluate-ckpt only evaluates: give one of "
-                     "the two")
     # the honest evaluation: refused now, before any training, if it could not run
-    if args.autoattack and importlib.util.find_spec("pyautoattack") is None:
+    if args.autoattack and not autoattack_backend.available():
         parser.error(AUTOATTACK_HINT)
     extras = [flag for flag, given in (("--strong-subset", args.strong_subset is not None),
                                        ("--autoattack-eps", args.autoattack_eps != [8.0]))

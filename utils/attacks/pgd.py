@@ -42,7 +42,7 @@ def logit_ce_loss(model, x, y):
 
 @dataclass
 class AttackResult:
-    delta: torch.Tensor       # (N, 3, H, W) kept perturbation
+    delta: torch.Tensor | None  # (N, 3, H, W) kept perturbation (None: not kept)
     loss: torch.Tensor        # (N,) loss of the kept perturbation
     pred: torch.Tensor        # (N,) arg-max of the loss's class scores under it
     correct: torch.Tensor     # (N,) bool, pred == y
@@ -81,24 +81,48 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, st
     if restarts < 1 or iterations < 0:
         raise ValueError(f"pgd needs restarts >= 1 and iterations >= 0, got {restarts} and "
                          f"{iterations}")
-    n, dev = len(x), x.device
-    best = AttackResult(delta=torch.zeros_like(x),
-                        loss=torch.full((n,), -float("inf"), device=dev),
-                        pred=y.clone(), correct=torch.ones(n, dtype=torch.bool, device=dev),
-                        steps=torch.zeros(n, dtype=torch.long, device=dev))
-    with eval_mode(model):
-        for restart in range(restarts):
-            delta = random_start(x, eps, keys_fn(restart))
-            delta, steps = _ascend(model, x, y, delta, eps, step, iterations, loss_fn, shrink)
-            with torch.no_grad():
-                loss, scores = loss_fn(model, x + delta, y)
-            better = loss >= best.loss  # the paper's rule: keep the highest loss so far
-            best.delta[better] = delta[better]
-            best.loss = torch.where(better, loss, best.loss)
-            best.pred = torch.where(better, scores.argmax(1), best.pred)
-            best.steps = torch.where(better, steps, best.steps)
+    best = initial_best(x, y)
+    for restart in range(restarts):
+        keep_higher_loss(best, pgd_restart(model, x, y, eps, step, iterations,
+                                           keys_fn(restart), loss_fn, shrink))
     best.correct = best.pred == y
     return best
+
+
+def initial_best(x: torch.Tensor, y: torch.Tensor, with_delta: bool = True) -> AttackResult:
+    """What ``pgd`` keeps before its first restart: no perturbation, loss -inf."""
+    n, dev = len(x), x.device
+    # the loss in x's dtype: restarts merge into it in place (a float64 test model included)
+    return AttackResult(delta=torch.zeros_like(x) if with_delta else None,
+                        loss=x.new_full((n,), -float("inf")),
+                        pred=y.clone(), correct=torch.ones(n, dtype=torch.bool, device=dev),
+                        steps=torch.zeros(n, dtype=torch.long, device=dev))
+
+
+def pgd_restart(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                step: float, iterations: int, keys: list[int], loss_fn: LossFn = paper_loss,
+                shrink: bool = True) -> AttackResult:
+    """One restart of ``pgd``: random start from ``keys``, ascent, final loss and scores.
+    A sweep that saves its progress after every restart calls this over all its batches."""
+    with eval_mode(model):
+        delta = random_start(x, eps, keys)
+        delta, steps = _ascend(model, x, y, delta, eps, step, iterations, loss_fn, shrink)
+        with torch.no_grad():
+            loss, scores = loss_fn(model, x + delta, y)
+    pred = scores.argmax(1)
+    return AttackResult(delta, loss, pred, pred == y, steps)
+
+
+def keep_higher_loss(best: AttackResult, res: AttackResult) -> torch.Tensor:
+    """The paper's rule, in place: keep the highest loss so far (ties go to the later
+    restart). ``best.delta`` may be None (not kept). Returns the mask of rows replaced."""
+    better = res.loss >= best.loss
+    if best.delta is not None:
+        best.delta[better] = res.delta[better]
+    best.loss = torch.where(better, res.loss, best.loss)
+    best.pred = torch.where(better, res.pred, best.pred)
+    best.steps = torch.where(better, res.steps, best.steps)
+    return better
 
 
 def _ascend(model, x, y, delta, eps, step, iterations, loss_fn, shrink):

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from base import preemption
 from base.io import write_text_atomic
 from datasets.data import ImageData, balanced_subset
 from utils.attacks.adaptive import (
@@ -38,6 +39,7 @@ from utils.attacks.adaptive import (
 from utils.attacks.batch_size import attack_batch
 from utils.attacks.gradient_masking import GAP_THRESHOLD, gradient_summary, robustness_gaps
 from utils.attacks.pgd import logit_ce_loss, paper_loss
+from utils.eval.adversarial_store import save_adversarial
 from utils.eval.evaluation import EPSILONS, STEP, AttackConfig, SweepResult, plot_robustness
 from utils.outputs import files
 from utils.outputs.results import write_csv
@@ -48,8 +50,9 @@ DIAGNOSTIC_EPS = 8.0  # the random start of the gradient diagnostics, units of 1
 
 
 def evaluate_strong(model, test: ImageData, paper: SweepResult, attack: AttackConfig,
-                    out_dir: str, device) -> dict:
-    """Strong attacks on the images the paper's sweep attacked; returns the diagnostics."""
+                    out_dir: str, device, state=None) -> dict:
+    """Strong attacks on the images the paper's sweep attacked; returns the diagnostics.
+    ``state`` (``utils.eval.eval_state.EvalState``) keeps their progress for ``--resume``."""
     device = torch.device(device)
     sub, pos = strong_images(test, attack.strong_subset, attack.seed)
     batch = attack_batch(attack.attack_batch, model, device, len(sub))
@@ -61,13 +64,16 @@ def evaluate_strong(model, test: ImageData, paper: SweepResult, attack: AttackCo
     for r in paper.per_eps:
         outcomes.append(Outcome("paper-pgd", r.eps, r.adv_pred[pos] == sub.labels,
                                 r.seconds if full else float("nan")))
+    keep_adv = attack.save_adv
     if attack.strong:
         for name in ADAPTIVE_LOSSES:
             outcomes += adaptive_sweep(model, sub, name, EPSILONS, attack.iterations,
-                                       attack.restarts, attack.seed, batch, device, clean=clean)
+                                       attack.restarts, attack.seed, batch, device, clean=clean,
+                                       state=state, keep_adv=keep_adv)
     if attack.autoattack:
-        for eps in attack.autoattack_eps:
-            outcomes.append(run_autoattack(model, sub, eps, attack.seed, batch, device))
+        for i, eps in enumerate(attack.autoattack_eps):
+            outcomes.append(autoattack_unit(model, sub, eps, i, attack.seed, batch, device,
+                                            state, keep_adv, out_dir))
     outcomes += worst_case(outcomes, clean)
     write_table(outcomes, len(sub), os.path.join(out_dir, files.STRONG_RESULTS))
     diagnostics = masking_diagnostics(attack, model, sub, outcomes, device, batch)
@@ -77,10 +83,36 @@ def evaluate_strong(model, test: ImageData, paper: SweepResult, attack: AttackCo
     if disagree:
         log.warning("WARNING: the logit's and the paper scores' arg-max differ on %d clean "
                     "image(s) (scores underflowing to 0?)", disagree)
+    packages = sorted({o.package for o in outcomes if o.package})
+    diagnostics["settings"]["autoattack_package"] = ", ".join(packages) or None
     write_text_atomic(os.path.join(out_dir, files.DIAGNOSTICS),
                       json.dumps(diagnostics, indent=2) + "\n")
+    if keep_adv:
+        save_adversarial(os.path.join(out_dir, files.ADVERSARIAL), model, test, paper,
+                         sub, pos, outcomes, batch, device)
     plot_all(paper, outcomes, len(sub), full, os.path.join(out_dir, files.PLOT))
     return diagnostics
+
+
+def autoattack_unit(model, sub: ImageData, eps: float, i: int, seed: int, batch: int, device,
+                    state, keep_adv: bool, out_dir: str) -> Outcome:
+    """AutoAttack at one eps, saved as unit ``autoattack/<i>`` (it cannot be saved part-way:
+    a stop request during it ends the run at once, to continue from the previous unit)."""
+    key = f"autoattack/{i}"
+    unit = state.get(key) if state is not None else None
+    if unit is None or not unit.get("done"):
+        with preemption.immediate():
+            out = run_autoattack(model, sub, eps, seed, batch, device, keep_adv=keep_adv,
+                                 log_path=os.path.join(out_dir, files.AUTOATTACK_LOG))
+        unit = {"done": True, "robust": out.robust, "seconds": out.seconds,
+                "package": out.package}
+        if out.adv is not None:
+            unit["adv_rows"], unit["adv_images"] = out.adv
+        if state is not None:
+            state.put(key, unit)
+        preemption.point(f"autoattack-eps-{i}")
+    adv = (unit["adv_rows"], unit["adv_images"]) if "adv_rows" in unit else None
+    return Outcome("autoattack", eps, unit["robust"], unit["seconds"], adv, unit["package"])
 
 
 def strong_images(test: ImageData, n: int | None, seed: int) -> tuple[ImageData, torch.Tensor]:

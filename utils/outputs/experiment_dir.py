@@ -16,7 +16,7 @@ import os
 
 from base.errors import UsageError
 from base.io import temp_prefix
-from utils.outputs.files import EVAL_OUTPUTS, RESUME, TRAIN_OUTPUTS
+from utils.outputs.files import EVAL_OUTPUTS, EVAL_RESUME, RESUME, TRAIN_OUTPUTS
 
 log = logging.getLogger("clustr")
 
@@ -47,10 +47,11 @@ class ExperimentDir:
                              f"another experiment directory")
         self._check_writable()
         if resume:
-            if not os.path.isfile(self.file(RESUME)):
-                raise UsageError(f"--resume: {self.file(RESUME)} not found, so there is "
-                                 f"no interrupted run to continue in {self.path} (run without "
-                                 f"--resume to start one)")
+            name, kind = (EVAL_RESUME, "evaluation") if evaluate_only else (RESUME, "run")
+            if not os.path.isfile(self.file(name)):
+                raise UsageError(f"--resume: {self.file(name)} not found, so there is "
+                                 f"no interrupted {kind} to continue in {self.path} (run "
+                                 f"without --resume to start one)")
             return
         found = self.existing(self.outputs(evaluate_only))
         if found and not overwrite:

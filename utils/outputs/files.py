@@ -22,6 +22,12 @@ PLOT = "robustness.png"
 SUMMARY = "eval_summary.json"
 STRONG_RESULTS = "attack_results_strong.csv"  # --strong / --autoattack
 DIAGNOSTICS = "diagnostics.json"              # --strong / --autoattack
+EVAL_RESUME = "eval_resume.pth"               # what --resume continues an evaluation from
+ADVERSARIAL = "adversarial.pt"                # --save-adv
+AUTOATTACK_LOG = "autoattack_log.txt"         # the GitHub autoattack package's own log
+# both
+RUN_LOG = "run.log"                           # every log line, appended across resumes
+ARGS_JSON = "args.json"                       # the arguments, machine-readable
 
 
 def pattern(name: str) -> str:
@@ -31,4 +37,4 @@ def pattern(name: str) -> str:
 
 TRAIN_OUTPUTS = (LOG, PARAMS, CHECKPOINT, pattern(EPOCH_CHECKPOINT), RESUME, METRICS)
 EVAL_OUTPUTS = (PARAMS, PAPER_RESULTS, pattern(PREDICTIONS), PLOT, SUMMARY, STRONG_RESULTS,
-                DIAGNOSTICS)
+                DIAGNOSTICS, EVAL_RESUME, ADVERSARIAL, AUTOATTACK_LOG, RUN_LOG, ARGS_JSON)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from base.distributed import Dist, rank_seed
+from base.distributed import Dist, own_rank, per_rank, rank_seed
 from base.errors import UsageError
 from base.progress import progress
 from base.tensors import autocast, to_device
@@ -216,9 +216,12 @@ class ClusTRTrainer:
                 loss.backward()
                 # the step's one wait for the device: after the backward is queued, before
                 # the update, so a non-finite loss never reaches the weights
+                # every process agrees: a non-finite loss on one ends all of them at once
                 value = loss.item()
-                if not self.dist.all_agree(math.isfinite(value)):
-                    raise FloatingPointError(f"non-finite loss at step {step + 1}")
+                finite = math.isfinite(value)
+                if not self.dist.all_agree(finite):
+                    raise FloatingPointError(f"non-finite loss at step {step + 1}" +
+                                             ("" if not finite else " on another process"))
                 losses = per_example.detach().float().cpu()  # ready: no further wait
                 self.optimizer.step()
                 if self.free:
@@ -318,7 +321,9 @@ class ClusTRTrainer:
                  "clusters": {"centers": c.centers, "classes": c.classes,
                               "assignments": c.assignments, "variance": c.variance}}
         if self.free is not None and self.free.delta is not None:
-            state["free_delta"] = self.free.delta.detach().cpu()  # carried across batches
+            # carried across batches; each process has its own: (world, B, 3, H, W) under
+            # torchrun, restored per rank
+            state["free_delta"] = per_rank(self.dist, self.free.delta.detach().cpu())
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -327,7 +332,7 @@ class ClusTRTrainer:
         self.clusters = Clusters(**state["clusters"])
         self.sampler.update_clusters(self.clusters.assignments, self.clusters.centers)
         if self.free is not None and "free_delta" in state:
-            self.free.delta = state["free_delta"].to(self.device)
+            self.free.delta = own_rank(self.dist, state["free_delta"]).to(self.device)
 
     def _generator_state(self) -> torch.Tensor:
         """This process's generator state (G,) alone, or every process's (world, G)."""
@@ -342,7 +347,8 @@ class ClusTRTrainer:
         if world != self.dist.world_size:
             raise UsageError(f"the run was interrupted with {world} process(es) and continues "
                              f"with {self.dist.world_size}: resume with the same number")
-        self.generator.set_state(saved.reshape(world, -1)[self.dist.rank].contiguous())
+        # a copy: set_state reads a row view from the start of its storage (rank 0's state)
+        self.generator.set_state(saved.reshape(world, -1)[self.dist.rank].clone())
 
     @torch.no_grad()
     def metrics(self, emb: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

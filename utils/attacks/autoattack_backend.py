@@ -1,0 +1,120 @@
+"""AutoAttack from either package: the authors' GitHub ``autoattack`` or PyPI ``pyautoattack``.
+
+* ``autoattack`` (``pip install git+https://github.com/fra31/auto-attack``, what RobustBench
+  and most papers use): ``AutoAttack(model, norm, eps, version=..., device=..., seed=...,
+  log_path=...)``, ``run_standard_evaluation(x, y, bs=...)`` returning the adversarial
+  images. It prints its progress and, with ``log_path``, appends it to that file.
+* ``pyautoattack`` (``pip install pyautoattack``, a packaging of the same attacks):
+  keyword-only ``AutoAttack(model, norm=, eps=, version=, device=, seed=)``,
+  ``run_standard_evaluation(x, y, batch_size=...)`` returning ``(x_adv, y_adv)``; it logs
+  its progress at DEBUG level to the ``auto-attack`` logger.
+
+``find_backend()`` prefers ``autoattack`` when it is installed; the results name the package
+and version that ran.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from base.errors import UsageError
+
+log = logging.getLogger("clustr")
+
+HINT = ("--autoattack needs AutoAttack: python -m pip install "
+        "git+https://github.com/fra31/auto-attack (the authors' package) or "
+        "python -m pip install pyautoattack==0.2.0")
+PACKAGES = ("autoattack", "pyautoattack")  # in order of preference
+
+
+@dataclass
+class Backend:
+    package: str        # "autoattack" or "pyautoattack"
+    version: str
+    module: object      # the imported package
+
+    def describe(self) -> str:
+        return f"{self.package} {self.version}"
+
+
+def available() -> bool:
+    """Whether one of the packages can be imported (checked without importing)."""
+    return any(importlib.util.find_spec(p) is not None for p in PACKAGES)
+
+
+def find_backend() -> Backend:
+    """The first installed package of ``PACKAGES``, or a UsageError with the install hint."""
+    for package in PACKAGES:
+        if importlib.util.find_spec(package) is None:
+            continue
+        try:
+            module = importlib.import_module(package)
+        except ImportError as exc:
+            log.warning("AutoAttack package %s is installed but fails to import (%s)", package,
+                        exc)
+            continue
+        if not hasattr(module, "AutoAttack"):
+            log.warning("the installed package %s has no AutoAttack class: not the AutoAttack "
+                        "authors' package, skipped", package)
+            continue
+        return Backend(package, _version(package, module), module)
+    raise UsageError(HINT)
+
+
+def _version(package: str, module) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return str(getattr(module, "__version__", "unknown"))
+
+
+def make_adversary(backend: Backend, model: torch.nn.Module, eps: float, version: str,
+                   device: torch.device, seed: int, attacks: list[str] | None = None,
+                   log_path: str | None = None):
+    """An AutoAttack l-inf adversary at ``eps`` (pixel units) from ``backend``."""
+    AutoAttack = backend.module.AutoAttack
+    if backend.package == "autoattack":
+        kwargs = {"attacks_to_run": attacks} if version == "custom" else {}
+        return AutoAttack(model, norm="Linf", eps=eps, version=version, device=device,
+                          seed=seed, log_path=log_path, **kwargs)
+    kwargs = {"attacks": attacks} if version == "custom" else {}
+    return AutoAttack(model, norm="Linf", eps=eps, version=version, device=device, seed=seed,
+                      **kwargs)
+
+
+def run_adversary(backend: Backend, adversary, x: torch.Tensor, y: torch.Tensor,
+                  batch: int) -> torch.Tensor:
+    """The adversarial images (N, 3, H, W) AutoAttack returns for ``x``, ``y``."""
+    if backend.package == "autoattack":
+        return adversary.run_standard_evaluation(x, y, bs=batch)
+    with _forward_pyautoattack_log():
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch)
+    return x_adv
+
+
+class _Forward(logging.Handler):
+    def emit(self, record):
+        log.info("AutoAttack: %s", record.getMessage())
+
+
+@contextlib.contextmanager
+def _forward_pyautoattack_log():
+    """Show pyautoattack's progress lines (it logs them at DEBUG) in this project's log."""
+    logger = logging.getLogger("auto-attack")
+    saved = (logger.level, logger.propagate)
+    handler = _Forward()
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]

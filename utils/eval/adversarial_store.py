@@ -1,0 +1,103 @@
+"""``--save-adv``: the adversarial images that fooled the model, in one file.
+
+``adversarial.pt`` (loadable with ``torch.load(path, weights_only=True)``)::
+
+    {"format": "clustr-adversarial-1",
+     "epsilons": [2.0, 8.0, 16.0, 25.5],             # units of 1/255
+     "paper-pgd": {"8": entry, ...},                 # the paper's PGD, every eps
+     "strongest": {"8": entry, ...}}                 # with --strong/--autoattack: per eps,
+                                                     # the attack with the lowest accuracy
+    entry = {"attack": "pgd-dlr", "eps": 8.0,
+             "prediction": "logit arg-max" | "paper scores arg-max",
+             "indices": (k,) test-set indices, "labels": (k,), "pred": (k,),
+             "images": (k, 3, H, W) float32 in [0, 1]}
+
+Every image is re-checked before it is written: inside the eps-ball around its test image
+(up to 1e-6 of float rounding), inside [0, 1], and misclassified by the model on a fresh
+forward pass (``pred`` is that pass's prediction). An image that fails the re-check is left
+out, with a warning.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from base.io import save_atomic
+from base.tensors import eval_mode
+from datasets.data import ImageData, to_float
+from utils.outputs import files
+
+log = logging.getLogger("clustr")
+
+ADVERSARIAL_FILE = files.ADVERSARIAL
+FORMAT = "clustr-adversarial-1"
+TOLERANCE = 1e-6  # float rounding of x + delta
+SKIP = ("clean", "paper-pgd", "worst-case")
+
+
+@torch.no_grad()
+def recheck(model, x: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, eps: float,
+            batch: int, device, logit: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid (k,) bool, predictions (k,)): in the eps-ball (pixel units) and [0, 1], and
+    misclassified by ``model`` (its logit's or its ``predict``'s arg-max)."""
+    linf = (images - x).flatten(1).abs().amax(1) if len(x) else torch.zeros(0)
+    in_range = (images.flatten(1).amin(1) >= 0) & (images.flatten(1).amax(1) <= 1) \
+        if len(x) else torch.zeros(0, dtype=torch.bool)
+    preds = []
+    with eval_mode(model):
+        for s in range(0, len(images), batch):
+            xb = images[s:s + batch].to(device)
+            preds.append((model(xb).argmax(1) if logit else model.predict(xb)).cpu())
+    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    return (linf <= eps + TOLERANCE) & in_range & (pred != labels), pred
+
+
+def _entry(model, data: ImageData, rows: torch.Tensor, images: torch.Tensor, attack: str,
+           eps: float, batch: int, device, logit: bool) -> dict:
+    labels = data.labels[rows]
+    valid, pred = recheck(model, to_float(data.images[rows]), images, labels, eps / 255, batch,
+                          device, logit)
+    if not valid.all():
+        log.warning("--save-adv: %d %s image(s) at eps %g/255 failed the re-check (outside the "
+                    "eps-ball or [0, 1], or classified correctly) and are left out",
+                    int((~valid).sum()), attack, eps)
+    return {"attack": attack, "eps": float(eps),
+            "prediction": "logit arg-max" if logit else "paper scores arg-max",
+            "indices": data.indices[rows][valid].clone(), "labels": labels[valid].clone(),
+            "pred": pred[valid].clone(), "images": images[valid].float().contiguous().clone()}
+
+
+def strongest(outcomes) -> dict:
+    """Per eps, the outcome of the attack with the lowest accuracy (the first on ties)."""
+    best = {}
+    for o in outcomes:
+        if o.attack in SKIP or o.adv is None:
+            continue
+        if o.eps not in best or o.accuracy < best[o.eps].accuracy:
+            best[o.eps] = o
+    return best
+
+
+def save_adversarial(path: str, model, test: ImageData, paper, sub: ImageData | None = None,
+                     pos: torch.Tensor | None = None, outcomes=(), batch: int = 64,
+                     device="cpu") -> dict:
+    """Write ``path`` from the paper sweep's per-eps images (rows of ``test``) and the strong
+    outcomes' (rows of ``sub``, the strong attacks' subset); returns what was written."""
+    device = torch.device(device)
+    store = {"format": FORMAT, "epsilons": [float(r.eps) for r in paper.per_eps],
+             "paper-pgd": {}, "strongest": {}}
+    for r in paper.per_eps:
+        if r.adv is not None:
+            rows, images = r.adv
+            store["paper-pgd"][f"{r.eps:g}"] = _entry(model, test, rows, images, "paper-pgd",
+                                                      r.eps, batch, device, logit=False)
+    for eps, o in sorted(strongest(outcomes).items()):
+        rows, images = o.adv
+        store["strongest"][f"{eps:g}"] = _entry(model, sub, rows, images, o.attack, eps, batch,
+                                                device, logit=True)
+    save_atomic(store, path)
+    counts = ", ".join(f"{e}/255 {v['attack']} {len(v['indices'])}"
+                       for part in ("paper-pgd", "strongest") for e, v in store[part].items())
+    log.info("--save-adv: adversarial images written to %s (%s)", path, counts or "none")
+    return store

@@ -1,0 +1,92 @@
+"""``run.log`` and ``args.json`` in the experiment directory.
+
+Every log line of the run (training, evaluation, warnings, the gradient-masking
+diagnostics, and the final error or stop line) goes to stdout as before and is appended to
+``run.log``, across resumes: a resumed run adds its lines below the interrupted run's.
+Lines logged before the directory may be written (while the inputs are checked) are held
+back and written once it is prepared, so a refused run leaves no ``run.log`` behind.
+Python ``warnings`` are routed into the log as well.
+
+``args.json`` holds the run's arguments, machine-readable, beside ``params.txt``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from base.io import write_text_atomic
+from utils.outputs import files
+
+RUN_LOG, ARGS_JSON = files.RUN_LOG, files.ARGS_JSON
+FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+class RunLogHandler(logging.Handler):
+    """Holds records until ``attach(path)``, then appends every record to ``path``."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter(FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+        self.held: list[logging.LogRecord] = []
+        self.stream = None
+
+    def attach(self, path: str) -> None:
+        if self.stream is None:
+            self.stream = open(path, "a", encoding="utf-8")
+            for record in self.held:
+                self._write(record)
+            self.held = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None:
+            self.held.append(record)
+        else:
+            self._write(record)
+
+    def _write(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + "\n")
+            self.stream.flush()
+        except Exception:  # a full disk must not end the run: stdout still has the line
+            self.handleError(record)
+
+    def write_line(self, text: str) -> None:
+        """One line (the run's final error or stop line) to the file only, if open."""
+        if self.stream is not None:
+            self.emit(logging.LogRecord("clustr", logging.ERROR, __file__, 0, text, None, None))
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        self.held = []
+        super().close()
+
+
+def start() -> RunLogHandler:
+    """Install the handler on the root logger (and route ``warnings`` to logging)."""
+    handler = RunLogHandler()
+    logging.getLogger().addHandler(handler)
+    logging.captureWarnings(True)
+    return handler
+
+
+def stop(handler: RunLogHandler | None) -> None:
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+        logging.captureWarnings(False)
+        handler.close()
+
+
+def attach(folder: str) -> None:
+    """Start writing ``folder/run.log`` (the directory exists and may be written)."""
+    for h in logging.getLogger().handlers:
+        if isinstance(h, RunLogHandler):
+            h.attach(os.path.join(folder, RUN_LOG))
+
+
+def write_args_json(folder: str, args) -> None:
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+    write_text_atomic(os.path.join(folder, ARGS_JSON),
+                      json.dumps(values, indent=2, sort_keys=False) + "\n")
