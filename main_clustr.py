@@ -170,12 +170,12 @@ def stop_or_save(state: RunState, every: int, epoch: int, dist: Dist):
     when a signal asked to stop, a save of this step's position and the stop."""
     save, steps = state.step_saver(every, epoch), state.trainer.steps_per_epoch()
 
-    def after_step(done: int, totals: dict) -> None:
+    def after_step(done: int, totals) -> None:  # totals(): the running sums (a collective)
         if save is not None:
             save(done, totals)
         preemption.point(f"train-step-{epoch}-{done}", dist.rank)
         if done < steps and preemption.should_stop(dist):  # the last step: after the epoch
-            state.save(Position(epoch - 1, done, totals))
+            state.save(Position(epoch - 1, done, totals()))
             raise preemption.stop(f"in epoch {epoch} after step {done}")
 
     return after_step
