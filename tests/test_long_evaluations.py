@@ -72,7 +72,8 @@ def eval_argv(data: Path, ckpt: Path, exp: Path) -> list[str]:
     return ["--checkpoint", str(exp), "--evaluate-ckpt", str(ckpt), "--dataset", "imagefolder",
             "--data-root", str(data), "--L", "4", "--iterations", "1", "--restarts", "2",
             "--test-batch", "2", "--attack-batch", "2", "--workers", "0", "--quiet",
-            "--device", "cpu", "--strong", "--autoattack", "--autoattack-eps", "8", "16", "--save-adv"]
+            "--device", "cpu", "--strong", "--autoattack", "--autoattack-eps", "8", "16",
+            "--save-adv"]
 
 
 def run(argv, calls: Path, **env) -> subprocess.CompletedProcess:
