@@ -65,7 +65,7 @@ def real_trainer(real_subset, real_weights, **variant):
 def test_real_actual_trades_adversary_is_the_originals(real_subset, real_weights):
     """The shared network on a real batch: our --actual-trades adversary equals the
     original's rule (normalised units, 0.03 steps, uniform start)."""
-    from tests.test_variants import EPS, a_batch, class_probabilities, original_trades_adversary
+    from tests.train.test_variants import EPS, a_batch, class_probabilities, original_trades_adversary
 
     trainer = real_trainer(real_subset, real_weights, consistency_lambda=1.0, actual_trades=True)
     # float64: in float32 the two unit systems' rounding flips the sign of near-zero input
@@ -87,7 +87,7 @@ def test_real_free_replays_give_the_sampler_the_originals_losses(real_subset, re
                                                                   monkeypatch):
     """The shared network, one real batch, M = 2: the sampler receives the updated
     network's Magnet losses on x + the final delta (the original's rule, restated)."""
-    from tests.test_variants import EPS
+    from tests.train.test_variants import EPS
     from utils.train.magnet_loss import magnet_loss
 
     variant = dict(minibatch_replays=2, consistency_lambda=1.0)
