@@ -65,7 +65,12 @@ def real_trainer(real_subset, real_weights, **variant):
 def test_real_actual_trades_adversary_is_the_originals(real_subset, real_weights):
     """The shared network on a real batch: our --actual-trades adversary equals the
     original's rule (normalised units, 0.03 steps, uniform start)."""
-    from tests.train.test_variants import EPS, a_batch, class_probabilities, original_trades_adversary
+    from tests.train.test_variants import (
+        EPS,
+        a_batch,
+        class_probabilities,
+        original_trades_adversary,
+    )
 
     trainer = real_trainer(real_subset, real_weights, consistency_lambda=1.0, actual_trades=True)
     # float64: in float32 the two unit systems' rounding flips the sign of near-zero input
