@@ -92,19 +92,14 @@ def test_real_free_replays_give_the_sampler_the_originals_losses(real_subset, re
                                                                   monkeypatch):
     """The shared network, one real batch, M = 2: the sampler receives the updated
     network's Magnet losses on x + the final delta (the original's rule, restated)."""
-    from tests.train.test_variants import EPS
+    from tests.train.test_variants import EPS, spy_free_training
     from utils.train.magnet_loss import magnet_loss
 
     variant = dict(minibatch_replays=2, consistency_lambda=1.0)
     trainer = real_trainer(real_subset, real_weights, **variant)
     reference = real_trainer(real_subset, real_weights, **variant)
     monkeypatch.setattr(trainer, "steps_per_epoch", lambda: 1)
-    seen, recorded = [], []
-    perturb, record = trainer.free.perturb, trainer.sampler.record_losses
-    monkeypatch.setattr(trainer.free, "perturb", lambda x: (seen.append(x.clone()),
-                                                              perturb(x))[1])
-    monkeypatch.setattr(trainer.sampler, "record_losses", lambda i, v: (
-        recorded.append((i.clone(), v.clone())), record(i, v))[1])
+    seen, recorded = spy_free_training(monkeypatch, trainer)
     trainer.train_epoch()
     x, (indices, losses) = seen[0], recorded[0]
     ids = reference.sampler.assignments[indices]

@@ -366,6 +366,17 @@ def one_step_trainer(monkeypatch, **variant):
     return trainer
 
 
+def spy_free_training(monkeypatch, trainer):
+    """Lists that fill during training: each replay's clean batch x (before delta) and each
+    (indices, losses) the sampler records."""
+    seen, recorded = [], []
+    perturb, record = trainer.free.perturb, trainer.sampler.record_losses
+    monkeypatch.setattr(trainer.free, "perturb", lambda x: (seen.append(x.clone()),
+                                                              perturb(x))[1])
+    monkeypatch.setattr(trainer.sampler, "record_losses", lambda i, v: (
+        recorded.append((i.clone(), v.clone())), record(i, v))[1])
+    return seen, recorded
+
 def test_free_replays_follow_the_original_rule(monkeypatch):
     """M replays of the Magnet loss alone (the consistency and cross-entropy lambdas are
     ignored, as the original's free path has no such term), delta stepped by eps * sign,
@@ -377,12 +388,7 @@ def test_free_replays_follow_the_original_rule(monkeypatch):
     reference = make_trainer(**variant)  # the same initial weights and clusters
     for t in (trainer, reference):  # SGD: parameters linear in the gradients (Adam's first
         t.optimizer = torch.optim.SGD(t.model.parameters(), lr=0.5)  # steps amplify rounding)
-    seen, recorded = [], []
-    perturb, record = trainer.free.perturb, trainer.sampler.record_losses
-    monkeypatch.setattr(trainer.free, "perturb", lambda x: (seen.append(x.clone()),
-                                                              perturb(x))[1])
-    monkeypatch.setattr(trainer.sampler, "record_losses", lambda i, v: (
-        recorded.append((i.clone(), v.clone())), record(i, v))[1])
+    seen, recorded = spy_free_training(monkeypatch, trainer)
     trainer.train_epoch()
     x = seen[0]
     indices, losses = recorded[0]
