@@ -77,6 +77,19 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def busy_loads(load: dict, threads: int) -> dict:
+    """The load averages in ``load`` (named points of a run) that show other work.
+
+    At ``start`` (before the run) the whole load average is other work; afterwards the run
+    itself accounts for up to ``threads`` (at most the cores). Other work above a quarter of
+    the cores (at least 1) counts, whatever their number, so a 16-core host with 4 busy
+    cores of other jobs counts too."""
+    cores = usable_cores()
+    own, limit = min(threads, cores), max(1.0, 0.25 * cores)
+    return {k: v for k, v in load.items()
+            if v is not None and v - (0 if k == "start" else own) > limit}
+
+
 def load_average() -> float | None:
     """One-minute load average (None where the system has none)."""
     try:

@@ -9,7 +9,10 @@ On the shared data (real CIFAR-10 images and a real pretrained ResNet18) it
 2. trains ClusTR for a small fixed budget and evaluates it;
 3. trains ClusTR+QTRADES (``--consistency-lambda 12.5``) for the same budget and evaluates it;
 4. trains ClusTR with free adversarial training (``--minibatch-replays M``, the paper's
-   adversarial-training row) for the same budget and evaluates it;
+   adversarial-training row) at the same cost and evaluates it: every batch is replayed M
+   times, so, as free adversarial training does, it sees 1/M of the training images (a
+   class-balanced subset, ``--free-train-subset``) and makes as many optimiser steps as
+   one ClusTR epoch;
 
 each model with one CLI call of this project (``main_clustr.py``, whose training ends with
 the evaluation), on the same fixed test images: the paper's PGD, then ``--strong``
@@ -40,6 +43,7 @@ import torch
 
 from base.errors import UsageError
 from base.io import load_checkpoint, write_text_atomic
+from benchmarks.machine import busy_loads, usable_cores
 from models.checkpoint import extract_state_dict
 from utils import tables
 from utils.outputs.results import read_csv
@@ -69,6 +73,7 @@ class Budget:
     autoattack_eps: tuple[float, ...] = (8.0,)
     consistency_lambda: float = 12.5    # the seed README's ClusTR+QTRADES command
     minibatch_replays: int = 8          # M of free training (Free-AT's CIFAR-10 setting)
+    free_train_subset: int | str | None = None  # None: 1/M of the training images; "all"
     L: int = 20
     k: int = 2
     seed: int = 111
@@ -141,14 +146,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--minibatch-replays", type=int, metavar="M",
                    help=f"M of ClusTR+Free, each replay one optimiser step "
                         f"({FULL.minibatch_replays})")
+    g.add_argument("--free-train-subset", type=_images_or_all, metavar="N|all",
+                   help="training images of ClusTR+Free (1/M of the others' images, so "
+                        "that its M replays cost what one pass of the other models does; "
+                        "'all': the same images, M times the cost)")
     return p
+
+
+def _images_or_all(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of images or 'all', "
+                                         f"got {text!r}")
+    return n
 
 
 def budget_from(args) -> Budget:
     base = QUICK if args.quick else FULL
     given = {name: getattr(args, name) for name in
              ("epochs", "train_subset", "test_images", "iterations", "restarts",
-              "consistency_lambda", "minibatch_replays") if getattr(args, name) is not None}
+              "consistency_lambda", "minibatch_replays", "free_train_subset")
+             if getattr(args, name, None) is not None}
     if args.autoattack_eps is not None:
         given["autoattack_eps"] = tuple(args.autoattack_eps)
     return Budget(**{**base.__dict__, **given})
@@ -158,6 +181,31 @@ def rel(path: str) -> str:
     """``path`` for commands run from the repository root: as given when absolute, else
     relative to the repository."""
     return path if os.path.isabs(path) else os.path.relpath(os.path.abspath(path), REPO)
+
+
+TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "svhn": 73257}  # torchvision's sets
+
+
+def training_images(args, b: Budget) -> int:
+    """How many training images the ClusTR runs see: the subset, else the whole set."""
+    if b.train_subset is not None:
+        return b.train_subset
+    if args.dataset in TRAIN_IMAGES:
+        return TRAIN_IMAGES[args.dataset]
+    root = os.path.join(args.data_root or os.path.join(args.data, "cifar10-subset"), "train")
+    return sum(len(files) for _, _, files in os.walk(root))
+
+
+def free_images(args, b: Budget) -> int | None:
+    """Training images of ClusTR+Free; None for all of them. By default 1/M of the
+    others' images (rounded up): free adversarial training keeps the cost of plain training
+    by dividing its passes over the data by M (Shafahi et al., 2019), and this report's
+    budget is one pass."""
+    if b.free_train_subset == "all":
+        return b.train_subset
+    if b.free_train_subset is not None:
+        return b.free_train_subset
+    return -(-training_images(args, b) // max(b.minibatch_replays, 1))
 
 
 def weights_path(args) -> str:
@@ -177,8 +225,9 @@ def plan(args, b: Budget, work: str) -> list[Step]:
     evaluation = ["--test-subset", str(b.test_images), "--iterations", str(b.iterations),
                   "--restarts", str(b.restarts), "--strong", "--autoattack",
                   "--autoattack-eps", *[f"{e:g}" for e in b.autoattack_eps]]
-    training = ["--pretrained-path", weights, "--epochs", str(b.epochs), "--k", str(b.k),
-                "--lr", "0.0001", *train_subset]
+    schedule = ["--pretrained-path", weights, "--epochs", str(b.epochs), "--k", str(b.k),
+                "--lr", "0.0001"]
+    training = schedule + train_subset
     logs = os.path.join(work, "logs")
     clusters = os.path.join(work, "pretrained_clusters", "checkpoint.pth")
     steps = []
@@ -206,9 +255,11 @@ def plan(args, b: Budget, work: str) -> list[Step]:
                            *common, *evaluation],
                           os.path.join(logs, "qtrades.log")))
     if "free" in args.models:
+        free = free_images(args, b)
+        free_training = schedule + ([] if free is None else ["--train-subset", str(free)])
         steps.append(Step("free", "train ClusTR with free adversarial training, then evaluate",
                           ["main_clustr.py", "--checkpoint", os.path.join(work, "free"),
-                           *training, "--minibatch-replays", str(b.minibatch_replays),
+                           *free_training, "--minibatch-replays", str(b.minibatch_replays),
                            *common, *evaluation],
                           os.path.join(logs, "free.log")))
     steps.sort(key=lambda s: args.models.index(s.model))  # in the order --models lists them
@@ -340,7 +391,7 @@ def render(args, run: dict, b: Budget, steps: list[Step], results: dict,
         f"`{args.device}`"
         f"{run.get('accelerator') or ''}); load "
         f"average {run['load']:.1f} at the start and {run.get('load_end', float('nan')):.1f} "
-        f"at the end{_load_caveat(run)}. Total "
+        f"at the end{_load_caveat(args, run)}. Total "
         f"{(run.get('ended', time.time()) - run['started']) / 60:.1f} min.", "",
         "## Published figures, for context", "",
         f"The authors' {PUBLISHED}. The paper's protocol attacks a "
@@ -377,12 +428,14 @@ def _threads(args) -> str:
     return "" if args.threads is None else f", {args.threads} thread(s) per call"
 
 
-def _load_caveat(run: dict) -> str:
-    busiest = max(run["load"], run.get("load_end", 0.0))
-    if busiest <= (os.cpu_count() or 1):
+def _load_caveat(args, run: dict) -> str:
+    """A caveat where other work shared the processor: load beyond the report's own calls
+    (``benchmarks.machine.busy_loads``, the benchmark's rule)."""
+    load = {"start": run["load"], "end": run.get("load_end")}
+    if not busy_loads(load, args.threads or usable_cores()):
         return ""
-    return (" (above the core count: the machine was shared and the wall times are "
-            "inflated; the CPU times below are the fairer measure)")
+    return (" (other work shared the processor: the wall times are inflated; the CPU times "
+            "below are the fairer measure)")
 
 
 def _detail(args, results) -> list[str]:
@@ -476,10 +529,10 @@ def _budget(b: Budget, args, steps: list[Step], results: dict) -> list[str]:
             f"`--consistency-lambda {b.consistency_lambda:g}`; ClusTR+Free adds "
             f"`--minibatch-replays {b.minibatch_replays}`: each batch is replayed "
             f"M = {b.minibatch_replays} times on x + δ, every replay one optimiser step whose "
-            "backward also gives δ its signed step of 8/255 (δ carried from batch to batch), "
-            "so its epoch makes M times the steps of a ClusTR epoch. Neither the seed README "
-            "nor the original code (default 0) fixes M; 8 is the CIFAR-10 setting of free "
-            "adversarial training (Shafahi et al., 2019).",
+            "backward also gives δ its signed step of 8/255 (δ carried from batch to batch)"
+            f"{_free_cost(args, b)} Neither the seed README nor the original code (default 0) "
+            "fixes M; 8 is the CIFAR-10 setting of free adversarial training (Shafahi et al., "
+            "2019).",
             "* The pretrained clusters are ClusTR at epoch 0: the same k-means on the "
             "un-augmented, eval-mode training embeddings, no weight update.",
             f"* Paper PGD, PGD-CE and PGD-DLR: eps in {{2, 8, 16, 25.5}}/255, step 2/255, "
@@ -491,6 +544,19 @@ def _budget(b: Budget, args, steps: list[Step], results: dict) -> list[str]:
             "model's logit; its adversarial images are re-checked (inside the ball, in [0, 1],"
             " misclassified) before they count.",
             f"* Cost: {_cost(steps, results, b)}", ""]
+
+
+def _free_cost(args, b: Budget) -> str:
+    free = free_images(args, b)
+    if free == b.train_subset:
+        return (", on the same images as the others, so its epoch makes M times the steps of "
+                "a ClusTR epoch (`--free-train-subset all`).")
+    return (f", on {free} class-balanced training images (`--train-subset {free}`, 1/M of "
+            f"the others' {training_images(args, b)}), so its M replays make about the "
+            "optimiser steps of one ClusTR epoch and cost about as much: free adversarial "
+            "training keeps the cost of plain training by dividing its passes over the data "
+            "by M. `--free-train-subset all` trains it on the others' images, at M times the "
+            "cost.")
 
 
 def _cost(steps: list[Step], results: dict, b: Budget) -> str:

@@ -27,7 +27,7 @@ from base.errors import UsageError, exit_status
 from base.progress import set_quiet
 from utils.eval.evaluation import EPSILONS
 
-from .machine import collect_env, load_average, machine_info, usable_cores
+from .machine import busy_loads, collect_env, load_average, machine_info, usable_cores
 from .measures import (
     cluster_classifier,
     embedding_batch_sweep,
@@ -221,14 +221,9 @@ def run(args) -> dict:
 
 
 def contention_warnings(load: dict, threads: int) -> list[str]:
-    """Load beyond the harness's own: at the start (before it ran) the whole load average
-    is other work; afterwards the harness accounts for up to ``threads`` (at most the
-    cores). Other work above a quarter of the cores (at least 1) is flagged, whatever
-    their number, so a 16-core host with 4 busy cores of other jobs warns too."""
-    cores = usable_cores()
-    own, limit = min(threads, cores), max(1.0, 0.25 * cores)
-    busy = {k: v for k, v in load.items()
-            if v is not None and v - (0 if k == "start" else own) > limit}
+    """One warning where other work shared the processor (``machine.busy_loads``)."""
+    cores, own = usable_cores(), min(threads, usable_cores())
+    busy = busy_loads(load, threads)
     if not busy:
         return []
     return [f"the machine was busy ({', '.join(f'{k} {v:.1f}' for k, v in busy.items())} "

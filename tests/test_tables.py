@@ -400,6 +400,38 @@ def test_reproduction_report_tables_the_runs_with_the_same_code(tmp_path):
     assert "**ClusTR+Free (M=8)**" in text  # its every-attack table
 
 
+def test_report_trains_the_free_row_on_one_mth_of_the_images(tmp_path):
+    """ClusTR+Free replays each batch M times, so by default it trains on 1/M of the others'
+    training images (rounded up, counted in the image folder); ``all`` gives it theirs."""
+    from benchmarks import reproduce
+
+    data = tmp_path / "data"
+    for c, n in (("a", 7), ("b", 6)):
+        (data / "cifar10-subset" / "train" / c).mkdir(parents=True)
+        for i in range(n):
+            (data / "cifar10-subset" / "train" / c / f"{i}.png").write_bytes(b"")
+
+    def free_argv(*flags):
+        args = reproduce.build_parser().parse_args(["--data", str(data), "--models", "free",
+                                                    "clustr", *flags])
+        steps = reproduce.plan(args, reproduce.budget_from(args), str(tmp_path / "work"))
+        by_model = {s.model: main_clustr.parse_args(s.argv[1:]) for s in steps}
+        return by_model["free"], by_model["clustr"]
+
+    free, clustr = free_argv("--minibatch-replays", "4")
+    assert (free.train_subset, clustr.train_subset) == (4, None)  # ceil(13 / 4)
+    assert free.minibatch_replays == 4 and free.epochs == clustr.epochs
+    free, clustr = free_argv("--train-subset", "10", "--minibatch-replays", "3")
+    assert (free.train_subset, clustr.train_subset) == (4, 10)
+    free, clustr = free_argv("--train-subset", "10", "--free-train-subset", "all")
+    assert free.train_subset == clustr.train_subset == 10
+    free, _ = free_argv("--free-train-subset", "5")
+    assert free.train_subset == 5
+    with pytest.raises(SystemExit) as exc:
+        free_argv("--free-train-subset", "0")
+    assert exc.value.code == 2
+
+
 def test_report_runs_the_models_in_the_order_given(tmp_path):
     from benchmarks import reproduce
 

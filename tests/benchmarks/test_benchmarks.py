@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from benchmarks import machine
 from benchmarks import run as bench
 from benchmarks.scaling import run_worker, worker_args
 
@@ -55,14 +56,25 @@ def test_harness_writes_every_ratio(tmp_path):
 
 
 def test_load_warning_counts_other_work_relative_to_the_cores(monkeypatch):
-    monkeypatch.setattr(bench, "usable_cores", lambda: 16)
+    def cores(n):
+        monkeypatch.setattr(machine, "usable_cores", lambda: n)
+        monkeypatch.setattr(bench, "usable_cores", lambda: n)
+
+    cores(16)
     # the harness's 16 threads plus 5 cores of other work: flagged; plus 1: not
     assert bench.contention_warnings({"start": 0.5, "after epochs": 21.0}, 16)
     assert not bench.contention_warnings({"start": 0.5, "after epochs": 17.0}, 16)
     assert bench.contention_warnings({"start": 5.0}, 16)  # busy before the harness began
-    monkeypatch.setattr(bench, "usable_cores", lambda: 2)
+    cores(2)
     assert bench.contention_warnings({"start": 8.0, "after PGD": 9.0}, 2)
     assert not bench.contention_warnings({"start": 0.2, "after PGD": 2.5}, 2)
+    # the reproduction report applies the same rule to its own calls' load
+    from benchmarks import reproduce
+
+    args = reproduce.build_parser().parse_args([])
+    assert reproduce._load_caveat(args, {"load": 1.0, "load_end": 2.1}) == ""
+    assert "other work" in reproduce._load_caveat(args, {"load": 2.5, "load_end": 2.1})
+    assert "other work" in reproduce._load_caveat(args, {"load": 0.3, "load_end": 5.0})
 
 
 def test_seed_command_measured_whole_on_tiny_sizes():
