@@ -551,9 +551,12 @@ def _free_cost(args, b: Budget) -> str:
     if free == b.train_subset:
         return (", on the same images as the others, so its epoch makes M times the steps of "
                 "a ClusTR epoch (`--free-train-subset all`).")
+    others = training_images(args, b)
+    batch = 12 * 20  # m clusters x d examples, main_clustr.py's defaults
     return (f", on {free} class-balanced training images (`--train-subset {free}`, 1/M of "
-            f"the others' {training_images(args, b)}), so its M replays make about the "
-            "optimiser steps of one ClusTR epoch and cost about as much: free adversarial "
+            f"the others' {others}), so that its {free // batch} batches x M replays make "
+            f"{free // batch * b.minibatch_replays} optimiser steps per epoch against "
+            f"ClusTR's {others // batch}, at about the same cost: free adversarial "
             "training keeps the cost of plain training by dividing its passes over the data "
             "by M. `--free-train-subset all` trains it on the others' images, at M times the "
             "cost.")
