@@ -20,7 +20,6 @@ Everything else is copied by name, with a shape check per tensor. Nothing is dow
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import importlib.metadata
 import importlib.resources
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 from base.errors import UsageError, exit_status
-from base.io import save_atomic
+from base.io import file_sha256, save_atomic
 from models.checkpoint import load_weights
 from models.resnet import CIFAR_MEAN, CIFAR_STD, ResNet18
 
@@ -80,14 +79,6 @@ def convert(source: Path) -> dict:
     return fold_input_normalization(state)
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def run(out: Path, force: bool) -> None:
     if out.is_dir():
         raise UsageError(f"--out {out} is a directory: give the path of the file to write")
@@ -101,7 +92,7 @@ def run(out: Path, force: bool) -> None:
     print(f"wrote {out}")
     print(f"  source  {PACKAGE} {version}: {'/'.join(SOURCE)} (CIFAR-10 ResNet18, inputs in "
           f"[0, 1]), CIFAR mean/std folded into conv1 and bn1")
-    print(f"  sha256  {sha256(out)}")
+    print(f"  sha256  {file_sha256(out)}")
 
 
 def main(argv=None) -> int:

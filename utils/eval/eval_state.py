@@ -24,7 +24,7 @@ import os
 import torch
 
 from base.errors import UsageError
-from base.io import load_checkpoint, save_atomic
+from base.io import file_sha256, load_checkpoint, save_atomic
 from utils.outputs import files
 
 log = logging.getLogger("clustr")
@@ -35,14 +35,6 @@ FORMAT = "clustr-eval-resume-1"
 EVAL_ARGS = ("dataset", "test_subset", "seed", "iterations", "restarts", "test_batch", "L",
              "not_normalize", "strong", "autoattack", "autoattack_eps", "strong_subset",
              "save_adv")
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tensor_sha256(*tensors: torch.Tensor) -> str:
