@@ -41,11 +41,12 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 import torch
 
+from base.cli import pos_int
 from base.errors import UsageError
 from base.io import load_checkpoint, write_text_atomic
 from benchmarks.machine import busy_loads, usable_cores
 from models.checkpoint import extract_state_dict
-from utils import tables
+from utils import tables, train_setting
 from utils.outputs.results import read_csv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,13 +158,9 @@ def _images_or_all(text: str) -> int | str:
     if text == "all":
         return text
     try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of images or 'all', "
-                                         f"got {text!r}")
-    return n
+        return pos_int(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (a number of images, or 'all')") from None
 
 
 def budget_from(args) -> Budget:
@@ -171,7 +168,7 @@ def budget_from(args) -> Budget:
     given = {name: getattr(args, name) for name in
              ("epochs", "train_subset", "test_images", "iterations", "restarts",
               "consistency_lambda", "minibatch_replays", "free_train_subset")
-             if getattr(args, name, None) is not None}
+             if getattr(args, name) is not None}
     if args.autoattack_eps is not None:
         given["autoattack_eps"] = tuple(args.autoattack_eps)
     return Budget(**{**base.__dict__, **given})
@@ -192,8 +189,10 @@ def training_images(args, b: Budget) -> int:
         return b.train_subset
     if args.dataset in TRAIN_IMAGES:
         return TRAIN_IMAGES[args.dataset]
+    from torchvision.datasets import ImageFolder  # lists the files the loader reads
+
     root = os.path.join(args.data_root or os.path.join(args.data, "cifar10-subset"), "train")
-    return sum(len(files) for _, _, files in os.walk(root))
+    return len(ImageFolder(root).samples)
 
 
 def free_images(args, b: Budget) -> int | None:
@@ -552,7 +551,8 @@ def _free_cost(args, b: Budget) -> str:
         return (", on the same images as the others, so its epoch makes M times the steps of "
                 "a ClusTR epoch (`--free-train-subset all`).")
     others = training_images(args, b)
-    batch = 12 * 20  # m clusters x d examples, main_clustr.py's defaults
+    cli = train_setting.build_parser()
+    batch = cli.get_default("m") * cli.get_default("d")  # main_clustr.py's Magnet batch
     return (f", on {free} class-balanced training images (`--train-subset {free}`, 1/M of "
             f"the others' {others}), so that its {free // batch} batches x M replays make "
             f"{free // batch * b.minibatch_replays} optimiser steps per epoch against "
