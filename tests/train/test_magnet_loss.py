@@ -70,3 +70,46 @@ def test_full_set_loss_matches_loop():
                   if classes[c] != labels[n])
         want = max(0.0, -math.log(num / (den + EPS) + EPS))
         assert abs(got[n].item() - want) < 1e-9
+
+
+# -- the batch form as it was before it stopped waiting for the device ----------------------
+def scatter_add_magnet(emb, clusters, cluster_classes, alpha):
+    """The earlier formulation (scatter-adds, the own distance scattered into the matrix, eps
+    added with logaddexp): the reference the current one must equal up to float rounding."""
+    total = len(cluster_classes)
+    counts = emb.new_zeros(total).index_add_(0, clusters, emb.new_ones(len(emb)))
+    means = emb.new_zeros(total, emb.shape[1]).index_add_(0, clusters, emb)
+    means = means / counts.clamp_min(1.0)[:, None]
+    sq = (emb.pow(2).sum(1, keepdim=True) - 2.0 * emb @ means.t()
+          + means.pow(2).sum(1)).clamp_min(0.0)
+    own_dist = (emb - means[clusters]).pow(2).sum(1)
+    var = own_dist.sum() / (len(emb) - 1)
+    sq = sq.scatter(1, clusters[:, None], own_dist[:, None])
+    other = (counts > 0)[None, :] & (cluster_classes[None, :]
+                                     != cluster_classes[clusters][:, None])
+    log_s = -sq / (2.0 * var)
+    log_num = log_s.gather(1, clusters[:, None]).squeeze(1) - alpha
+    log_den = torch.logaddexp(
+        torch.logsumexp(log_s.masked_fill(~other, torch.finfo(log_s.dtype).min), 1),
+        log_s.new_tensor(math.log(EPS)))
+    return torch.relu(-torch.log((log_num - log_den).exp() + EPS)), var
+
+
+def test_batch_form_equals_the_scatter_add_formulation_with_its_gradient():
+    """Seed-shaped batches (12 clusters x 20, 512-d, 20 clusters of 10 classes), uneven
+    cluster sizes, and embeddings so spread that every ratio underflows: same losses, sigma^2
+    and gradients in float32 up to rounding."""
+    gen = torch.Generator().manual_seed(3)
+    classes = torch.arange(10).repeat_interleave(2)
+    for scale, sizes in ((1.0, [20] * 12), (3.0, [2, 5, 20, 7] * 3), (1e3, [20] * 12)):
+        picked = torch.randperm(20, generator=gen)[:12]
+        ids = picked.repeat_interleave(torch.tensor(sizes))
+        emb = torch.randn(len(ids), 512, generator=gen) * scale + ids[:, None] * 0.05
+        got_emb, ref_emb = emb.clone().requires_grad_(True), emb.clone().requires_grad_(True)
+        got, got_var = magnet_loss(got_emb, ids, classes, 12.5)
+        ref, ref_var = scatter_add_magnet(ref_emb, ids, classes, 12.5)
+        (got.mean() + got_var).backward()
+        (ref.mean() + ref_var).backward()
+        torch.testing.assert_close(got_var, ref_var, rtol=1e-5, atol=0)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_emb.grad, ref_emb.grad, rtol=1e-4, atol=1e-7)

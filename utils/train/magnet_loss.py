@@ -8,32 +8,34 @@ For an example n with own cluster o(n), cluster variance sigma^2 and margin alph
 
 Both forms compute the ratio in log space, so it neither overflows nor turns into 0/0 when
 every distance is large; the value equals the formula above (eps = 1e-8 as the original).
+
+On a GPU a training step is a few milliseconds and the loss's kernels are small, so the batch
+form waits for nothing: no host-to-device copy (a constant made on the host would make the
+host wait for the forward pass), no data-dependent shape, and one matrix product where
+scatter-adds would need atomics.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 from models.cluster_head import squared_distances
 
 EPS = 1e-8
+LOG_EPS = math.log(EPS)
 
 
-def magnet_from_distances(sq_dist: torch.Tensor, own: torch.Tensor, other_class: torch.Tensor,
-                          variance: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Per-example loss (N,) from squared distances (N, M) to M cluster means.
-
-    ``own`` (N,) indexes each example's own cluster, ``other_class`` (N, M) marks the clusters
-    of other classes (the denominator), ``variance`` is a scalar or one value per cluster (M,).
-    """
-    log_s = -sq_dist / (2.0 * variance)  # (N, M)
-    log_num = log_s.gather(1, own[:, None]).squeeze(1) - alpha
-    neg_inf = torch.finfo(log_s.dtype).min
-    log_den = torch.logaddexp(torch.logsumexp(log_s.masked_fill(~other_class, neg_inf), 1),
-                              log_s.new_tensor(math.log(EPS)))
-    ratio = (log_num - log_den).exp()
-    return torch.relu(-torch.log(ratio + EPS))
+def magnet_from_scores(log_s: torch.Tensor, log_num: torch.Tensor,
+                       blocked: torch.Tensor) -> torch.Tensor:
+    """Per-example loss (N,) from the log scores -d^2/2sigma^2 (N, M) of M cluster means,
+    the log numerator (N,) (alpha subtracted) and ``blocked`` (N, M), the clusters left out
+    of the denominator (the example's own class, clusters absent from the batch)."""
+    # log(sum_c exp(log_s) + eps) as one logsumexp: eps is one more column, exp(LOG_EPS)
+    log_den = torch.logsumexp(F.pad(log_s.masked_fill(blocked, -math.inf), (0, 1),
+                                    value=LOG_EPS), 1)
+    return torch.relu(-torch.log((log_num - log_den).exp() + EPS))
 
 
 def magnet_loss(emb: torch.Tensor, clusters: torch.Tensor, cluster_classes: torch.Tensor,
@@ -44,20 +46,21 @@ def magnet_loss(emb: torch.Tensor, clusters: torch.Tensor, cluster_classes: torc
     cluster. Returns the per-example losses (N,) and the batch variance sigma^2 (not detached:
     the original back-propagates through it).
     """
-    # Every cluster gets a column and the clusters absent from the batch are masked out of
-    # the denominator: the same loss as over the batch's M clusters alone, with no data-
-    # dependent shapes (torch.unique would wait for the GPU at every step).
+    # Every cluster gets a column and the clusters absent from the batch are left out of the
+    # denominator: the same loss as over the batch's M clusters alone, with no data-dependent
+    # shapes (torch.unique would wait for the GPU at every step).
     cluster_classes = cluster_classes.to(emb.device)
-    total = len(cluster_classes)
-    counts = emb.new_zeros(total).index_add_(0, clusters, emb.new_ones(len(emb)))  # (C*K,)
-    sums = emb.new_zeros(total, emb.shape[1]).index_add_(0, clusters, emb)
-    means = sums / counts.clamp_min(1.0)[:, None]  # (C*K, D); 0 for an absent cluster
-    sq_dist = squared_distances(emb, means)  # (N, C*K)
-    own_dist = (emb - means[clusters]).pow(2).sum(1)
+    members = (clusters[:, None] == torch.arange(len(cluster_classes), device=emb.device)
+               ).to(emb.dtype)  # (N, C*K) one-hot
+    counts = members.sum(0)  # (C*K,)
+    means = (members.t() @ emb) / counts.clamp_min(1.0)[:, None]  # (C*K, D); 0 if absent
+    own_dist = (emb - means[clusters]).pow(2).sum(1)  # (N,) exact, not the expanded form
     variance = own_dist.sum() / (len(emb) - 1)
-    sq_dist = sq_dist.scatter(1, clusters[:, None], own_dist[:, None])  # exact own distance
-    other = (counts > 0)[None, :] & (cluster_classes[None, :] != cluster_classes[clusters][:, None])
-    return magnet_from_distances(sq_dist, clusters, other, variance, alpha), variance
+    scale = -2.0 * variance
+    blocked = (counts == 0)[None, :] | (cluster_classes[None, :]
+                                        == cluster_classes[clusters][:, None])
+    log_s = squared_distances(emb, means) / scale  # (N, C*K); the own column is blocked
+    return magnet_from_scores(log_s, own_dist / scale - alpha, blocked), variance
 
 
 def magnet_loss_full(emb: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
@@ -67,8 +70,10 @@ def magnet_loss_full(emb: torch.Tensor, labels: torch.Tensor, centers: torch.Ten
 
     The own cluster is the nearest centroid of the example's class; only other-class clusters
     enter the denominator (the original also counted same-class clusters, as exp(0) = 1).
+    ``variance`` is a scalar or one value per cluster (C*K,).
     """
     sq_dist = squared_distances(emb, centers)  # (N, C*K)
     same = cluster_classes[None, :] == labels[:, None]
     own = sq_dist.masked_fill(~same, float("inf")).argmin(1)
-    return magnet_from_distances(sq_dist, own, ~same, variance, alpha)
+    log_s = sq_dist / (-2.0 * variance)
+    return magnet_from_scores(log_s, log_s.gather(1, own[:, None]).squeeze(1) - alpha, same)
