@@ -191,7 +191,10 @@ def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: to
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))  # (N, C, H+2p, W+2p)
     width = w + 2 * pad
     grid = torch.arange(h, device=dev)[:, None] * width + torch.arange(w, device=dev)  # (H, W)
-    grid = torch.where(flip.to(dev)[:, None, None], grid.flip(1), grid)  # (N, H, W)
-    flat = grid + (dy.to(dev) * width + dx.to(dev))[:, None, None]  # (N, H, W) into a plane
+    # the CPU draws go to the device without waiting for it (a blocking copy would wait for
+    # every kernel queued before, e.g. the previous training step's update)
+    dy, dx, flip = (t.to(dev, non_blocking=True) for t in (dy, dx, flip))
+    grid = torch.where(flip[:, None, None], grid.flip(1), grid)  # (N, H, W)
+    flat = grid + (dy * width + dx)[:, None, None]  # (N, H, W) into a plane
     index = flat.flatten(1)[:, None, :].expand(n, c, h * w)  # (N, C, H*W)
     return padded.flatten(2).gather(2, index).view(n, c, h, w)

@@ -54,7 +54,9 @@ def magnet_loss(emb: torch.Tensor, clusters: torch.Tensor, cluster_classes: torc
                ).to(emb.dtype)  # (N, C*K) one-hot
     counts = members.sum(0)  # (C*K,)
     means = (members.t() @ emb) / counts.clamp_min(1.0)[:, None]  # (C*K, D); 0 if absent
-    own_dist = (emb - means[clusters]).pow(2).sum(1)  # (N,) exact, not the expanded form
+    # each example's own mean by the one-hot product (exact, and its backward is a product
+    # too, where indexing's would sort the indices)
+    own_dist = (emb - members @ means).pow(2).sum(1)  # (N,) exact, not the expanded form
     variance = own_dist.sum() / (len(emb) - 1)
     scale = -2.0 * variance
     blocked = (counts == 0)[None, :] | (cluster_classes[None, :]

@@ -217,12 +217,13 @@ class ClusTRTrainer:
                 # the step's one wait for the device: after the backward is queued, before
                 # the update, so a non-finite loss never reaches the weights
                 # every process agrees: a non-finite loss on one ends all of them at once
-                value = loss.item()
+                # (one copy back: the loss, then the per-example losses the sampler needs)
+                host = torch.cat([loss.detach().float()[None], per_example.detach().float()]).cpu()
+                value, losses = float(host[0]), host[1:]
                 finite = math.isfinite(value)
                 if not self.dist.all_agree(finite):
                     raise FloatingPointError(f"non-finite loss at step {step + 1}" +
                                              ("" if not finite else " on another process"))
-                losses = per_example.detach().float().cpu()  # ready: no further wait
                 self.optimizer.step()
                 if self.free:
                     self.free.step(x)
