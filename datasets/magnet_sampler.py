@@ -49,7 +49,10 @@ class MagnetSampler:
         # nearest other-class centroids of every cluster, computed once per refresh
         dist = torch.cdist(self.centers, self.centers)
         same = self.cluster_classes[:, None] == self.cluster_classes[None, :]
-        self._impostors = dist.masked_fill(same, float("inf")).argsort(1)[:, : self.m - 1]
+        impostors = dist.masked_fill(same, float("inf")).argsort(1)[:, : self.m - 1]
+        # the same as Python lists, read at every step without a tensor operation
+        self._impostors, self._count_list = impostors.tolist(), counts.tolist()
+        self._start_list = self._start.tolist()
         self._recount_losses()
 
     def _recount_losses(self) -> None:
@@ -101,15 +104,15 @@ class MagnetSampler:
 
     def sample(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch: example indices (<= m*d,) and their global cluster ids."""
-        seed = torch.multinomial(self.cluster_weights(), 1, generator=generator)
-        clusters = torch.cat([seed, self._impostors[seed.item()]])  # (m,)
-        picked, ids = [], []
-        for c in clusters.tolist():  # m clusters, never the data set
-            n = int(self._counts[c])
-            take = torch.randperm(n, generator=generator)[: self.d]
-            picked.append(self._order[self._start[c] + take])
-            ids.append(torch.full((len(take),), c, dtype=torch.long))
-        return torch.cat(picked), torch.cat(ids)
+        seed = int(torch.multinomial(self.cluster_weights(), 1, generator=generator))
+        clusters = [seed, *self._impostors[seed]]  # m clusters, never the data set
+        picked, sizes = [], []
+        for c in clusters:  # the generator draws what it always drew, in the same order
+            take = torch.randperm(self._count_list[c], generator=generator)[: self.d]
+            picked.append(take + self._start_list[c])
+            sizes.append(len(take))
+        ids = torch.tensor(clusters).repeat_interleave(torch.tensor(sizes))
+        return self._order[torch.cat(picked)], ids
 
     def state_dict(self) -> dict:
         return {"losses": self.losses.clone()}

@@ -78,3 +78,42 @@ def test_steps_per_epoch():
     assert s.steps_per_epoch() == 4
     tiny = MagnetSampler(torch.zeros(5, dtype=torch.long), 1, 1, 12, 20)
     assert tiny.steps_per_epoch() == 1
+
+
+def tensor_sample(s: MagnetSampler, generator: torch.Generator):
+    """The batch drawn with tensor bookkeeping at every step, as the sampler did before it
+    kept Python lists per refresh: the reference for the stream of batches."""
+    order = s.assignments.argsort(stable=True)
+    counts = torch.bincount(s.assignments, minlength=s.num_clusters)
+    start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    dist = torch.cdist(s.centers, s.centers)
+    same = s.cluster_classes[:, None] == s.cluster_classes[None, :]
+    impostors = dist.masked_fill(same, float("inf")).argsort(1)[:, : s.m - 1]
+    seed = torch.multinomial(s.cluster_weights(), 1, generator=generator)
+    picked, ids = [], []
+    for c in torch.cat([seed, impostors[seed.item()]]).tolist():
+        take = torch.randperm(int(counts[c]), generator=generator)[: s.d]
+        picked.append(order[start[c] + take])
+        ids.append(torch.full((len(take),), c, dtype=torch.long))
+    return torch.cat(picked), torch.cat(ids)
+
+
+def test_batches_and_generator_stream_equal_the_tensor_bookkeeping():
+    """Uneven clusters (one smaller than d), losses recorded between draws, a refresh with
+    new assignments: the same batches, ids and generator state after every draw."""
+    gen = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, 4, (200,), generator=gen)
+    assignments = labels * 3 + torch.randint(0, 3, (200,), generator=gen)
+    assignments[(assignments == 5).nonzero().flatten()[3:]] = 4  # cluster 5 keeps 3 (< d)
+    s = MagnetSampler(labels, 4, 3, m=5, d=6)
+    s.update_clusters(assignments, torch.randn(12, 8, generator=gen))
+    ours, ref = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    for step in range(40):
+        if step == 20:
+            s.update_clusters(labels * 3 + torch.randint(0, 3, (200,), generator=gen),
+                              torch.randn(12, 8, generator=gen))
+        want_idx, want_ids = tensor_sample(s, ref)
+        idx, ids = s.sample(ours)
+        assert torch.equal(idx, want_idx) and torch.equal(ids, want_ids)
+        assert torch.equal(ours.get_state(), ref.get_state())
+        s.record_losses(idx, torch.rand(len(idx), generator=gen) * 5)
