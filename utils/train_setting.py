@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "power of two that fits the free memory, estimated then probed)")
     n.add_argument("--kmeans-seed", type=seed_int, default=1,
                    help="random_state of every per-class k-means fit (the original fixes 1)")
+    n.add_argument("--kmeans-device", action="store_true",
+                   help="fit the per-class k-means on the training device instead of with "
+                        "scikit-learn on the host (k-means++ and Lloyd, same n_init and "
+                        "max_iter, other random starts: docs/usage.md)")
     n.add_argument("--baseline-input", choices=("normalized", "raw"), default=None,
                    help="--evaluate-ckpt of a file without cluster keys: feed its network "
                         "inputs normalised with the data set's mean and std (default, as "

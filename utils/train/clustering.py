@@ -30,6 +30,7 @@ from base.errors import UsageError
 from models.classifier import ClusterClassifier
 from models.cluster_head import ClusterHead, squared_distances
 from utils.train.embeddings import compute_embeddings
+from utils.train.kmeans_device import kmeans_on
 
 KMEANS_THREADS: int | None = 1  # threads of each per-class fit (None: scikit-learn's own)
 log = logging.getLogger("clustr")
@@ -64,8 +65,10 @@ def check_class_sizes(labels: torch.Tensor, class_names: list[str], K: int) -> N
 
 
 def fit_clusters(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, K: int,
-                 n_init: int, max_iter: int, seed: int) -> Clusters:
-    """k-means (k-means++ init, fixed random state) on each class's embeddings separately."""
+                 n_init: int, max_iter: int, seed: int,
+                 kmeans_device: torch.device | None = None) -> Clusters:
+    """k-means (k-means++ init, fixed random state) on each class's embeddings separately:
+    scikit-learn's, or ``utils.train.kmeans_device``'s on ``kmeans_device`` when given."""
     from sklearn.cluster import KMeans
 
     emb = emb.detach().float().cpu()
@@ -80,6 +83,10 @@ def fit_clusters(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, K: i
         if len(members) < K:
             raise UsageError(f"class {c} has {len(members)} training examples, fewer than "
                              f"--k {K}: lower --k or use more data")
+        if kmeans_device is not None:
+            centers[c * K:(c + 1) * K] = kmeans_on(kmeans_device, emb[members], K, n_init,
+                                                   max_iter, seed)
+            continue
         with threadpool_limits(limits=KMEANS_THREADS):  # no oversubscription (see the module's doc)
             km = KMeans(n_clusters=K, init="k-means++", n_init=n_init, max_iter=max_iter,
                         random_state=seed).fit(x[members])

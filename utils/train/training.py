@@ -51,6 +51,7 @@ class TrainConfig:
     actual_trades: bool = False
     minibatch_replays: int = 0  # free adversarial training (0 = off)
     kmeans_seed: int = 1  # random_state of every k-means fit, as the original
+    kmeans_device: bool = False  # k-means on the training device (utils/train/kmeans_device.py)
 
 
 @dataclass
@@ -160,7 +161,8 @@ class ClusTRTrainer:
         if self.dist.is_main:
             try:
                 fit = fit_clusters(emb, self.train.labels, self.num_classes, self.cfg.K,
-                                   n_init, max_iter, self.cfg.kmeans_seed)
+                                   n_init, max_iter, self.cfg.kmeans_seed,
+                                   self.device if self.cfg.kmeans_device else None)
             except (UsageError, FloatingPointError) as exc:
                 error = exc
         if not self.dist.all_agree(error is None):
