@@ -74,7 +74,8 @@ def epoch_phases(w: Workload) -> dict:
     emb, phases["refresh: embedding pass + k-means"] = timed(t.refresh_clusters, dev)
     n_init, max_iter = kmeans_settings(cfg.dataset)
     _, kmeans = timed(lambda: fit_clusters(emb, w.train.labels, w.train.num_classes, cfg.K,
-                                           n_init, max_iter, cfg.kmeans_seed), dev)
+                                           n_init, max_iter, cfg.kmeans_seed,
+                                           dev if cfg.kmeans_device else None), dev)
     _, phases["train metrics (loss, accuracy)"] = timed(
         lambda: t.metrics(emb, w.train.labels), dev)
     test_emb, phases["test embedding pass"] = timed(

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the epochs and pgd sections on a CPU)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda[:N]")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
+    p.add_argument("--kmeans-device", action="store_true",
+                   help="the trainers' k-means on the device (as main_clustr.py's flag)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch's "
                    "default if not given)")
     p.add_argument("--data", choices=("auto", "synthetic", "real"), default="auto",
@@ -170,6 +172,7 @@ def run(args) -> dict:
         train, test, weights = training_data(args, kind)
         w = make_workload(train, test, weights, args.m, args.d, args.k, args.seed, device,
                           args.amp)
+        w.trainer.cfg.kmeans_device = args.kmeans_device
         res["epochs"] = measure_epochs(w, args.repeats)
         res["epochs"]["data"] = kind
         res["load"]["after epochs"] = load_average()
@@ -206,7 +209,8 @@ def run(args) -> dict:
         res["load"]["after scaling"] = load_average()
     if "seed" in args.only:
         if device.type == "cuda":
-            res["seed_command"] = seed_measure(device, args.amp, args.seed)
+            res["seed_command"] = seed_measure(device, args.amp, args.seed,
+                                                kmeans_device=args.kmeans_device)
             res["load"]["after the seed's command"] = load_average()
         elif "epochs" in res and "pgd" in res:
             res["seed_command"] = seed_estimate(res)

@@ -76,14 +76,16 @@ def estimate(res: dict, seed: SeedCommand = SEED) -> dict:
 
 
 def measure(device: torch.device, amp: bool, seed_value: int = 111,
-            seed: SeedCommand = SEED) -> dict:
+            seed: SeedCommand = SEED, kmeans_device: bool = False) -> dict:
     """The seed's command run whole on synthetic data of its size: seconds of the training
-    (including the initial cluster refresh) and of the sweep."""
+    (including the initial cluster refresh) and of the sweep. ``kmeans_device``: the
+    refreshes after the first fit k-means on the device (``--kmeans-device``)."""
     train = synthetic_data(seed.train_images, seed_value)
     test = synthetic_data(seed.test_images, seed_value + 1)
     sync(device)
     start = time.perf_counter()
     w = make_workload(train, test, None, seed.m, seed.d, seed.K, seed_value, device, amp)
+    w.trainer.cfg.kmeans_device = kmeans_device
     epochs = []
     for epoch in range(seed.epochs):
         begin = time.perf_counter()

@@ -170,3 +170,63 @@ def test_training_batches_built_on_the_gpu_are_the_cpu_ones():
         old = trainer.batch_images(indices)
         assert torch.equal(new.cpu(), old)
         assert torch.equal(gpu.generator.get_state(), trainer.generator.get_state())
+
+
+def test_a_batch_and_its_magnet_loss_never_wait_for_the_gpu():
+    """The step's one wait for the device is the copy of its losses back
+    (``ClusTRTrainer.train_epoch``): building the batch on the device and the Magnet loss
+    forward and backward only queue kernels (torch's sync debug mode raises on a
+    synchronising call)."""
+    from tests.train.test_variants import make_trainer
+    from utils.train.magnet_loss import magnet_loss
+
+    trainer = make_trainer()
+    trainer.device = GPU
+    trainer.device_images()
+    classes = trainer.head().classes.to(GPU)
+    indices, ids = trainer.sampler.sample(trainer.generator)
+    emb = torch.randn(len(indices), 16, device=GPU, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x = trainer.batch_images(indices)
+        per_example, variance = magnet_loss(emb + x.mean(), ids.to(GPU, non_blocking=True),
+                                            classes, 12.5)
+        (per_example.mean() + variance).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(emb.grad).all()
+
+
+def test_magnet_loss_on_the_gpu_equals_the_cpu():
+    from utils.train.magnet_loss import magnet_loss
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randperm(20, generator=gen)[:12].repeat_interleave(20)
+    classes = torch.arange(10).repeat_interleave(2)
+    emb = torch.randn(240, 512, generator=gen)
+    grads, losses = [], []
+    for device in (CPU, GPU):
+        e = emb.to(device).requires_grad_(True)
+        per_example, variance = magnet_loss(e, ids.to(device), classes.to(device), 12.5)
+        (per_example.mean() + variance).backward()
+        losses.append(per_example.detach().cpu())
+        grads.append(e.grad.cpu())
+    # TF32 matrix products on the GPU: a few parts in ten thousand
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(grads[1], grads[0], rtol=2e-2, atol=1e-5)
+
+
+def test_kmeans_on_the_gpu_matches_scikit_learns_inertia(real_subset, real_weights, images):
+    """``--kmeans-device`` on the GPU: per-class fits whose total inertia is within 1% of
+    scikit-learn's on the embeddings of 100 shared test images."""
+    from tests.train.test_kmeans_device import inertia
+    from utils.train.clustering import fit_clusters
+
+    emb = compute_embeddings(real_backbone(str(real_weights)), images.images, 50, CPU)
+    ours = fit_clusters(emb, images.labels, 10, 2, 1, 20, 1, GPU)
+    theirs = fit_clusters(emb, images.labels, 10, 2, 1, 20, 1)
+    totals = [sum(inertia(emb[images.labels == c], fit.centers[2 * c:2 * c + 2])
+                  for c in range(10)) for fit in (ours, theirs)]
+    assert ours.centers.device.type == "cpu"
+    assert abs(totals[0] - totals[1]) <= 0.01 * totals[1], totals
