@@ -61,3 +61,22 @@ def test_inertia_within_one_percent_on_the_shared_embeddings(real_subset, real_w
         totals = [sum(inertia(emb[data.labels == c], fit.centers[2 * c:2 * c + 2])
                       for c in range(10)) for fit in (ours, theirs)]
         assert abs(totals[0] - totals[1]) <= 0.01 * totals[1], (n_init, max_iter, totals)
+
+
+def test_the_trainer_fits_on_the_device_only_when_asked(monkeypatch):
+    import utils.train.clustering as clustering
+    from tests.train.test_variants import make_trainer
+
+    calls = []
+    real = clustering.kmeans_on
+
+    def counting(device, x, *args):
+        calls.append(device)
+        return real(device, x, *args)
+
+    monkeypatch.setattr(clustering, "kmeans_on", counting)
+    make_trainer()
+    assert calls == []
+    trainer = make_trainer(kmeans_device=True)
+    assert calls == [torch.device("cpu")] * trainer.num_classes
+    assert trainer.sampler.assignments is not None
