@@ -113,3 +113,15 @@ def test_batch_form_equals_the_scatter_add_formulation_with_its_gradient():
         torch.testing.assert_close(got_var, ref_var, rtol=1e-5, atol=0)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_emb.grad, ref_emb.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_written_out_gradient_passes_gradcheck():
+    """Finite differences in float64 for both outputs (losses and sigma^2), with a cluster
+    absent from the batch and clusters of unequal sizes."""
+    gen = torch.Generator().manual_seed(5)
+    classes = torch.arange(3).repeat_interleave(2)
+    ids = torch.tensor([0, 0, 0, 3, 3, 4, 4, 4])  # clusters 1, 2 and 5 absent
+    emb = torch.randn(8, 5, generator=gen, dtype=torch.double).requires_grad_(True)
+    losses, _ = magnet_loss(emb, ids, classes, 3.0)
+    assert (losses > 0.1).all()  # away from relu's kink, where differences are one-sided
+    assert torch.autograd.gradcheck(lambda e: magnet_loss(e, ids, classes, 3.0), (emb,))
