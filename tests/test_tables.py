@@ -439,3 +439,53 @@ def test_report_runs_the_models_in_the_order_given(tmp_path):
     steps = reproduce.plan(args, reproduce.budget_from(args), str(tmp_path / "work"))
     assert [s.model for s in steps] == ["free", "pretrained", "pretrained"]
     assert steps[1].argv[:2] == ["-m", "benchmarks.pretrained_clusters"]  # clusters first
+
+
+@pytest.mark.parametrize("case", ["over-checkpoint", "over-results", "over-own-file",
+                                  "plot-missing-folder", "plot-not-png", "same-file"])
+def test_outputs_are_checked_before_anything_is_written(written, tmp_path, capsys, case):
+    """--out and --plot never replace a file they were not asked to (a checkpoint, the
+    results, an earlier table), and a refused output leaves every other one unwritten."""
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    for name in ("checkpoint.pth", "params.txt", "attack_results_ext.csv"):
+        (exp / name).write_bytes(b"the experiment's " + name.encode())
+    (tmp_path / "old.md").write_text("an earlier table\n")
+    argv, pattern = {
+        "over-checkpoint": (["--plot", exp / "checkpoint.pth", "--overwrite"],
+                            r"result file name of the experiment folder"),
+        "over-results": (["--format", "csv", "--out", exp / "attack_results_ext.csv"],
+                         r"result file name of the experiment folder"),
+        "over-own-file": (["--out", tmp_path / "old.md"],
+                          r"old\.md already exists: choose another name, or pass --overwrite"),
+        "plot-missing-folder": (["--out", tmp_path / "t.md", "--plot",
+                                 tmp_path / "missing" / "p.png"], r"missing does not exist"),
+        "plot-not-png": (["--out", tmp_path / "t.md", "--plot", tmp_path / "x.txt"],
+                         r"--plot .*x\.txt: the plot is a PNG"),
+        "same-file": (["--out", tmp_path / "t.png", "--plot", tmp_path / "t.png"],
+                      r"name the same file"),
+    }[case]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert tables.main([str(written["free"]), *map(str, argv)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(pattern, err), err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_replaces_an_earlier_table(written, tmp_path):
+    (tmp_path / "t.md").write_text("an earlier table\n")
+    assert tables.main([str(written["free"]), "--out", str(tmp_path / "t.md"),
+                        "--overwrite"]) == 0
+    assert (tmp_path / "t.md").read_text().startswith("| experiment")
+
+
+def test_a_write_that_fails_is_one_line_naming_the_file(written, tmp_path, capsys,
+                                                        monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", disk_full)
+    assert tables.main([str(written["free"]), "--out", str(tmp_path / "t.md")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write " + str(tmp_path / "t.md") in err, err
+    assert list(tmp_path.iterdir()) == []

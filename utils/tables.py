@@ -2,15 +2,17 @@
 honest columns, as a pandas DataFrame or Markdown, LaTeX or CSV.
 
     python -m utils.tables expA expB "ClusTR+Free=expC" --format markdown [--out FILE]
-                                                          [--plot FILE]
+                                                          [--plot FILE.png] [--overwrite]
 
 In Python (a notebook): ``experiment_table(["expA", "expB"])`` returns the DataFrame, its
 notes in ``df.attrs["notes"]``.
 
 A folder is the ``--checkpoint`` directory of a ``main_clustr.py`` run. It is read, never
-written: ``params.txt`` (the row's label and protocol), ``attack_results_ext.csv`` (clean
-accuracy and the paper's PGD per eps), ``eval_summary.json`` (how many test images, the
-PGD iterations and restarts) and, after ``--strong``/``--autoattack``,
+written (``--out``/``--plot`` are checked before anything is written: an existing file is
+replaced only with ``--overwrite``, an experiment folder's result files never):
+``params.txt`` (the row's label and protocol), ``attack_results_ext.csv`` (clean accuracy
+and the paper's PGD per eps), ``eval_summary.json`` (how many test images, the PGD
+iterations and restarts) and, after ``--strong``/``--autoattack``,
 ``attack_results_strong.csv`` (every attack, the worst case, on the strong attacks'
 images). Columns: clean, the paper's PGD per eps, AutoAttack, the worst case over all
 attacks and the gap (paper PGD - worst case, both on the strong attacks' images) per eps.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import io
 import json
 import math
 import os
@@ -31,7 +34,9 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from base.errors import UsageError, exit_status
+from base.io import atomic_write
 from utils.outputs import files
+from utils.outputs.output_files import check_outputs
 
 # what main_clustr.py writes into the experiment folder (utils/evaluation.py,
 # utils/strong_evaluation.py); a file with other columns is of another format and refused
@@ -441,10 +446,10 @@ def to_text(df: pd.DataFrame, fmt: str, digits: int = 2) -> str:
     raise UsageError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
 
 
-def plot_experiments(exps: list[Experiment], path: str):
+def plot_experiments(exps: list[Experiment], path: str | None):
     """Accuracy against eps, one colour per experiment: the paper's PGD solid, the worst
     case over all attacks dashed (from its clean accuracy on the strong attacks' images).
-    Writes a PNG and returns the (closed) matplotlib figure, for inspection."""
+    Writes a PNG (unless ``path`` is None) and returns the (closed) matplotlib figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -471,26 +476,11 @@ def plot_experiments(exps: list[Experiment], path: str):
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")  # off the data
     fig.tight_layout()
     try:
-        _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+        if path is not None:
+            atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     finally:
         plt.close(fig)
     return fig
-
-
-def _write_atomic(path: str, write, binary: bool = False) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"{path}: the folder {folder} does not exist")
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb" if binary else "w") as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -507,8 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "set a row's label")
     p.add_argument("--format", choices=FORMATS, default="markdown", help="(markdown)")
     p.add_argument("--out", default=None, help="write the table here (default: stdout)")
-    p.add_argument("--plot", default=None, metavar="FILE",
+    p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="also draw accuracy against eps for all folders into this PNG")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out and --plot if they exist (never an experiment "
+                        "folder's result files)")
     p.add_argument("--eps", type=float, nargs="+", default=None, metavar="E",
                    help="only these eps columns, in units of 1/255 (default: all found)")
     p.add_argument("--every-attack", action="store_true",
@@ -520,18 +513,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    check_outputs({"--out": args.out, "--plot": args.plot}, "--overwrite", args.overwrite)
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise UsageError(f"--plot {args.plot}: the plot is a PNG; name it FILE.png")
     exps = load_experiments(args.folders)
     df = build_table(exps, args.eps, args.every_attack)
     text = to_text(df, args.format, args.digits)
+    png = io.BytesIO()  # drawn before anything is written: a failure leaves no file
+    if args.plot:
+        plot_experiments(exps, None).savefig(png, format="png", dpi=120)
     if args.out:
-        _write_atomic(args.out, lambda f: f.write(text))
+        atomic_write(args.out, lambda f: f.write(text.encode()))
     else:
         sys.stdout.write(text)
     if args.format == "csv":  # the notes never go into a CSV file
         for note in df.attrs["notes"]:
             print(f"note: {note}", file=sys.stderr)
     if args.plot:
-        plot_experiments(exps, args.plot)
+        atomic_write(args.plot, lambda f: f.write(png.getvalue()))
 
 
 def main(argv=None) -> int:
