@@ -200,8 +200,9 @@ def run(args) -> int:
     so a bad input fails every process alike); plain python is a world of one."""
     device = process_device(resolve_device(args.device))
     dist = init_distributed(device, args.dist_timeout)
-    try:
-        return run_process(args, device, dist)
+    try:  # one run at a time in the directory, from its check to the end
+        with ExperimentDir(args.checkpoint).locked(dist.is_main):
+            return run_process(args, device, dist)
     finally:
         close_distributed(dist)
 
