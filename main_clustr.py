@@ -28,7 +28,7 @@ from base.distributed import Dist, close_distributed, init_distributed, process_
 from base.errors import UsageError, one_line
 from base.io import save_atomic, write_text_atomic
 from base.progress import set_quiet
-from datasets.data import balanced_subset, load_dataset
+from datasets.data import balanced_subset, check_same_classes, load_dataset
 from models.checkpoint import build_checkpoint, load_weights
 from models.resnet import ResNet18, normalization_for
 from utils.attacks.batch_size import attack_batch
@@ -62,9 +62,8 @@ def seed_everything(seed: int) -> None:
 def load_data(args):
     train = load_dataset(args.dataset, args.data_root, "train", workers=args.workers)
     test = load_dataset(args.dataset, args.data_root, "test", workers=args.workers)
-    if list(train.classes) != list(test.classes):
-        raise UsageError(f"the training classes {train.classes[:5]} and test classes "
-                         f"{test.classes[:5]} differ: both splits need the same class folders")
+    check_same_classes(train.classes, test.classes, "the training classes {} and test "
+                       "classes {}", "both splits need the same class folders")
     train = balanced_subset(train, args.train_subset, args.seed, flag="--train-subset")
     test = balanced_subset(test, args.test_subset, args.seed, flag="--test-subset")
     return train, test

@@ -10,6 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
+from pathlib import Path
+
+import torch
 
 from tests.test_reliability import (  # noqa: F401 (fixtures)
     cli,
@@ -52,3 +56,39 @@ def test_refused_run_leaves_no_folder(noisy, tmp_path, capsys):
     code, err = cli(train_argv(noisy, exp) + ["--test-subset", "100"], capsys)
     assert code == 2 and "--test-subset 100" in err, err
     assert os.listdir(tmp_path) == []
+
+
+# -- data that does not match the checkpoint ---------------------------------------------------
+def renamed_copy(src: Path, dst: Path, old: str, new: str) -> Path:
+    shutil.copytree(src, dst)
+    for split in ("train", "test"):
+        (dst / split / old).rename(dst / split / new)
+    return dst
+
+
+def test_evaluation_refuses_test_classes_named_otherwise(reference, noisy, tmp_path, capsys):
+    """Same number of classes, one renamed: the labels would shift silently."""
+    data = renamed_copy(noisy, tmp_path / "data", "bee", "bumblebee")
+    argv = ["--checkpoint", tmp_path / "eval", "--evaluate-ckpt", reference / "checkpoint.pth",
+            "--dataset", "imagefolder", "--data-root", data, "--iterations", "1", "--restarts",
+            "1", "--quiet", "--workers", "0", "--device", "cpu"]
+    before = snapshot(tmp_path)
+    code, err = cli(argv, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "classes ['ant', 'bee', 'cat'] and the test set's ['ant', 'bumblebee', 'cat'] " \
+           "differ (from position 1)" in err, err
+    assert snapshot(tmp_path) == before
+
+
+def test_classes_differing_late_are_shown_where_they_differ(tmp_path, capsys):
+    from tests.test_reliability import save_png
+
+    for split, names in (("train", "abcdefgh"), ("test", "abcdefgz")):
+        for name in names:
+            for i in range(2):
+                save_png(tmp_path / "d" / split / name / f"{i}.png", torch.rand(3, 32, 32))
+    code, err = cli(["--checkpoint", tmp_path / "exp", "--dataset", "imagefolder",
+                     "--data-root", tmp_path / "d", "--quiet", "--workers", "0"], capsys)
+    assert code == 2, err
+    assert "[..., 'f', 'g', 'h'] and test classes [..., 'f', 'g', 'z'] differ (from " \
+           "position 7)" in err, err
