@@ -13,8 +13,10 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
+from base.io import load_checkpoint
 from tests.test_reliability import (  # noqa: F401 (fixtures)
     cli,
     no_sweep,
@@ -23,6 +25,7 @@ from tests.test_reliability import (  # noqa: F401 (fixtures)
     snapshot,
     train_argv,
 )
+from utils import inspect_ckpt
 from utils.outputs.experiment_dir import ExperimentDir
 
 
@@ -92,3 +95,23 @@ def test_classes_differing_late_are_shown_where_they_differ(tmp_path, capsys):
     assert code == 2, err
     assert "[..., 'f', 'g', 'h'] and test classes [..., 'f', 'g', 'z'] differ (from " \
            "position 7)" in err, err
+
+
+# -- values read from a checkpoint are checked like flags --------------------------------------
+@pytest.mark.parametrize("value", [0, -3, "eight", 1000, True, 2.5])
+def test_checkpoint_L_is_checked_like_the_flag(reference, noisy, tmp_path, capsys, value):
+    ckpt = load_checkpoint(str(reference / "checkpoint.pth"))
+    ckpt["L"] = value
+    path = tmp_path / "odd_L.pth"
+    torch.save(ckpt, path)
+    before = snapshot(tmp_path)
+    code, err = cli(["--checkpoint", tmp_path / "eval", "--evaluate-ckpt", path, "--dataset",
+                     "imagefolder", "--data-root", noisy, "--iterations", "1", "--restarts",
+                     "1", "--quiet", "--workers", "0", "--device", "cpu"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"the checkpoint's L {str(value)!r} is not a whole number from 1 to its 3 " \
+           f"clusters" in err, err
+    assert snapshot(tmp_path) == before
+    assert inspect_ckpt.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a whole number from 1" in err, err
