@@ -295,7 +295,9 @@ def how_to_continue(args, command: list[str], exc: BaseException) -> str:
     if not saved:
         return f"{what}: nothing was saved yet; run the command again"
     latest = max(saved, key=os.path.getmtime)  # the stage that was running
-    again = shlex.join([a for a in command if a != "--resume"] + ["--resume"])
+    # --overwrite would throw away what was saved (and the parser refuses it with --resume)
+    again = shlex.join([a for a in command if a not in ("--resume", "--overwrite")] +
+                       ["--resume"])
     return (f"{what}: state saved in {latest}; continue with the same command and --resume: "
             f"python main_clustr.py {again}")
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+import main_clustr
 from base.io import load_checkpoint
 from tests.test_reliability import (  # noqa: F401 (fixtures)
     cli,
@@ -27,6 +29,7 @@ from tests.test_reliability import (  # noqa: F401 (fixtures)
 )
 from utils import inspect_ckpt
 from utils.outputs.experiment_dir import ExperimentDir
+from utils.train_setting import parse_args
 
 
 # -- one run at a time per folder --------------------------------------------------------------
@@ -115,3 +118,13 @@ def test_checkpoint_L_is_checked_like_the_flag(reference, noisy, tmp_path, capsy
     assert inspect_ckpt.main([str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a whole number from 1" in err, err
+
+
+def test_continue_line_after_an_interrupted_overwrite_run_is_accepted(tmp_path):
+    (tmp_path / "resume.pth").write_bytes(b"state")
+    command = ["--checkpoint", str(tmp_path), "--epochs", "3", "--overwrite"]
+    args = parse_args(command)
+    line = main_clustr.how_to_continue(args, command, KeyboardInterrupt())
+    again = shlex.split(line.split("python main_clustr.py ", 1)[1])
+    assert again == ["--checkpoint", str(tmp_path), "--epochs", "3", "--resume"]
+    parse_args(again)  # the parser takes it
