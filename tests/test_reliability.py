@@ -379,7 +379,7 @@ BAD_INPUTS = [
     ("restarts-zero", lambda c: tiny_args(c) + ["--restarts", "0"],
      r"argument --restarts: must be"),
     ("epochs-not-a-number", lambda c: tiny_args(c) + ["--epochs", "ten"],
-     r"argument --epochs: 'ten' is not a int"),
+     r"argument --epochs: 'ten' is not an integer"),
     ("evaluate-missing", lambda c: evaluate(c, c.tmp / "nothing.pth"),
      r"nothing\.pth: no such file"),
     ("evaluate-directory", lambda c: evaluate(c, c.tmp), r"is a directory, not a checkpoint"),
