@@ -424,6 +424,9 @@ BAD_INPUTS = [
     ("alpha-nan", lambda c: tiny_args(c) + ["--alpha", "nan"], r"argument --alpha: must be"),
     ("lambda-inf", lambda c: tiny_args(c) + ["--consistency-lambda", "inf"],
      r"argument --consistency-lambda: must be"),
+    ("autoattack-eps-beyond-pixels", lambda c: tiny_args(c) + [
+        "--strong", "--autoattack-eps", "8", "300"],
+     r"--autoattack-eps 300: eps is in units of 1/255, so at most 255"),
     ("checkpoint-every-negative", lambda c: tiny_args(c) + ["--checkpoint-every=-1"],
      r"argument --checkpoint-every: must be"),
     ("test-subset-above-set", lambda c: tiny_args(c) + ["--test-subset", "100"],
