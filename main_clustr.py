@@ -66,7 +66,15 @@ def load_data(args):
                        "classes {}", "both splits need the same class folders")
     train = balanced_subset(train, args.train_subset, args.seed, flag="--train-subset")
     test = balanced_subset(test, args.test_subset, args.seed, flag="--test-subset")
+    check_strong_subset(args, test)
     return train, test
+
+
+def check_strong_subset(args, test) -> None:
+    """``--strong-subset`` against the evaluated test images, before any work: not after
+    the training and the paper's sweep have run."""
+    if args.strong_subset and (args.strong or args.autoattack):
+        balanced_subset(test, args.strong_subset, args.seed, flag="--strong-subset")
 
 
 def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist | None = None):
@@ -226,6 +234,7 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
         evaluate_checkpoint(eval_cfg, attack, ckpt_path, out.path, device, dist, args.resume)
         return 0
     model, test = load_eval_inputs(eval_cfg, args.evaluate_ckpt)
+    check_strong_subset(args, test)
     state = open_eval_state(eval_cfg, attack, args.evaluate_ckpt, test, out.path, device, dist,
                             args.resume)
     dist.barrier()  # every process checked its inputs before anything is written

@@ -154,7 +154,8 @@ def balanced_subset(data: ImageData, n: int | None, seed: int,
     if not n or n >= len(data):
         return data
     if n < data.num_classes:
-        raise UsageError(f"a subset of {n} cannot hold all {data.num_classes} classes: "
+        raise UsageError(f"{flag} {n}: a subset of {n} cannot hold all {data.num_classes} "
+                         f"classes: "
                          f"ask for at least {data.num_classes}")
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data), generator=gen)

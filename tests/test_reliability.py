@@ -427,6 +427,12 @@ BAD_INPUTS = [
     ("autoattack-eps-beyond-pixels", lambda c: tiny_args(c) + [
         "--strong", "--autoattack-eps", "8", "300"],
      r"--autoattack-eps 300: eps is in units of 1/255, so at most 255"),
+    ("strong-subset-above-test-subset", lambda c: tiny_args(c) + [
+        "--test-subset", "6", "--strong", "--strong-subset", "9"],
+     r"--strong-subset 9 is larger than the 6 examples available"),
+    ("strong-subset-below-classes", lambda c: evaluate(c, c.ref / "checkpoint.pth") + [
+        "--strong", "--strong-subset", "2", "--data-root", c.noisy],
+     r"--strong-subset 2: a subset of 2 cannot hold all 3 classes"),
     ("checkpoint-every-negative", lambda c: tiny_args(c) + ["--checkpoint-every=-1"],
      r"argument --checkpoint-every: must be"),
     ("test-subset-above-set", lambda c: tiny_args(c) + ["--test-subset", "100"],
