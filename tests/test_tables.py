@@ -285,6 +285,13 @@ def _foreign(root: Path, name: str, good: Path) -> Path:
         (folder / tables.STRONG_CSV).write_text("eps,attack,accuracy\n8,pgd-ce,10\n")
     elif name == "foreign_params":
         (folder / "params.txt").write_text("lr=0.1 epochs=3\n")
+    elif name == "truncated_paper_csv":  # cut after "2.0,8": 2/255 reads 8, the rest gone
+        text = (folder / "attack_results_ext.csv").read_text()
+        (folder / "attack_results_ext.csv").write_text(text[:text.index("2.0,") + 5])
+    elif name == "edited_paper_cell":  # 85 -> 58, still a percentage
+        text = (folder / "attack_results_ext.csv").read_text()
+        assert "\n2.0,85.0\n" in text
+        (folder / "attack_results_ext.csv").write_text(text.replace("\n2.0,85.0", "\n2.0,58.0"))
     elif name == "stale_summary":
         text = (folder / "eval_summary.json").read_text()
         (folder / "eval_summary.json").write_text(re.sub(r'"clean_acc": [0-9.]+',
@@ -294,7 +301,8 @@ def _foreign(root: Path, name: str, good: Path) -> Path:
 
 @pytest.mark.parametrize("case", ["missing", "empty_dir", "a_file", "foreign_paper_csv",
                                   "pixel_eps", "old_strong_csv", "foreign_params",
-                                  "stale_summary"])
+                                  "stale_summary", "truncated_paper_csv",
+                                  "edited_paper_cell"])
 def test_bad_folder_exits_2_with_one_line(written, tmp_path, capsys, case):
     if case == "missing":
         path = tmp_path / "nope"

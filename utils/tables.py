@@ -180,10 +180,26 @@ def _read_summary(path: str, paper: dict[float, float]) -> dict:
     if missing:
         raise UsageError(f"{path} has no {', '.join(missing)}: a file of another format or an "
                          f"older version")
-    if paper and abs(summary["clean_acc"] - paper[0.0]) > 1e-6:
-        raise UsageError(f"{path} (clean {summary['clean_acc']:.4g}%) and {PAPER_CSV} (clean "
-                         f"{paper[0.0]:.4g}%) are of different runs: evaluate the folder again")
+    if paper:
+        _cross_check(path, summary, paper)
     return summary
+
+
+def _cross_check(path: str, summary: dict, paper: dict[float, float]) -> None:
+    """Every cell of ``attack_results_ext.csv`` against ``eval_summary.json``, written by the
+    same evaluation: a truncated or edited file, or one of another run, is refused."""
+    try:
+        expected = {0.0: float(summary["clean_acc"])} | {
+            float(e): float(a) for e, a in dict(summary["robust_acc"]).items()}
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{path}: clean_acc or robust_acc is not numeric ({exc})") from None
+    for eps in sorted(set(expected) | set(paper)):
+        cells = [f"{d[eps]:.4g}%" if eps in d else "nothing" for d in (expected, paper)]
+        if cells[0] != cells[1] or abs(expected[eps] - paper[eps]) > 1e-6:
+            what = "clean" if eps == 0 else f"eps {eps:g}/255"
+            raise UsageError(f"{path} ({what}: {cells[0]}) and {PAPER_CSV} ({cells[1]}) "
+                             f"disagree: one is damaged or of another run; evaluate the "
+                             f"folder again")
 
 
 def _read_strong(path: str):
