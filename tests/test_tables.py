@@ -497,3 +497,22 @@ def test_a_write_that_fails_is_one_line_naming_the_file(written, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write " + str(tmp_path / "t.md") in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["markdown", "latex"])
+def test_labels_with_table_syntax_stay_in_their_cell(written, tmp_path, fmt):
+    """A '|' in a label, or a newline, neither adds a column nor a row nor ends a comment."""
+    folders = [f"a|b={written['qtrades']}", f"two\nlines={written['free']}"]
+    out = tmp_path / f"t.{fmt}"
+    assert tables.main([*folders, "--format", fmt, "--out", str(out)]) == 0
+    text = out.read_text()
+    if fmt == "markdown":
+        table = [ln for ln in text.splitlines() if ln.startswith("|")]
+        assert len(table) == 4  # header, rule, two rows
+        assert len({ln.replace(r"\|", "").count("|") for ln in table}) == 1
+        assert table[2].startswith(r"| a\|b ") and table[3].startswith("| two lines ")
+    else:
+        body = text.split("\\midrule")[1].split("\\bottomrule")[0].strip().splitlines()
+        assert len(body) == 2 and body[1].startswith("two lines &")
+        after = text.split("\\end{tabular}")[1]
+        assert all(ln.startswith("%") for ln in after.splitlines() if ln.strip())

@@ -111,7 +111,7 @@ def load_experiment(path: str, label: str | None = None) -> Experiment:
     if os.path.isfile(os.path.join(path, STRONG_CSV)):
         exp.strong, exp.strong_images, exp.strong_seconds = _read_strong(
             os.path.join(path, STRONG_CSV))
-    exp.label = label or default_label(exp)
+    exp.label = one_line_text(label or default_label(exp))
     return exp
 
 
@@ -269,6 +269,12 @@ def _training_params(exp: Experiment) -> dict | None:
             if params.get("evaluate_ckpt") is None:
                 return params
     return None
+
+
+def one_line_text(text: str) -> str:
+    """Labels and notes on one line: a newline or other control character in a label would
+    add a row to a table or end a LaTeX comment."""
+    return " ".join("".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in text).split())
 
 
 def _unique_labels(exps: list[Experiment]) -> None:
@@ -448,10 +454,14 @@ def to_text(df: pd.DataFrame, fmt: str, digits: int = 2) -> str:
     as ``%`` comments under a LaTeX one; CSV holds the table alone, full precision."""
     if fmt == "csv":
         return df.to_csv()
-    notes = df.attrs.get("notes", [])
+    notes = [one_line_text(n) for n in df.attrs.get("notes", [])]  # a newline ends a comment
     if fmt == "markdown":
         cells = df.astype(object).where(df.notna(), None)  # empty, not "nan"
-        table = cells.to_markdown(floatfmt=f".{digits}f", missingval="")
+        cells.index = [str(i).replace("|", r"\|") for i in cells.index]  # "|" ends a cell
+        if "protocol" in cells:
+            cells["protocol"] = [str(v).replace("|", r"\|") for v in cells["protocol"]]
+        table = cells.rename_axis(df.index.name).to_markdown(floatfmt=f".{digits}f",
+                                                             missingval="")
         return table + "\n" + "".join(f"\n* {n}" for n in notes) + ("\n" if notes else "")
     if fmt == "latex":
         table = df.reset_index().to_latex(index=False, escape=True, na_rep="",
