@@ -8,6 +8,7 @@ cell of the table has a different value and a misplaced cell cannot pass.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -516,3 +517,46 @@ def test_labels_with_table_syntax_stay_in_their_cell(written, tmp_path, fmt):
         assert len(body) == 2 and body[1].startswith("two lines &")
         after = text.split("\\end{tabular}")[1]
         assert all(ln.startswith("%") for ln in after.splitlines() if ln.strip())
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_rows_on_other_test_images_are_flagged(runs):
+    """Same count, same subset seed, other images: only the recorded fingerprint tells."""
+    summary = json.loads((runs["pgd2"] / "eval_summary.json").read_text())
+    assert summary["test_sha256"] == json.loads(
+        (runs["clustr"] / "eval_summary.json").read_text())["test_sha256"]
+    other = _copy(runs["pgd2"], runs["root"] / "other_images")
+    (other / "eval_summary.json").write_text(json.dumps(summary | {"test_sha256": "0" * 64}))
+    same = tables.experiment_table([runs["clustr"], runs["pgd2"]])
+    assert not any("SHA-256" in n for n in same.attrs["notes"])
+    df = tables.experiment_table([runs["clustr"], other])
+    (note,) = [n for n in df.attrs["notes"] if "MIXED PROTOCOLS" in n]
+    assert "test images' SHA-256: " in note and "000000000000" in note
+    assert df["protocol"].iloc[1].endswith(", images 000000000000")
+
+
+def test_label_comes_from_the_checkpoint_that_was_evaluated(runs, tmp_path):
+    """The training folder of an evaluated checkpoint retrained since (other arguments, other
+    weights): its params.txt no longer describes what was evaluated."""
+    train = _copy(runs["clustr"], tmp_path / "train")
+    evaluation = _copy(runs["pgd2"], tmp_path / "eval")
+    summary = json.loads((evaluation / "eval_summary.json").read_text())
+    summary["checkpoint"] = str(train / "checkpoint.pth")
+    (evaluation / "eval_summary.json").write_text(json.dumps(summary))
+    (evaluation / "params.txt").write_text((evaluation / "params.txt").read_text().replace(
+        str(runs["clustr"] / "checkpoint.pth"), str(train / "checkpoint.pth")))
+    assert tables.experiment_table([evaluation]).index[0] == "ClusTR"  # the same checkpoint
+    args = parse_args(["--checkpoint", str(train), "--consistency-lambda", "8"])
+    (train / "params.txt").write_text(params_line(args) + "\n")
+    (train / "checkpoint.pth").write_bytes(b"retrained" + (train / "checkpoint.pth").read_bytes())
+    df = tables.experiment_table([evaluation])
+    assert df.index[0] == "eval"
+    assert any(n.startswith("eval: ") and "changed since this evaluation" in n
+               for n in df.attrs["notes"])

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from base.errors import UsageError, exit_status
-from base.io import atomic_write
+from base.io import atomic_write, file_sha256
 from utils.outputs import files
 from utils.outputs.output_files import check_outputs
 
@@ -46,6 +46,7 @@ PAPER_HEADER = ["epsilons", "test_set_accs"]
 STRONG_HEADER = ["epsilon", "attack", "robust_accuracy", "examples", "seconds"]
 SUMMARY_KEYS = ("test_images", "iterations", "restarts", "clean_acc", "robust_acc")
 FORMATS = ("markdown", "latex", "csv")
+IMAGES_SHA = "test images' SHA-256"
 ADAPTIVE = ("pgd-ce", "pgd-dlr")  # the strong PGD attacks on the logit (--strong)
 LATEX_SYMBOLS = {"λ": r"$\lambda$", "×": r"$\times$", "−": "-", "ε": r"$\epsilon$"}
 
@@ -62,6 +63,7 @@ class Experiment:
     strong: dict[tuple[float, str], float] = field(default_factory=dict)  # (eps, attack)
     strong_images: int | None = None
     strong_seconds: dict[tuple[float, str], float] = field(default_factory=dict)
+    relabelled: str | None = None  # why the label is not the training run's
 
     @property
     def evaluate_only(self) -> bool:
@@ -85,6 +87,7 @@ class Experiment:
         """What must agree for two rows to be comparable."""
         subset = self.params.get("test_subset")
         return {"dataset": self.params.get("dataset"), "test images": self.test_images,
+                IMAGES_SHA: (self.summary or {}).get("test_sha256", "")[:12] or None,
                 "subset seed": self.params.get("seed") if subset else None,
                 "iterations": self._setting("iterations"),
                 "restarts": self._setting("restarts")}
@@ -258,8 +261,14 @@ def _training_params(exp: Experiment) -> dict | None:
     candidates = [str(exp.params["evaluate_ckpt"])]
     if exp.summary and exp.summary.get("checkpoint"):
         candidates.insert(0, str(exp.summary["checkpoint"]))
+    recorded = (exp.summary or {}).get("checkpoint_sha256")
     for ckpt in candidates:
         path = os.path.join(os.path.dirname(ckpt), PARAMS)
+        if recorded and os.path.isfile(ckpt) and file_sha256(ckpt) != recorded:
+            exp.relabelled = (f"{ckpt} changed since this evaluation (its SHA-256 differs from "
+                              f"the one recorded in {SUMMARY}): the folder name labels the "
+                              f"row, not the {PARAMS} now beside it")
+            return None
         if os.path.isfile(path) and os.path.realpath(path) != os.path.realpath(
                 os.path.join(exp.path, PARAMS)):
             try:
@@ -328,6 +337,8 @@ def build_table(exps: list[Experiment], epsilons=None, every_attack: bool = Fals
     aa_grid = sorted({e for x in exps for e, a in x.strong if a == "autoattack"}) or [8.0]
     aa_grid = [e for e in aa_grid if epsilons is None or e in grid] or aa_grid[:1]
     same, differ = _agreement([x.protocol for x in exps if x.paper])
+    if "None" in differ.get(IMAGES_SHA, []):  # not recorded (older evaluations): unknown
+        del differ[IMAGES_SHA]
     strong_n = {x.strong_images for x in exps if x.strong}
     if len(strong_n) > 1:
         differ["strong attacks' images"] = [str(n) for n in sorted(strong_n)]
@@ -337,7 +348,7 @@ def build_table(exps: list[Experiment], epsilons=None, every_attack: bool = Fals
     strong_tag = f" (n={next(iter(strong_n))})" if len(strong_n) == 1 else ""
     columns: dict[str, list] = {}
     if differ:
-        columns["protocol"] = [_protocol_cell(x) for x in exps]
+        columns["protocol"] = [_protocol_cell(x, IMAGES_SHA in differ) for x in exps]
     columns[f"clean{clean_tag}"] = [x.paper.get(0.0) for x in exps]
     for e in grid:
         columns[f"paper PGD {e:g}/255{paper_tag}"] = [x.paper.get(e) for x in exps]
@@ -380,7 +391,7 @@ def _agreement(protocols: list[dict]) -> tuple[dict, dict]:
     return ({} if differ else protocols[0]), differ
 
 
-def _protocol_cell(x: Experiment) -> str:
+def _protocol_cell(x: Experiment, images: bool) -> str:
     if not x.paper:
         return ""
     p = x.protocol
@@ -389,6 +400,8 @@ def _protocol_cell(x: Experiment) -> str:
         text += f" (seed {p['subset seed']})"
     if p["dataset"] is not None:
         text += f", {p['dataset']}"
+    if images and p[IMAGES_SHA] is not None:
+        text += f", images {p[IMAGES_SHA]}"
     return text + (f"; strong n={x.strong_images}" if x.strong else "")
 
 
@@ -406,8 +419,9 @@ def table_notes(exps, grid, aa_grid, differ) -> list[str]:
     if differ:
         fields = "; ".join(f"{k}: {' vs '.join(v)}" for k, v in differ.items())
         notes.append(f"MIXED PROTOCOLS, not comparable across rows ({fields}): see the "
-                     f"protocol column, or evaluate every checkpoint with the same "
-                     f"--test-subset, --seed, --iterations and --restarts.")
+                     f"protocol column, or evaluate every checkpoint on the same test images "
+                     f"with the same --test-subset, --seed, --iterations and --restarts.")
+    notes += [f"{x.label}: {x.relabelled}" for x in exps if x.relabelled]
     for x in exps:
         if not x.paper:
             notes.append(f"{x.label}: no paper PGD results ({PAPER_CSV}); fill them with: "

@@ -383,7 +383,8 @@ def evaluate_model(model, test: ImageData, attack: AttackConfig, out_dir: str,
     write_summary(os.path.join(out_dir, files.SUMMARY), result, dict(
         checkpoint=os.path.abspath(ckpt_path), dataset=dataset, test_images=len(test),
         **setup, iterations=attack.iterations, restarts=attack.restarts, step=STEP * 255,
-        seed=attack.seed, attack_batch=batch))
+        seed=attack.seed, attack_batch=batch, **{k: v for k, v in state.fingerprint.items()
+                                                  if k in ("checkpoint_sha256", "test_sha256")}))
     return result
 
 
