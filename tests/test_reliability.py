@@ -312,6 +312,13 @@ def resume_argv(c: Case, epochs: int = 2, extra=(), resume_bytes: bytes | None =
     return train_argv(c.noisy, c.tmp / "exp", epochs=epochs) + ["--resume", *extra]
 
 
+def altered_copy(c: Case, image: str) -> Path:
+    """The noisy data copied, one image replaced by another (same count, same classes)."""
+    shutil.copytree(c.noisy, c.tmp / "other")
+    save_png(c.tmp / "other" / image, torch.zeros(3, 32, 32))
+    return c.tmp / "other"
+
+
 def png_bytes(w: int, h: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h)).save(buf, format="PNG")
@@ -485,6 +492,12 @@ BAD_INPUTS = [
      r"--resume needs the interrupted run's arguments: it had --m 2 \(now 3\)"),
     ("resume-fewer-epochs", lambda c: resume_argv(c, epochs=1),
      r"--resume: the run already completed 2 epochs, more than --epochs 1"),
+    ("resume-other-training-images", lambda c: resume_argv(
+        c, extra=["--data-root", altered_copy(c, "train/bee/1.png")]),
+     r"--resume: the training images changed since the run started \(--data-root .*other"),
+    ("resume-other-test-images", lambda c: resume_argv(
+        c, extra=["--data-root", altered_copy(c, "test/cat/0.png")]),
+     r"--resume: the test images changed since the run started"),
     ("resume-truncated", lambda c: resume_argv(
         c, resume_bytes=(c.ref / "resume.pth").read_bytes()[:4096]),
      r"resume\.pth is not a readable PyTorch file \(truncated or corrupt\?\)"),
