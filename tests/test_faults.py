@@ -128,3 +128,38 @@ def test_continue_line_after_an_interrupted_overwrite_run_is_accepted(tmp_path):
     again = shlex.split(line.split("python main_clustr.py ", 1)[1])
     assert again == ["--checkpoint", str(tmp_path), "--epochs", "3", "--resume"]
     parse_args(again)  # the parser takes it
+
+
+# -- every entry point: one line -----------------------------------------------------------
+def _status(main, argv) -> int:
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("tool", ["from_autoattack", "pretrain"])
+def test_out_under_a_file_is_one_line_before_any_work(tool, tmp_path, capsys):
+    from pretrained_weights import from_autoattack
+    from utils.train import pretrain
+
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "w.pt"
+    main, extra = ((from_autoattack.main, []) if tool == "from_autoattack" else
+                   (pretrain.main, ["--dataset", "imagefolder", "--data-root",
+                                    tmp_path / "no-data"]))
+    assert _status(main, ["--out", out, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out}: {tmp_path / 'afile'} is a file" in err, err
+
+
+@pytest.mark.parametrize("tool", ["inspect_ckpt", "from_autoattack", "reproduce"])
+def test_usage_errors_are_one_line(tool, capsys):
+    from benchmarks import reproduce
+    from pretrained_weights import from_autoattack
+
+    main = {"inspect_ckpt": inspect_ckpt.main, "from_autoattack": from_autoattack.main,
+            "reproduce": reproduce.main}[tool]
+    assert _status(main, ["x.pth", "--no-such-flag"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unrecognized arguments" in err, err
