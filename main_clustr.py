@@ -28,7 +28,7 @@ from base.distributed import Dist, close_distributed, init_distributed, process_
 from base.errors import UsageError, one_line
 from base.io import save_atomic, write_text_atomic
 from base.progress import set_quiet
-from datasets.data import balanced_subset, load_dataset
+from datasets.data import balanced_subset, check_same_classes, load_dataset
 from models.checkpoint import build_checkpoint, load_weights
 from models.resnet import ResNet18, normalization_for
 from utils.attacks.batch_size import attack_batch
@@ -62,12 +62,19 @@ def seed_everything(seed: int) -> None:
 def load_data(args):
     train = load_dataset(args.dataset, args.data_root, "train", workers=args.workers)
     test = load_dataset(args.dataset, args.data_root, "test", workers=args.workers)
-    if list(train.classes) != list(test.classes):
-        raise UsageError(f"the training classes {train.classes[:5]} and test classes "
-                         f"{test.classes[:5]} differ: both splits need the same class folders")
+    check_same_classes(train.classes, test.classes, "the training classes {} and test "
+                       "classes {}", "both splits need the same class folders")
     train = balanced_subset(train, args.train_subset, args.seed, flag="--train-subset")
     test = balanced_subset(test, args.test_subset, args.seed, flag="--test-subset")
+    check_strong_subset(args, test)
     return train, test
+
+
+def check_strong_subset(args, test) -> None:
+    """``--strong-subset`` against the evaluated test images, before any work: not after
+    the training and the paper's sweep have run."""
+    if args.strong_subset and (args.strong or args.autoattack):
+        balanced_subset(test, args.strong_subset, args.seed, flag="--strong-subset")
 
 
 def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist | None = None):
@@ -200,8 +207,9 @@ def run(args) -> int:
     so a bad input fails every process alike); plain python is a world of one."""
     device = process_device(resolve_device(args.device))
     dist = init_distributed(device, args.dist_timeout)
-    try:
-        return run_process(args, device, dist)
+    try:  # one run at a time in the directory, from its check to the end
+        with ExperimentDir(args.checkpoint).locked(dist.is_main):
+            return run_process(args, device, dist)
     finally:
         close_distributed(dist)
 
@@ -226,6 +234,7 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
         evaluate_checkpoint(eval_cfg, attack, ckpt_path, out.path, device, dist, args.resume)
         return 0
     model, test = load_eval_inputs(eval_cfg, args.evaluate_ckpt)
+    check_strong_subset(args, test)
     state = open_eval_state(eval_cfg, attack, args.evaluate_ckpt, test, out.path, device, dist,
                             args.resume)
     dist.barrier()  # every process checked its inputs before anything is written
@@ -295,7 +304,9 @@ def how_to_continue(args, command: list[str], exc: BaseException) -> str:
     if not saved:
         return f"{what}: nothing was saved yet; run the command again"
     latest = max(saved, key=os.path.getmtime)  # the stage that was running
-    again = shlex.join([a for a in command if a != "--resume"] + ["--resume"])
+    # --overwrite would throw away what was saved (and the parser refuses it with --resume)
+    again = shlex.join([a for a in command if a not in ("--resume", "--overwrite")] +
+                       ["--resume"])
     return (f"{what}: state saved in {latest}; continue with the same command and --resume: "
             f"python main_clustr.py {again}")
 

@@ -24,7 +24,7 @@ def _positive(kind):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {_a(kind)}") from None
         if not value > 0 or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
         return value
@@ -37,12 +37,16 @@ def _non_negative(kind):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {_a(kind)}") from None
         if not value >= 0 or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
         return value
     parse.__name__ = f"non-negative {kind.__name__}"
     return parse
+
+
+def _a(kind) -> str:
+    return "an integer" if kind is int else f"a {kind.__name__}"
 
 
 pos_int, pos_float = _positive(int), _positive(float)
@@ -54,7 +58,7 @@ def seed_int(text):
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if not 0 <= value < 2 ** 32:
         raise argparse.ArgumentTypeError(f"must be between 0 and 2**32 - 1, got {text}")
     return value

@@ -14,11 +14,15 @@ def one_line(exc: BaseException) -> str:
 
 
 def exit_status(command: Callable[[], int | None]) -> int:
-    """Run a command-line tool's work: its own status (0 for None), or 2 with the message
-    of a ``UsageError`` on one line of stderr."""
+    """Run a command-line tool's work: its own status (0 for None), 2 with the message of
+    a ``UsageError`` on one line of stderr, or 1 with that of an ``OSError`` (a full disk,
+    a file that cannot be written: the message names it)."""
     try:
         status = command()
     except UsageError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 1
     return 0 if status is None else status

@@ -83,19 +83,28 @@ def atomic_write(path: str, write) -> None:
     data and the rename are both flushed to disk before returning.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=folder)
+    fd, tmp = _named(lambda: tempfile.mkstemp(prefix=temp_prefix(path), dir=folder), path)
     try:
         os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; keep the usual permissions
         with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            _named(lambda: write(f), path)
+            _named(f.flush, path)
+            _named(lambda: os.fsync(f.fileno()), path)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     _fsync_dir(folder)
+
+
+def _named(call, path: str):
+    """``call()``; an ``OSError`` (a full disk names no file, a temporary's name means
+    nothing to the user) is raised again naming ``path``."""
+    try:
+        return call()
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def _file_mode(path: str) -> int:

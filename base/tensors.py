@@ -1,7 +1,9 @@
-"""Small tensor helpers every stage uses: eval mode, device transfer, bfloat16 autocast."""
+"""Small tensor helpers every stage uses: eval mode, device transfer, bfloat16 autocast,
+a hash of tensors' contents."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 
 import torch
 
@@ -30,3 +32,11 @@ def autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def tensor_sha256(*tensors: torch.Tensor) -> str:
+    """SHA-256 of the tensors' bytes: a fingerprint of images and labels."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

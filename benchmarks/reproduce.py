@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 import torch
 
-from base.cli import pos_int
+from base.cli import ArgParser, pos_int
 from base.errors import UsageError
 from base.io import load_checkpoint, write_text_atomic
 from benchmarks.machine import busy_loads, usable_cores
@@ -105,7 +105,7 @@ class Step:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.reproduce",
+    p = ArgParser(prog="python -m benchmarks.reproduce",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data",
                    help="folder with cifar10-subset/ and weights/resnet18_cifar10.pt "

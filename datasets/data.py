@@ -123,6 +123,24 @@ def _load_image_folder(root: str, split: str, workers: int) -> ImageData:
                      list(ds.classes))
 
 
+def check_same_classes(expected, found, what: str, how: str) -> None:
+    """Refuse two class lists that differ (one line naming both, from where they first
+    differ): ``what`` says whose they are (``"the training classes ... and test classes"``
+    style), ``how`` how to fix it."""
+    expected, found = [str(c) for c in expected], [str(c) for c in found]
+    if expected == found:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(expected, found)) if a != b),
+                 min(len(expected), len(found)))
+    start = max(0, first - 2)
+
+    def shown(names: list[str]) -> str:
+        return ("[..., " if start else "[") + repr(names[start:start + 5])[1:]
+
+    raise UsageError(what.format(shown(expected), shown(found)) + f" differ (from position "
+                     f"{first}): {how}")
+
+
 def balanced_subset(data: ImageData, n: int | None, seed: int,
                     flag: str = "the subset") -> ImageData:
     """A seeded subset of ``n`` examples with the classes as balanced as the data allow.
@@ -136,7 +154,8 @@ def balanced_subset(data: ImageData, n: int | None, seed: int,
     if not n or n >= len(data):
         return data
     if n < data.num_classes:
-        raise UsageError(f"a subset of {n} cannot hold all {data.num_classes} classes: "
+        raise UsageError(f"{flag} {n}: a subset of {n} cannot hold all {data.num_classes} "
+                         f"classes: "
                          f"ask for at least {data.num_classes}")
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data), generator=gen)

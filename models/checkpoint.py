@@ -142,12 +142,28 @@ def cluster_parts(ckpt: dict, dataset: str | None = None, L: int | None = None,
                          "negative class: not usable")
     num_classes = max(int(classes.max()) + 1, backbone.linear.out_features)
     head = ClusterHead(centers, classes, variance.expand(len(centers)), num_classes,
-                       L=int(ckpt.get("L", 10)) if L is None else L,
+                       L=stored_L(ckpt, len(centers)) if L is None else L,
                        normalize=bool(ckpt.get("normalize_probs", True))
                        if normalize is None else normalize)
     names = ckpt.get("classes")
     names = [str(n) for n in names] if isinstance(names, (list, tuple)) else None
     return backbone, head, names
+
+
+def stored_L(ckpt: dict, num_clusters: int) -> int:
+    """The checkpoint's L (10, the original's default, when not recorded), checked as the
+    flag ``--L`` is: a whole number from 1 to the number of clusters."""
+    if "L" not in ckpt:
+        return 10
+    value = ckpt["L"]
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and \
+            not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= num_clusters:
+        raise UsageError(f"the checkpoint's L {str(value)[:40]!r} is not a whole number from 1 "
+                         f"to its {num_clusters} clusters (main_clustr.py --evaluate-ckpt "
+                         f"takes --L N instead)")
+    return value
 
 
 def backbone_from_state(ckpt: dict, dataset: str | None = None) -> ResNet18:

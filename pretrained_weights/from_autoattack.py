@@ -19,7 +19,6 @@ Everything else is copied by name, with a shape check per tensor. Nothing is dow
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.metadata
 import importlib.resources
@@ -29,10 +28,12 @@ from pathlib import Path
 
 import torch
 
+from base.cli import ArgParser
 from base.errors import UsageError, exit_status
 from base.io import file_sha256, save_atomic
 from models.checkpoint import load_weights
 from models.resnet import CIFAR_MEAN, CIFAR_STD, ResNet18
+from utils.outputs.output_files import check_outputs
 
 PACKAGE = "pyautoattack"
 PACKAGE_PIN = "pyautoattack==0.2.0"
@@ -80,10 +81,7 @@ def convert(source: Path) -> dict:
 
 
 def run(out: Path, force: bool) -> None:
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a directory: give the path of the file to write")
-    if out.exists() and not force:
-        raise UsageError(f"{out} exists: pass --force to overwrite it")
+    check_outputs({"--out": str(out)}, "--force", force, make_folder=True)
     source, version = package_source()
     with importlib.resources.as_file(source) as path:  # a real file even from a zip install
         state = convert(path)
@@ -96,7 +94,7 @@ def run(out: Path, force: bool) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgParser(
         prog="python -m pretrained_weights.from_autoattack",
         description="Write a stand-in pretrained_weights/resnet18.pt from the CIFAR-10 "
                     "ResNet18 shipped by the installed pyautoattack package (offline).")

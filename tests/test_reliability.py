@@ -312,6 +312,13 @@ def resume_argv(c: Case, epochs: int = 2, extra=(), resume_bytes: bytes | None =
     return train_argv(c.noisy, c.tmp / "exp", epochs=epochs) + ["--resume", *extra]
 
 
+def altered_copy(c: Case, image: str) -> Path:
+    """The noisy data copied, one image replaced by another (same count, same classes)."""
+    shutil.copytree(c.noisy, c.tmp / "other")
+    save_png(c.tmp / "other" / image, torch.zeros(3, 32, 32))
+    return c.tmp / "other"
+
+
 def png_bytes(w: int, h: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h)).save(buf, format="PNG")
@@ -379,7 +386,7 @@ BAD_INPUTS = [
     ("restarts-zero", lambda c: tiny_args(c) + ["--restarts", "0"],
      r"argument --restarts: must be"),
     ("epochs-not-a-number", lambda c: tiny_args(c) + ["--epochs", "ten"],
-     r"argument --epochs: 'ten' is not a int"),
+     r"argument --epochs: 'ten' is not an integer"),
     ("evaluate-missing", lambda c: evaluate(c, c.tmp / "nothing.pth"),
      r"nothing\.pth: no such file"),
     ("evaluate-directory", lambda c: evaluate(c, c.tmp), r"is a directory, not a checkpoint"),
@@ -424,6 +431,15 @@ BAD_INPUTS = [
     ("alpha-nan", lambda c: tiny_args(c) + ["--alpha", "nan"], r"argument --alpha: must be"),
     ("lambda-inf", lambda c: tiny_args(c) + ["--consistency-lambda", "inf"],
      r"argument --consistency-lambda: must be"),
+    ("autoattack-eps-beyond-pixels", lambda c: tiny_args(c) + [
+        "--strong", "--autoattack-eps", "8", "300"],
+     r"--autoattack-eps 300: eps is in units of 1/255, so at most 255"),
+    ("strong-subset-above-test-subset", lambda c: tiny_args(c) + [
+        "--test-subset", "6", "--strong", "--strong-subset", "9"],
+     r"--strong-subset 9 is larger than the 6 examples available"),
+    ("strong-subset-below-classes", lambda c: evaluate(c, c.ref / "checkpoint.pth") + [
+        "--strong", "--strong-subset", "2", "--data-root", c.noisy],
+     r"--strong-subset 2: a subset of 2 cannot hold all 3 classes"),
     ("checkpoint-every-negative", lambda c: tiny_args(c) + ["--checkpoint-every=-1"],
      r"argument --checkpoint-every: must be"),
     ("test-subset-above-set", lambda c: tiny_args(c) + ["--test-subset", "100"],
@@ -476,6 +492,12 @@ BAD_INPUTS = [
      r"--resume needs the interrupted run's arguments: it had --m 2 \(now 3\)"),
     ("resume-fewer-epochs", lambda c: resume_argv(c, epochs=1),
      r"--resume: the run already completed 2 epochs, more than --epochs 1"),
+    ("resume-other-training-images", lambda c: resume_argv(
+        c, extra=["--data-root", altered_copy(c, "train/bee/1.png")]),
+     r"--resume: the training images changed since the run started \(--data-root .*other"),
+    ("resume-other-test-images", lambda c: resume_argv(
+        c, extra=["--data-root", altered_copy(c, "test/cat/0.png")]),
+     r"--resume: the test images changed since the run started"),
     ("resume-truncated", lambda c: resume_argv(
         c, resume_bytes=(c.ref / "resume.pth").read_bytes()[:4096]),
      r"resume\.pth is not a readable PyTorch file \(truncated or corrupt\?\)"),

@@ -8,6 +8,7 @@ cell of the table has a different value and a misplaced cell cannot pass.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -285,6 +286,13 @@ def _foreign(root: Path, name: str, good: Path) -> Path:
         (folder / tables.STRONG_CSV).write_text("eps,attack,accuracy\n8,pgd-ce,10\n")
     elif name == "foreign_params":
         (folder / "params.txt").write_text("lr=0.1 epochs=3\n")
+    elif name == "truncated_paper_csv":  # cut after "2.0,8": 2/255 reads 8, the rest gone
+        text = (folder / "attack_results_ext.csv").read_text()
+        (folder / "attack_results_ext.csv").write_text(text[:text.index("2.0,") + 5])
+    elif name == "edited_paper_cell":  # 85 -> 58, still a percentage
+        text = (folder / "attack_results_ext.csv").read_text()
+        assert "\n2.0,85.0\n" in text
+        (folder / "attack_results_ext.csv").write_text(text.replace("\n2.0,85.0", "\n2.0,58.0"))
     elif name == "stale_summary":
         text = (folder / "eval_summary.json").read_text()
         (folder / "eval_summary.json").write_text(re.sub(r'"clean_acc": [0-9.]+',
@@ -294,7 +302,8 @@ def _foreign(root: Path, name: str, good: Path) -> Path:
 
 @pytest.mark.parametrize("case", ["missing", "empty_dir", "a_file", "foreign_paper_csv",
                                   "pixel_eps", "old_strong_csv", "foreign_params",
-                                  "stale_summary"])
+                                  "stale_summary", "truncated_paper_csv",
+                                  "edited_paper_cell"])
 def test_bad_folder_exits_2_with_one_line(written, tmp_path, capsys, case):
     if case == "missing":
         path = tmp_path / "nope"
@@ -439,3 +448,115 @@ def test_report_runs_the_models_in_the_order_given(tmp_path):
     steps = reproduce.plan(args, reproduce.budget_from(args), str(tmp_path / "work"))
     assert [s.model for s in steps] == ["free", "pretrained", "pretrained"]
     assert steps[1].argv[:2] == ["-m", "benchmarks.pretrained_clusters"]  # clusters first
+
+
+@pytest.mark.parametrize("case", ["over-checkpoint", "over-results", "over-own-file",
+                                  "plot-missing-folder", "plot-not-png", "same-file"])
+def test_outputs_are_checked_before_anything_is_written(written, tmp_path, capsys, case):
+    """--out and --plot never replace a file they were not asked to (a checkpoint, the
+    results, an earlier table), and a refused output leaves every other one unwritten."""
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    for name in ("checkpoint.pth", "params.txt", "attack_results_ext.csv"):
+        (exp / name).write_bytes(b"the experiment's " + name.encode())
+    (tmp_path / "old.md").write_text("an earlier table\n")
+    argv, pattern = {
+        "over-checkpoint": (["--plot", exp / "checkpoint.pth", "--overwrite"],
+                            r"result file name of the experiment folder"),
+        "over-results": (["--format", "csv", "--out", exp / "attack_results_ext.csv"],
+                         r"result file name of the experiment folder"),
+        "over-own-file": (["--out", tmp_path / "old.md"],
+                          r"old\.md already exists: choose another name, or pass --overwrite"),
+        "plot-missing-folder": (["--out", tmp_path / "t.md", "--plot",
+                                 tmp_path / "missing" / "p.png"], r"missing does not exist"),
+        "plot-not-png": (["--out", tmp_path / "t.md", "--plot", tmp_path / "x.txt"],
+                         r"--plot .*x\.txt: the plot is a PNG"),
+        "same-file": (["--out", tmp_path / "t.png", "--plot", tmp_path / "t.png"],
+                      r"name the same file"),
+    }[case]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert tables.main([str(written["free"]), *map(str, argv)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(pattern, err), err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_replaces_an_earlier_table(written, tmp_path):
+    (tmp_path / "t.md").write_text("an earlier table\n")
+    assert tables.main([str(written["free"]), "--out", str(tmp_path / "t.md"),
+                        "--overwrite"]) == 0
+    assert (tmp_path / "t.md").read_text().startswith("| experiment")
+
+
+def test_a_write_that_fails_is_one_line_naming_the_file(written, tmp_path, capsys,
+                                                        monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", disk_full)
+    assert tables.main([str(written["free"]), "--out", str(tmp_path / "t.md")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write " + str(tmp_path / "t.md") in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["markdown", "latex"])
+def test_labels_with_table_syntax_stay_in_their_cell(written, tmp_path, fmt):
+    """A '|' in a label, or a newline, neither adds a column nor a row nor ends a comment."""
+    folders = [f"a|b={written['qtrades']}", f"two\nlines={written['free']}"]
+    out = tmp_path / f"t.{fmt}"
+    assert tables.main([*folders, "--format", fmt, "--out", str(out)]) == 0
+    text = out.read_text()
+    if fmt == "markdown":
+        table = [ln for ln in text.splitlines() if ln.startswith("|")]
+        assert len(table) == 4  # header, rule, two rows
+        assert len({ln.replace(r"\|", "").count("|") for ln in table}) == 1
+        assert table[2].startswith(r"| a\|b ") and table[3].startswith("| two lines ")
+    else:
+        body = text.split("\\midrule")[1].split("\\bottomrule")[0].strip().splitlines()
+        assert len(body) == 2 and body[1].startswith("two lines &")
+        after = text.split("\\end{tabular}")[1]
+        assert all(ln.startswith("%") for ln in after.splitlines() if ln.strip())
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_rows_on_other_test_images_are_flagged(runs):
+    """Same count, same subset seed, other images: only the recorded fingerprint tells."""
+    summary = json.loads((runs["pgd2"] / "eval_summary.json").read_text())
+    assert summary["test_sha256"] == json.loads(
+        (runs["clustr"] / "eval_summary.json").read_text())["test_sha256"]
+    other = _copy(runs["pgd2"], runs["root"] / "other_images")
+    (other / "eval_summary.json").write_text(json.dumps(summary | {"test_sha256": "0" * 64}))
+    same = tables.experiment_table([runs["clustr"], runs["pgd2"]])
+    assert not any("SHA-256" in n for n in same.attrs["notes"])
+    df = tables.experiment_table([runs["clustr"], other])
+    (note,) = [n for n in df.attrs["notes"] if "MIXED PROTOCOLS" in n]
+    assert "test images' SHA-256: " in note and "000000000000" in note
+    assert df["protocol"].iloc[1].endswith(", images 000000000000")
+
+
+def test_label_comes_from_the_checkpoint_that_was_evaluated(runs, tmp_path):
+    """The training folder of an evaluated checkpoint retrained since (other arguments, other
+    weights): its params.txt no longer describes what was evaluated."""
+    train = _copy(runs["clustr"], tmp_path / "train")
+    evaluation = _copy(runs["pgd2"], tmp_path / "eval")
+    summary = json.loads((evaluation / "eval_summary.json").read_text())
+    summary["checkpoint"] = str(train / "checkpoint.pth")
+    (evaluation / "eval_summary.json").write_text(json.dumps(summary))
+    (evaluation / "params.txt").write_text((evaluation / "params.txt").read_text().replace(
+        str(runs["clustr"] / "checkpoint.pth"), str(train / "checkpoint.pth")))
+    assert tables.experiment_table([evaluation]).index[0] == "ClusTR"  # the same checkpoint
+    args = parse_args(["--checkpoint", str(train), "--consistency-lambda", "8"])
+    (train / "params.txt").write_text(params_line(args) + "\n")
+    (train / "checkpoint.pth").write_bytes(b"retrained" + (train / "checkpoint.pth").read_bytes())
+    df = tables.experiment_table([evaluation])
+    assert df.index[0] == "eval"
+    assert any(n.startswith("eval: ") and "changed since this evaluation" in n
+               for n in df.attrs["notes"])

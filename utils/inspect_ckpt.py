@@ -15,12 +15,12 @@ but the status stays 2 so that scripts can tell ClusTR checkpoints from anything
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
+from base.cli import ArgParser
 from base.errors import UsageError
 from base.io import load_checkpoint
 from models.checkpoint import (
@@ -174,7 +174,7 @@ def _pack(items: list[str], width: int) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgParser(
         prog="python -m utils.inspect_ckpt",
         description="Describe a ClusTR checkpoint (this project's or the original code's). "
                     "Exit status 2, with one line, for any other file.")

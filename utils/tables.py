@@ -2,15 +2,17 @@
 honest columns, as a pandas DataFrame or Markdown, LaTeX or CSV.
 
     python -m utils.tables expA expB "ClusTR+Free=expC" --format markdown [--out FILE]
-                                                          [--plot FILE]
+                                                          [--plot FILE.png] [--overwrite]
 
 In Python (a notebook): ``experiment_table(["expA", "expB"])`` returns the DataFrame, its
 notes in ``df.attrs["notes"]``.
 
 A folder is the ``--checkpoint`` directory of a ``main_clustr.py`` run. It is read, never
-written: ``params.txt`` (the row's label and protocol), ``attack_results_ext.csv`` (clean
-accuracy and the paper's PGD per eps), ``eval_summary.json`` (how many test images, the
-PGD iterations and restarts) and, after ``--strong``/``--autoattack``,
+written (``--out``/``--plot`` are checked before anything is written: an existing file is
+replaced only with ``--overwrite``, an experiment folder's result files never):
+``params.txt`` (the row's label and protocol), ``attack_results_ext.csv`` (clean accuracy
+and the paper's PGD per eps), ``eval_summary.json`` (how many test images, the PGD
+iterations and restarts) and, after ``--strong``/``--autoattack``,
 ``attack_results_strong.csv`` (every attack, the worst case, on the strong attacks'
 images). Columns: clean, the paper's PGD per eps, AutoAttack, the worst case over all
 attacks and the gap (paper PGD - worst case, both on the strong attacks' images) per eps.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import io
 import json
 import math
 import os
@@ -31,7 +34,9 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from base.errors import UsageError, exit_status
+from base.io import atomic_write, file_sha256
 from utils.outputs import files
+from utils.outputs.output_files import check_outputs
 
 # what main_clustr.py writes into the experiment folder (utils/evaluation.py,
 # utils/strong_evaluation.py); a file with other columns is of another format and refused
@@ -41,6 +46,7 @@ PAPER_HEADER = ["epsilons", "test_set_accs"]
 STRONG_HEADER = ["epsilon", "attack", "robust_accuracy", "examples", "seconds"]
 SUMMARY_KEYS = ("test_images", "iterations", "restarts", "clean_acc", "robust_acc")
 FORMATS = ("markdown", "latex", "csv")
+IMAGES_SHA = "test images' SHA-256"
 ADAPTIVE = ("pgd-ce", "pgd-dlr")  # the strong PGD attacks on the logit (--strong)
 LATEX_SYMBOLS = {"λ": r"$\lambda$", "×": r"$\times$", "−": "-", "ε": r"$\epsilon$"}
 
@@ -57,6 +63,7 @@ class Experiment:
     strong: dict[tuple[float, str], float] = field(default_factory=dict)  # (eps, attack)
     strong_images: int | None = None
     strong_seconds: dict[tuple[float, str], float] = field(default_factory=dict)
+    relabelled: str | None = None  # why the label is not the training run's
 
     @property
     def evaluate_only(self) -> bool:
@@ -80,6 +87,7 @@ class Experiment:
         """What must agree for two rows to be comparable."""
         subset = self.params.get("test_subset")
         return {"dataset": self.params.get("dataset"), "test images": self.test_images,
+                IMAGES_SHA: (self.summary or {}).get("test_sha256", "")[:12] or None,
                 "subset seed": self.params.get("seed") if subset else None,
                 "iterations": self._setting("iterations"),
                 "restarts": self._setting("restarts")}
@@ -106,7 +114,7 @@ def load_experiment(path: str, label: str | None = None) -> Experiment:
     if os.path.isfile(os.path.join(path, STRONG_CSV)):
         exp.strong, exp.strong_images, exp.strong_seconds = _read_strong(
             os.path.join(path, STRONG_CSV))
-    exp.label = label or default_label(exp)
+    exp.label = one_line_text(label or default_label(exp))
     return exp
 
 
@@ -175,10 +183,26 @@ def _read_summary(path: str, paper: dict[float, float]) -> dict:
     if missing:
         raise UsageError(f"{path} has no {', '.join(missing)}: a file of another format or an "
                          f"older version")
-    if paper and abs(summary["clean_acc"] - paper[0.0]) > 1e-6:
-        raise UsageError(f"{path} (clean {summary['clean_acc']:.4g}%) and {PAPER_CSV} (clean "
-                         f"{paper[0.0]:.4g}%) are of different runs: evaluate the folder again")
+    if paper:
+        _cross_check(path, summary, paper)
     return summary
+
+
+def _cross_check(path: str, summary: dict, paper: dict[float, float]) -> None:
+    """Every cell of ``attack_results_ext.csv`` against ``eval_summary.json``, written by the
+    same evaluation: a truncated or edited file, or one of another run, is refused."""
+    try:
+        expected = {0.0: float(summary["clean_acc"])} | {
+            float(e): float(a) for e, a in dict(summary["robust_acc"]).items()}
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{path}: clean_acc or robust_acc is not numeric ({exc})") from None
+    for eps in sorted(set(expected) | set(paper)):
+        cells = [f"{d[eps]:.4g}%" if eps in d else "nothing" for d in (expected, paper)]
+        if cells[0] != cells[1] or abs(expected[eps] - paper[eps]) > 1e-6:
+            what = "clean" if eps == 0 else f"eps {eps:g}/255"
+            raise UsageError(f"{path} ({what}: {cells[0]}) and {PAPER_CSV} ({cells[1]}) "
+                             f"disagree: one is damaged or of another run; evaluate the "
+                             f"folder again")
 
 
 def _read_strong(path: str):
@@ -237,8 +261,14 @@ def _training_params(exp: Experiment) -> dict | None:
     candidates = [str(exp.params["evaluate_ckpt"])]
     if exp.summary and exp.summary.get("checkpoint"):
         candidates.insert(0, str(exp.summary["checkpoint"]))
+    recorded = (exp.summary or {}).get("checkpoint_sha256")
     for ckpt in candidates:
         path = os.path.join(os.path.dirname(ckpt), PARAMS)
+        if recorded and os.path.isfile(ckpt) and file_sha256(ckpt) != recorded:
+            exp.relabelled = (f"{ckpt} changed since this evaluation (its SHA-256 differs from "
+                              f"the one recorded in {SUMMARY}): the folder name labels the "
+                              f"row, not the {PARAMS} now beside it")
+            return None
         if os.path.isfile(path) and os.path.realpath(path) != os.path.realpath(
                 os.path.join(exp.path, PARAMS)):
             try:
@@ -248,6 +278,12 @@ def _training_params(exp: Experiment) -> dict | None:
             if params.get("evaluate_ckpt") is None:
                 return params
     return None
+
+
+def one_line_text(text: str) -> str:
+    """Labels and notes on one line: a newline or other control character in a label would
+    add a row to a table or end a LaTeX comment."""
+    return " ".join("".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in text).split())
 
 
 def _unique_labels(exps: list[Experiment]) -> None:
@@ -301,6 +337,8 @@ def build_table(exps: list[Experiment], epsilons=None, every_attack: bool = Fals
     aa_grid = sorted({e for x in exps for e, a in x.strong if a == "autoattack"}) or [8.0]
     aa_grid = [e for e in aa_grid if epsilons is None or e in grid] or aa_grid[:1]
     same, differ = _agreement([x.protocol for x in exps if x.paper])
+    if "None" in differ.get(IMAGES_SHA, []):  # not recorded (older evaluations): unknown
+        del differ[IMAGES_SHA]
     strong_n = {x.strong_images for x in exps if x.strong}
     if len(strong_n) > 1:
         differ["strong attacks' images"] = [str(n) for n in sorted(strong_n)]
@@ -310,7 +348,7 @@ def build_table(exps: list[Experiment], epsilons=None, every_attack: bool = Fals
     strong_tag = f" (n={next(iter(strong_n))})" if len(strong_n) == 1 else ""
     columns: dict[str, list] = {}
     if differ:
-        columns["protocol"] = [_protocol_cell(x) for x in exps]
+        columns["protocol"] = [_protocol_cell(x, IMAGES_SHA in differ) for x in exps]
     columns[f"clean{clean_tag}"] = [x.paper.get(0.0) for x in exps]
     for e in grid:
         columns[f"paper PGD {e:g}/255{paper_tag}"] = [x.paper.get(e) for x in exps]
@@ -353,7 +391,7 @@ def _agreement(protocols: list[dict]) -> tuple[dict, dict]:
     return ({} if differ else protocols[0]), differ
 
 
-def _protocol_cell(x: Experiment) -> str:
+def _protocol_cell(x: Experiment, images: bool) -> str:
     if not x.paper:
         return ""
     p = x.protocol
@@ -362,6 +400,8 @@ def _protocol_cell(x: Experiment) -> str:
         text += f" (seed {p['subset seed']})"
     if p["dataset"] is not None:
         text += f", {p['dataset']}"
+    if images and p[IMAGES_SHA] is not None:
+        text += f", images {p[IMAGES_SHA]}"
     return text + (f"; strong n={x.strong_images}" if x.strong else "")
 
 
@@ -379,8 +419,9 @@ def table_notes(exps, grid, aa_grid, differ) -> list[str]:
     if differ:
         fields = "; ".join(f"{k}: {' vs '.join(v)}" for k, v in differ.items())
         notes.append(f"MIXED PROTOCOLS, not comparable across rows ({fields}): see the "
-                     f"protocol column, or evaluate every checkpoint with the same "
-                     f"--test-subset, --seed, --iterations and --restarts.")
+                     f"protocol column, or evaluate every checkpoint on the same test images "
+                     f"with the same --test-subset, --seed, --iterations and --restarts.")
+    notes += [f"{x.label}: {x.relabelled}" for x in exps if x.relabelled]
     for x in exps:
         if not x.paper:
             notes.append(f"{x.label}: no paper PGD results ({PAPER_CSV}); fill them with: "
@@ -427,10 +468,14 @@ def to_text(df: pd.DataFrame, fmt: str, digits: int = 2) -> str:
     as ``%`` comments under a LaTeX one; CSV holds the table alone, full precision."""
     if fmt == "csv":
         return df.to_csv()
-    notes = df.attrs.get("notes", [])
+    notes = [one_line_text(n) for n in df.attrs.get("notes", [])]  # a newline ends a comment
     if fmt == "markdown":
         cells = df.astype(object).where(df.notna(), None)  # empty, not "nan"
-        table = cells.to_markdown(floatfmt=f".{digits}f", missingval="")
+        cells.index = [str(i).replace("|", r"\|") for i in cells.index]  # "|" ends a cell
+        if "protocol" in cells:
+            cells["protocol"] = [str(v).replace("|", r"\|") for v in cells["protocol"]]
+        table = cells.rename_axis(df.index.name).to_markdown(floatfmt=f".{digits}f",
+                                                             missingval="")
         return table + "\n" + "".join(f"\n* {n}" for n in notes) + ("\n" if notes else "")
     if fmt == "latex":
         table = df.reset_index().to_latex(index=False, escape=True, na_rep="",
@@ -441,10 +486,10 @@ def to_text(df: pd.DataFrame, fmt: str, digits: int = 2) -> str:
     raise UsageError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
 
 
-def plot_experiments(exps: list[Experiment], path: str):
+def plot_experiments(exps: list[Experiment], path: str | None):
     """Accuracy against eps, one colour per experiment: the paper's PGD solid, the worst
     case over all attacks dashed (from its clean accuracy on the strong attacks' images).
-    Writes a PNG and returns the (closed) matplotlib figure, for inspection."""
+    Writes a PNG (unless ``path`` is None) and returns the (closed) matplotlib figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -471,26 +516,11 @@ def plot_experiments(exps: list[Experiment], path: str):
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")  # off the data
     fig.tight_layout()
     try:
-        _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+        if path is not None:
+            atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     finally:
         plt.close(fig)
     return fig
-
-
-def _write_atomic(path: str, write, binary: bool = False) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"{path}: the folder {folder} does not exist")
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb" if binary else "w") as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -507,8 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "set a row's label")
     p.add_argument("--format", choices=FORMATS, default="markdown", help="(markdown)")
     p.add_argument("--out", default=None, help="write the table here (default: stdout)")
-    p.add_argument("--plot", default=None, metavar="FILE",
+    p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="also draw accuracy against eps for all folders into this PNG")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out and --plot if they exist (never an experiment "
+                        "folder's result files)")
     p.add_argument("--eps", type=float, nargs="+", default=None, metavar="E",
                    help="only these eps columns, in units of 1/255 (default: all found)")
     p.add_argument("--every-attack", action="store_true",
@@ -520,18 +553,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    check_outputs({"--out": args.out, "--plot": args.plot}, "--overwrite", args.overwrite)
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise UsageError(f"--plot {args.plot}: the plot is a PNG; name it FILE.png")
     exps = load_experiments(args.folders)
     df = build_table(exps, args.eps, args.every_attack)
     text = to_text(df, args.format, args.digits)
+    png = io.BytesIO()  # drawn before anything is written: a failure leaves no file
+    if args.plot:
+        plot_experiments(exps, None).savefig(png, format="png", dpi=120)
     if args.out:
-        _write_atomic(args.out, lambda f: f.write(text))
+        atomic_write(args.out, lambda f: f.write(text.encode()))
     else:
         sys.stdout.write(text)
     if args.format == "csv":  # the notes never go into a CSV file
         for note in df.attrs["notes"]:
             print(f"note: {note}", file=sys.stderr)
     if args.plot:
-        plot_experiments(exps, args.plot)
+        atomic_write(args.plot, lambda f: f.write(png.getvalue()))
 
 
 def main(argv=None) -> int:

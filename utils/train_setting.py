@@ -152,6 +152,10 @@ def parse_args(argv=None) -> argparse.Namespace:
               if given]
     if extras and not (args.strong or args.autoattack):
         parser.error(f"{' and '.join(extras)} only apply with --strong or --autoattack")
+    beyond = [e for e in args.autoattack_eps if e > 255]
+    if beyond:
+        parser.error(f"--autoattack-eps {beyond[0]:g}: eps is in units of 1/255, so at most "
+                     f"255 (the whole pixel range)")
     return args
 
 

@@ -17,7 +17,6 @@ first difference. Tensors and plain types only: it loads with ``weights_only=Tru
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 
@@ -25,6 +24,7 @@ import torch
 
 from base.errors import UsageError
 from base.io import file_sha256, load_checkpoint, save_atomic
+from base.tensors import tensor_sha256
 from utils.outputs import files
 
 log = logging.getLogger("clustr")
@@ -35,13 +35,6 @@ FORMAT = "clustr-eval-resume-1"
 EVAL_ARGS = ("dataset", "test_subset", "seed", "iterations", "restarts", "test_batch", "L",
              "not_normalize", "strong", "autoattack", "autoattack_eps", "strong_subset",
              "save_adv")
-
-
-def tensor_sha256(*tensors: torch.Tensor) -> str:
-    digest = hashlib.sha256()
-    for t in tensors:
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def fingerprint(settings: dict, ckpt_path: str, images: torch.Tensor, labels: torch.Tensor,

@@ -23,7 +23,7 @@ from base.errors import UsageError
 from base.io import atomic_write, load_checkpoint, write_text_atomic
 from base.progress import progress
 from base.tensors import eval_mode, to_device
-from datasets.data import ImageData, balanced_subset, load_dataset, to_float
+from datasets.data import ImageData, balanced_subset, check_same_classes, load_dataset, to_float
 from models.checkpoint import backbone_from_state, has_clusters
 from models.classifier import LinearClassifier, classifier_from_checkpoint
 from utils.attacks.batch_size import attack_batch
@@ -329,6 +329,10 @@ def load_eval_inputs(cfg: EvalConfig, ckpt_path: str):
         raise UsageError(f"{ckpt_path} classifies {model.num_classes} classes but the "
                          f"{cfg.dataset} test set has {test.num_classes}: pass the --dataset "
                          f"(and --data-root) it was trained on")
+    if getattr(model, "class_names", None):  # labels are folder positions: names must agree
+        check_same_classes(model.class_names, test.classes, f"{ckpt_path}'s classes {{}} and "
+                           f"the test set's {{}}", "pass the --data-root it was trained on, "
+                           "or name the class folders as the checkpoint does")
     return model, test
 
 
@@ -379,7 +383,8 @@ def evaluate_model(model, test: ImageData, attack: AttackConfig, out_dir: str,
     write_summary(os.path.join(out_dir, files.SUMMARY), result, dict(
         checkpoint=os.path.abspath(ckpt_path), dataset=dataset, test_images=len(test),
         **setup, iterations=attack.iterations, restarts=attack.restarts, step=STEP * 255,
-        seed=attack.seed, attack_batch=batch))
+        seed=attack.seed, attack_batch=batch, **{k: v for k, v in state.fingerprint.items()
+                                                  if k in ("checkpoint_sha256", "test_sha256")}))
     return result
 
 

@@ -6,10 +6,12 @@ evaluation-only run (``--evaluate-ckpt``) refuses one that already holds evaluat
 (``params.txt`` included, since it would be rewritten). ``--resume`` continues the run whose
 ``resume.pth`` is there; ``--overwrite`` deletes the previous outputs first. Files of other
 names are never touched, so a directory may also hold the user's own notes or weights.
-All of this is decided before anything is written.
+All of this is decided before anything is written, under the lock that keeps a second run
+out of the directory (``run_lock``).
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
@@ -17,6 +19,7 @@ import os
 from base.errors import UsageError
 from base.io import temp_prefix
 from utils.outputs.files import EVAL_OUTPUTS, EVAL_RESUME, RESUME, TRAIN_OUTPUTS
+from utils.outputs.run_lock import holding_lock
 
 log = logging.getLogger("clustr")
 
@@ -40,12 +43,15 @@ class ExperimentDir:
                       if os.path.isfile(self.file(name))
                       and any(fnmatch.fnmatchcase(name, p) for p in patterns))
 
+    def locked(self, enabled: bool = True):
+        """Held from before ``check`` to the run's end: one run at a time in the directory
+        (``run_lock``); ``enabled`` False (the other processes of a torchrun) holds none."""
+        self._check_location()
+        return holding_lock(self.path) if enabled else contextlib.nullcontext()
+
     def check(self, evaluate_only: bool, resume: bool, overwrite: bool) -> None:
         """Refuse, before anything is written, a directory this run must not write into."""
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise UsageError(f"--checkpoint {self.path} is a file, not a directory: choose "
-                             f"another experiment directory")
-        self._check_writable()
+        self._check_location()
         if resume:
             name, kind = (EVAL_RESUME, "evaluation") if evaluate_only else (RESUME, "run")
             if not os.path.isfile(self.file(name)):
@@ -63,7 +69,10 @@ class ExperimentDir:
                              f"--checkpoint directory, or pass --overwrite to replace them"
                              f"{more}")
 
-    def _check_writable(self) -> None:
+    def _check_location(self) -> None:
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise UsageError(f"--checkpoint {self.path} is a file, not a directory: choose "
+                             f"another experiment directory")
         folder = os.path.abspath(self.path)
         while not os.path.exists(folder):
             folder = os.path.dirname(folder)

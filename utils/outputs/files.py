@@ -28,6 +28,7 @@ AUTOATTACK_LOG = "autoattack_log.txt"         # the GitHub autoattack package's 
 # both
 RUN_LOG = "run.log"                           # every log line, appended across resumes
 ARGS_JSON = "args.json"                       # the arguments, machine-readable
+LOCK = ".clustr.lock"                         # held by the run writing here (run_lock.py)
 
 
 def pattern(name: str) -> str:

@@ -30,6 +30,7 @@ from base.progress import progress, set_quiet
 from base.tensors import autocast, eval_mode, to_device
 from datasets.data import DATASETS, ImageData, augment, balanced_subset, load_dataset
 from models.resnet import ResNet18, normalization_for
+from utils.outputs.output_files import check_outputs
 
 log = logging.getLogger("clustr")
 
@@ -167,8 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if os.path.exists(args.out) and not args.force:
-        raise UsageError(f"{args.out} exists: pass --force to overwrite it or choose --out")
+    check_outputs({"--out": args.out}, "--force", args.force, make_folder=True)
     if args.momentum >= 1:
         raise UsageError(f"--momentum {args.momentum}: must be below 1")
     device = resolve_device(args.device)

@@ -5,8 +5,10 @@ keys and this project's plain extras, so other code can read it unchanged). It i
 atomically at the end of every epoch and, with ``--checkpoint-every N``, every N steps within
 one. It holds the network, the optimiser and scheduler, the trainer's state (clusters,
 sampler losses, generator), every global random state (torch CPU and CUDA, numpy, Python),
-the position (epochs completed, steps done in the next one, running loss sums) and the
-arguments: tensors and plain types only, so it loads with ``weights_only=True``.
+the position (epochs completed, steps done in the next one, running loss sums), the
+arguments and a fingerprint of the data (hashes of the training and test images and labels,
+the class names; checked on resume, since ``--data-root`` may move): tensors and plain types
+only, so it loads with ``weights_only=True``.
 
 Continuing from it replays the same batches, augmentations and updates, so on CPU a
 resumed run writes the same ``log.txt`` rows as one that was never interrupted.
@@ -22,6 +24,7 @@ import torch
 
 from base.errors import UsageError
 from base.io import load_checkpoint, save_atomic
+from base.tensors import tensor_sha256
 
 log = logging.getLogger("clustr")
 
@@ -78,6 +81,28 @@ def set_rng_state(state: dict) -> None:
                         torch.cuda.device_count())
 
 
+# -- the data -------------------------------------------------------------------------------
+def data_fingerprint(train, test) -> dict:
+    """What a resumed run must train and evaluate on again: the images' and labels' hashes
+    and the class names (``data_root`` itself may move)."""
+    return {"train_sha256": tensor_sha256(train.images, train.labels),
+            "test_sha256": tensor_sha256(test.images, test.labels),
+            "classes": [str(c) for c in train.classes]}
+
+
+def data_change(saved: dict | None, now: dict) -> str | None:
+    """The first difference between two data fingerprints, in words (None: the same, or
+    not recorded by an older version)."""
+    if not isinstance(saved, dict):
+        return None
+    if saved.get("classes") != now["classes"]:
+        return f"the classes changed (were {saved.get('classes')!r}, now {now['classes']!r})"
+    for key, what in (("train_sha256", "training"), ("test_sha256", "test")):
+        if saved.get(key) != now[key]:
+            return f"the {what} images changed"
+    return None
+
+
 # -- the file -------------------------------------------------------------------------------
 def read_resume(path: str, run_args: dict, epochs: int) -> dict:
     """Load and check ``resume.pth``: this project's format, and the same run's arguments.
@@ -111,6 +136,7 @@ class RunState:
         self.path, self.run_args = path, run_args
         self.model, self.optimizer, self.scheduler, self.trainer = (model, optimizer,
                                                                     scheduler, trainer)
+        self.data = data_fingerprint(trainer.train, trainer.test)
 
     def save(self, position: Position) -> None:
         """Every process calls this (the trainer's state gathers from all of them); only
@@ -126,12 +152,18 @@ class RunState:
             "scheduler": self.scheduler.state_dict(),
             "trainer": self.trainer.state_dict(),
             "rng": rng_state(),
+            "data": self.data,
         }
         if self.trainer.dist.is_main:
             save_atomic(state, self.path)
 
     def restore(self, state: dict) -> Position:
         """Put the saved state into the run's objects; returns where to continue."""
+        changed = data_change(state.get("data"), self.data)
+        if changed:
+            raise UsageError(f"--resume: {changed} since the run started (--data-root "
+                             f"{self.run_args.get('data_root')!r} now): point --data-root at "
+                             f"the run's data, or start afresh with --overwrite")
         try:
             n = len(state["trainer"]["clusters"]["assignments"])
             if n != len(self.trainer.train):

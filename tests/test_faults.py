@@ -1,0 +1,165 @@
+# ruff: noqa: F811 (the fixtures imported from test_reliability are parameters here)
+"""Faults a hostile user can cause: two runs into one folder, inputs that do not match the
+checkpoint or the interrupted run, damaged result files. Each is refused with one line and
+nothing on disk changed (or, for a stale lock, recognised and explained).
+
+Runs ``main_clustr.main`` in-process on the tiny image folders of ``test_reliability``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_clustr
+from base.io import load_checkpoint
+from tests.test_reliability import (  # noqa: F401 (fixtures)
+    cli,
+    no_sweep,
+    noisy,
+    reference,
+    snapshot,
+    train_argv,
+)
+from utils import inspect_ckpt
+from utils.outputs.experiment_dir import ExperimentDir
+from utils.train_setting import parse_args
+
+
+# -- one run at a time per folder --------------------------------------------------------------
+def test_second_run_into_a_folder_in_use_is_refused(noisy, no_sweep, tmp_path, capsys):
+    exp = tmp_path / "exp"
+    with ExperimentDir(str(exp)).locked():
+        before = snapshot(tmp_path)
+        code, err = cli(train_argv(noisy, exp, epochs=1), capsys)
+        assert snapshot(tmp_path) == before
+    assert code == 2 and err.count("\n") == 1, err
+    assert re.search(r"exp is in use by another run \(pid \d+ on .* since .*\): wait for it",
+                     err), err
+    assert not exp.exists()  # created for the lock only, and removed with it
+
+
+def test_stale_lock_of_a_killed_run_is_taken_over(noisy, no_sweep, tmp_path, capsys, caplog):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / ".clustr.lock").write_text("pid 4000000 on elsewhere since 2026-01-01 00:00:00\n")
+    with caplog.at_level(logging.WARNING, logger="clustr"):
+        code, err = cli(train_argv(noisy, exp, epochs=1), capsys)
+    assert code == 0, err
+    assert "taking over the lock left by a run that ended without releasing it (pid 4000000 " \
+           "on elsewhere" in caplog.text
+    assert (exp / "checkpoint.pth").is_file() and not (exp / ".clustr.lock").exists()
+
+
+def test_refused_run_leaves_no_folder(noisy, tmp_path, capsys):
+    exp = tmp_path / "new" / "exp"
+    code, err = cli(train_argv(noisy, exp) + ["--test-subset", "100"], capsys)
+    assert code == 2 and "--test-subset 100" in err, err
+    assert os.listdir(tmp_path) == []
+
+
+# -- data that does not match the checkpoint ---------------------------------------------------
+def renamed_copy(src: Path, dst: Path, old: str, new: str) -> Path:
+    shutil.copytree(src, dst)
+    for split in ("train", "test"):
+        (dst / split / old).rename(dst / split / new)
+    return dst
+
+
+def test_evaluation_refuses_test_classes_named_otherwise(reference, noisy, tmp_path, capsys):
+    """Same number of classes, one renamed: the labels would shift silently."""
+    data = renamed_copy(noisy, tmp_path / "data", "bee", "bumblebee")
+    argv = ["--checkpoint", tmp_path / "eval", "--evaluate-ckpt", reference / "checkpoint.pth",
+            "--dataset", "imagefolder", "--data-root", data, "--iterations", "1", "--restarts",
+            "1", "--quiet", "--workers", "0", "--device", "cpu"]
+    before = snapshot(tmp_path)
+    code, err = cli(argv, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "classes ['ant', 'bee', 'cat'] and the test set's ['ant', 'bumblebee', 'cat'] " \
+           "differ (from position 1)" in err, err
+    assert snapshot(tmp_path) == before
+
+
+def test_classes_differing_late_are_shown_where_they_differ(tmp_path, capsys):
+    from tests.test_reliability import save_png
+
+    for split, names in (("train", "abcdefgh"), ("test", "abcdefgz")):
+        for name in names:
+            for i in range(2):
+                save_png(tmp_path / "d" / split / name / f"{i}.png", torch.rand(3, 32, 32))
+    code, err = cli(["--checkpoint", tmp_path / "exp", "--dataset", "imagefolder",
+                     "--data-root", tmp_path / "d", "--quiet", "--workers", "0"], capsys)
+    assert code == 2, err
+    assert "[..., 'f', 'g', 'h'] and test classes [..., 'f', 'g', 'z'] differ (from " \
+           "position 7)" in err, err
+
+
+# -- values read from a checkpoint are checked like flags --------------------------------------
+@pytest.mark.parametrize("value", [0, -3, "eight", 1000, True, 2.5])
+def test_checkpoint_L_is_checked_like_the_flag(reference, noisy, tmp_path, capsys, value):
+    ckpt = load_checkpoint(str(reference / "checkpoint.pth"))
+    ckpt["L"] = value
+    path = tmp_path / "odd_L.pth"
+    torch.save(ckpt, path)
+    before = snapshot(tmp_path)
+    code, err = cli(["--checkpoint", tmp_path / "eval", "--evaluate-ckpt", path, "--dataset",
+                     "imagefolder", "--data-root", noisy, "--iterations", "1", "--restarts",
+                     "1", "--quiet", "--workers", "0", "--device", "cpu"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"the checkpoint's L {str(value)!r} is not a whole number from 1 to its 3 " \
+           f"clusters" in err, err
+    assert snapshot(tmp_path) == before
+    assert inspect_ckpt.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a whole number from 1" in err, err
+
+
+def test_continue_line_after_an_interrupted_overwrite_run_is_accepted(tmp_path):
+    (tmp_path / "resume.pth").write_bytes(b"state")
+    command = ["--checkpoint", str(tmp_path), "--epochs", "3", "--overwrite"]
+    args = parse_args(command)
+    line = main_clustr.how_to_continue(args, command, KeyboardInterrupt())
+    again = shlex.split(line.split("python main_clustr.py ", 1)[1])
+    assert again == ["--checkpoint", str(tmp_path), "--epochs", "3", "--resume"]
+    parse_args(again)  # the parser takes it
+
+
+# -- every entry point: one line -----------------------------------------------------------
+def _status(main, argv) -> int:
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("tool", ["from_autoattack", "pretrain"])
+def test_out_under_a_file_is_one_line_before_any_work(tool, tmp_path, capsys):
+    from pretrained_weights import from_autoattack
+    from utils.train import pretrain
+
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "w.pt"
+    main, extra = ((from_autoattack.main, []) if tool == "from_autoattack" else
+                   (pretrain.main, ["--dataset", "imagefolder", "--data-root",
+                                    tmp_path / "no-data"]))
+    assert _status(main, ["--out", out, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out}: {tmp_path / 'afile'} is a file" in err, err
+
+
+@pytest.mark.parametrize("tool", ["inspect_ckpt", "from_autoattack", "reproduce"])
+def test_usage_errors_are_one_line(tool, capsys):
+    from benchmarks import reproduce
+    from pretrained_weights import from_autoattack
+
+    main = {"inspect_ckpt": inspect_ckpt.main, "from_autoattack": from_autoattack.main,
+            "reproduce": reproduce.main}[tool]
+    assert _status(main, ["x.pth", "--no-such-flag"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unrecognized arguments" in err, err
