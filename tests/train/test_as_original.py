@@ -251,8 +251,10 @@ def test_without_the_flag_an_epoch_gives_the_projects_own_numbers_exactly():
 
 
 # -- the command: a tiny run and its --resume ---------------------------------------------------
-def test_an_as_original_run_resumes_end_to_end(tiny_folder, tmp_path):
-    # few images: the original's passes run batches of ceil(N/400), here single images
+def test_an_as_original_run_resumes_end_to_end(tiny_folder, tmp_path, monkeypatch):
+    # few images: the original's passes run batches of ceil(N/400), here single images,
+    # which one thread runs faster than two
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     common = ["--dataset", "imagefolder", "--data-root", tiny_folder, "--train-subset", 36,
               "--test-subset", 9, "--k", 2, "--m", 3, "--d", 4, "--L", 4, "--iterations", 1,
               "--restarts", 1, "--as-original"]

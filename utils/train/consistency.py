@@ -144,7 +144,7 @@ class ExtraTerms:
             emb_adv = model(x_adv).float()  # training mode, with the graph
         if self.mse:
             return F.mse_loss(emb_adv, self.clean_side(emb))
-        p = class_probabilities(head, self.clean_side(emb))  # fixed target
+        p = class_probabilities(head, self.clean_side(emb))  # a fixed target (detached)
         return soft_cross_entropy(p, head.paper_scores(emb_adv)).mean()
 
     def adversary(self, model: torch.nn.Module, head: ClusterHead, x: torch.Tensor,
