@@ -107,7 +107,7 @@ def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist | None 
     if resume is not None:
         return state, state.restore(resume)
     try:
-        trainer.refresh_clusters()
+        trainer.first_clusters()
     except FloatingPointError as exc:
         raise UsageError(f"before training: {exc} (check --pretrained-path)") from exc
     return state, Position()

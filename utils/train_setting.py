@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--dist-timeout", type=pos_float, default=600.0, metavar="SECONDS",
                    help="under torchrun: a collective waiting longer than this fails the job "
                         "instead of hanging")
+    n.add_argument("--as-original", action="store_true",
+                   help="train exactly as the original code did, restoring every row of "
+                        "docs/differences.md that changes what is trained or what log.txt "
+                        "reports (train-mode passes that let test images update BatchNorm, "
+                        "its reported loss, its QTRADES adversary, ...); training only")
     r = p.add_argument_group("interrupted runs and existing results (see docs/failures.md)")
     r.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --checkpoint from its resume.pth, "
@@ -144,6 +149,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.resume and args.overwrite:
         parser.error("--resume continues the results in --checkpoint and --overwrite replaces "
                      "them: give one of the two")
+    if args.as_original and args.evaluate_ckpt is not None:
+        parser.error("--as-original changes how a model is trained, not how it is evaluated: "
+                     "drop it with --evaluate-ckpt")
     # the honest evaluation: refused now, before any training, if it could not run
     if args.autoattack and not autoattack_backend.available():
         parser.error(AUTOATTACK_HINT)

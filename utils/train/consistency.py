@@ -114,6 +114,8 @@ class ExtraTerms:
         self.actual_trades = bool(actual_trades)
         self.amp = amp
         self.trades_step = trades_step(pixel_std)  # (1, 3, 1, 1), used with --actual-trades
+        # the adversary's loop and the clean side's target (--as-original replaces both)
+        self.maximise, self.clean_side = maximise, torch.Tensor.detach
         if (self.mse or self.actual_trades) and self.consistency_lambda == 0:
             log.warning("--mse-consistency/--actual-trades have no effect without "
                         "--consistency-lambda > 0")
@@ -141,8 +143,8 @@ class ExtraTerms:
         with autocast(x.device, self.amp):
             emb_adv = model(x_adv).float()  # training mode, with the graph
         if self.mse:
-            return F.mse_loss(emb_adv, emb.detach())
-        p = class_probabilities(head, emb.detach())  # fixed target
+            return F.mse_loss(emb_adv, self.clean_side(emb))
+        p = class_probabilities(head, self.clean_side(emb))  # a fixed target (detached)
         return soft_cross_entropy(p, head.paper_scores(emb_adv)).mean()
 
     def adversary(self, model: torch.nn.Module, head: ClusterHead, x: torch.Tensor,
@@ -163,5 +165,5 @@ class ExtraTerms:
         # both adversaries start uniformly in the ball (the original's rand=True), clipped
         start = torch.empty(x.shape).uniform_(-EPS, EPS, generator=generator)
         if self.actual_trades:
-            return maximise(model, x, objective, start, self.trades_step, TRADES_STEPS)
-        return maximise(model, x, objective, start, QTRADES_STEP, 1)
+            return self.maximise(model, x, objective, start, self.trades_step, TRADES_STEPS)
+        return self.maximise(model, x, objective, start, QTRADES_STEP, 1)

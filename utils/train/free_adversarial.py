@@ -57,9 +57,12 @@ class FreePerturbation:
         elif n > len(self.delta):  # a larger batch than ever: grow with zeros
             extra = self.delta.new_zeros((n - len(self.delta),) + tuple(x.shape[1:]))
             self.delta = torch.cat([self.delta, extra])
-        # carried over from another batch: make it valid for these images
-        self._leaf = project_linf(x.detach(), self.delta[:n], self.eps).requires_grad_(True)
+        self._leaf = self.carried(x, self.delta[:n]).requires_grad_(True)
         return x + self._leaf
+
+    def carried(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """delta carried over from another batch, made valid for these images."""
+        return project_linf(x.detach(), delta, self.eps)
 
     def step(self, x: torch.Tensor) -> None:
         """After the training backward: delta takes a signed step of eps and is projected."""

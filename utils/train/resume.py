@@ -38,6 +38,8 @@ MAY_DIFFER = frozenset({
     "overwrite", "checkpoint_every", "save_all", "epochs", "iterations", "restarts",
     "test_batch", "attack_batch", "embed_batch", "evaluate_ckpt", "dist_timeout",
 })
+# Arguments added after resume files were first written, with the value an older file means.
+ADDED_LATER = {"as_original": False}
 
 
 @dataclass
@@ -115,7 +117,7 @@ def read_resume(path: str, run_args: dict, epochs: int) -> dict:
         raise UsageError(f"{path} is not a resume state of this project (missing "
                          f"{', '.join(missing) or 'format ' + FORMAT}): start afresh with "
                          f"--overwrite")
-    saved, now = state["args"], run_args
+    saved, now = {**ADDED_LATER, **state["args"]}, run_args
     differ = [k for k in saved if k in now and k not in MAY_DIFFER and saved[k] != now[k]]
     if differ:
         shown = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {now[k]!r})"

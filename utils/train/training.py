@@ -4,7 +4,8 @@ One epoch = ``steps_per_epoch`` Magnet batches, then ONE no-grad, eval-mode embe
 over the un-augmented training set whose embeddings serve the k-means refresh, sigma^2, the
 reported training loss and the training accuracy; then one pass over the test set.
 The variants' extra terms live in ``utils/train/consistency.py``, the "free" replays' perturbation
-in ``utils/train/free_adversarial.py``.
+in ``utils/train/free_adversarial.py``, the original's rules (``--as-original``) in
+``utils/train/as_original.py``.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from datasets.data import ImageData, augment
 from datasets.magnet_sampler import MagnetSampler
 from models.cluster_head import ClusterHead
 from models.resnet import ResNet18, normalization_for
+from utils.train import as_original
 from utils.train.clustering import Clusters, fit_clusters, kmeans_settings
 from utils.train.consistency import ExtraTerms
 from utils.train.embeddings import compute_embeddings_split, default_embed_batch
@@ -52,6 +54,7 @@ class TrainConfig:
     minibatch_replays: int = 0  # free adversarial training (0 = off)
     kmeans_seed: int = 1  # random_state of every k-means fit, as the original
     kmeans_device: bool = False  # k-means on the training device (utils/train/kmeans_device.py)
+    as_original: bool = False  # the original's rules (utils/train/as_original.py)
 
 
 @dataclass
@@ -97,6 +100,13 @@ class ClusTRTrainer:
         # totals() gives the running sums of the loss terms
         self.after_step = None
         self._images: torch.Tensor | None = None  # the training set on the device
+        # the rules where the original differs (docs/differences.md): the project's own,
+        # or with --as-original the original's, chosen here once
+        self.keep_batch = lambda n: True  # short batches are trained on
+        self.first_clusters, self.epoch_end = self.refresh_clusters, self.eval_passes
+        self.last_step_trained = True
+        if cfg.as_original:
+            as_original.adopt(self)
 
     def _wrap_ddp(self, model: ResNet18) -> torch.nn.Module:
         """The module the training steps call: DDP (gradients averaged over the processes)
@@ -194,10 +204,10 @@ class ClusTRTrainer:
         sampler records the losses of a no-grad forward of the updated network on x + the
         final delta (``free_losses``). A resumed run starts at ``start_step`` with the
         running ``totals`` of the steps done (and, with free training, the saved delta).
+        A batch ``keep_batch`` refuses (--as-original: a short one) is drawn, not trained on.
         """
         self.model.train()
         head = self.head().to(self.device)  # this epoch's clusters, for the extra terms
-        classes = head.classes
         replays = max(1, self.cfg.minibatch_replays)
         resumed = dict(totals or {})
         sums: dict[str, torch.Tensor] = {}  # this process's sums of the terms, on the device
@@ -205,38 +215,12 @@ class ClusTRTrainer:
         if self.free and start_step == 0:
             self.free.reset()  # the original sets delta to zero at every epoch's start
         bar = progress(range(start_step, steps), desc=desc, leave=False)
+        value = float("nan")
         for step in bar:
             indices, cluster_ids = self.sampler.sample(self.generator)
-            x = self.batch_images(indices)
-            cluster_ids = cluster_ids.to(self.device, non_blocking=True)
-            for _ in range(replays):
-                self.optimizer.zero_grad(set_to_none=True)
-                x_in = self.free.perturb(x) if self.free else x
-                terms, per_example = self.batch_terms(x_in, cluster_ids, classes, head,
-                                                      extras=not self.free)
-                loss = sum(terms.values())
-                loss.backward()
-                # the step's one wait for the device: after the backward is queued, before
-                # the update, so a non-finite loss never reaches the weights
-                # every process agrees: a non-finite loss on one ends all of them at once
-                # (one copy back: the loss, then the per-example losses the sampler needs)
-                host = torch.cat([loss.detach().float()[None], per_example.detach().float()]).cpu()
-                value, losses = float(host[0]), host[1:]
-                finite = math.isfinite(value)
-                if not self.dist.all_agree(finite):
-                    raise FloatingPointError(f"non-finite loss at step {step + 1}" +
-                                             ("" if not finite else " on another process"))
-                self.optimizer.step()
-                if self.free:
-                    self.free.step(x)
-                for name, term in terms.items():
-                    term = term.detach().double()
-                    sums[name] = sums[name] + term if name in sums else term
-            if self.free:  # the sampler records the updated network's losses
-                losses = self.free_losses(x, cluster_ids, classes).float().cpu()
-            # every process records every process's batch: the sampler states stay equal
-            self.sampler.record_losses(self.dist.gather_cat(indices.cpu()),
-                                       self.dist.gather_cat(losses))
+            self.last_step_trained = self.keep_batch(len(indices))
+            if self.last_step_trained:
+                value = self.train_batch(step, indices, cluster_ids, head, replays, sums)
             if (step + 1 - start_step) % BAR_EVERY == 0 or step + 1 == steps:
                 bar.set_postfix(loss=f"{value:.4f}")
             if self.after_step is not None:
@@ -244,6 +228,43 @@ class ClusTRTrainer:
         self._sync_buffers()
         return {name: total / (steps * replays)
                 for name, total in self._totals(resumed, sums).items()}
+
+    def train_batch(self, step: int, indices: torch.Tensor, cluster_ids: torch.Tensor,
+                    head: ClusterHead, replays: int, sums: dict[str, torch.Tensor]) -> float:
+        """The optimiser step(s) on one batch; adds its loss terms to ``sums`` and records
+        its per-example losses in the sampler. Returns the last replay's loss."""
+        x = self.batch_images(indices)
+        cluster_ids = cluster_ids.to(self.device, non_blocking=True)
+        classes = head.classes
+        for _ in range(replays):
+            self.optimizer.zero_grad(set_to_none=True)
+            x_in = self.free.perturb(x) if self.free else x
+            terms, per_example = self.batch_terms(x_in, cluster_ids, classes, head,
+                                                  extras=not self.free)
+            loss = sum(terms.values())
+            loss.backward()
+            # the step's one wait for the device: after the backward is queued, before
+            # the update, so a non-finite loss never reaches the weights
+            # every process agrees: a non-finite loss on one ends all of them at once
+            # (one copy back: the loss, then the per-example losses the sampler needs)
+            host = torch.cat([loss.detach().float()[None], per_example.detach().float()]).cpu()
+            value, losses = float(host[0]), host[1:]
+            finite = math.isfinite(value)
+            if not self.dist.all_agree(finite):
+                raise FloatingPointError(f"non-finite loss at step {step + 1}" +
+                                         ("" if not finite else " on another process"))
+            self.optimizer.step()
+            if self.free:
+                self.free.step(x)
+            for name, term in terms.items():
+                term = term.detach().double()
+                sums[name] = sums[name] + term if name in sums else term
+        if self.free:  # the sampler records the updated network's losses
+            losses = self.free_losses(x, cluster_ids, classes).float().cpu()
+        # every process records every process's batch: the sampler states stay equal
+        self.sampler.record_losses(self.dist.gather_cat(indices.cpu()),
+                                   self.dist.gather_cat(losses))
+        return value
 
     def batch_images(self, indices: torch.Tensor) -> torch.Tensor:
         """The augmented float batch (N, 3, H, W) on the device, channels_last.
@@ -308,11 +329,18 @@ class ClusTRTrainer:
 
     def run_epoch(self, start_step: int = 0, totals: dict | None = None) -> EpochMetrics:
         components = self.train_epoch(start_step=start_step, totals=totals)
+        return EpochMetrics(*self.epoch_end(self.last_step_trained), components)
+
+    def eval_passes(self, refresh: bool = True) -> tuple[float, float, float, float]:
+        """After the steps: the cluster refresh and the metrics from one eval-mode pass
+        over the un-augmented training set, and one over the test set. Returns (train loss,
+        train accuracy, test loss, test accuracy); every batch was trained on, so
+        ``refresh`` is always true here."""
         train_emb = self.refresh_clusters()
         train_loss, train_acc = self.metrics(train_emb, self.train.labels)
         test_emb = self.embed(self.test.images, self.cfg.test_batch, "embed test")
         test_loss, test_acc = self.metrics(test_emb, self.test.labels)
-        return EpochMetrics(train_loss, train_acc, test_loss, test_acc, components)
+        return train_loss, train_acc, test_loss, test_acc
 
     # -- resume -----------------------------------------------------------------------------
     def state_dict(self) -> dict:

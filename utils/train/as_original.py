@@ -1,0 +1,227 @@
+"""``--as-original``: train exactly as the original code did, to measure what our rules change.
+
+Each rule below restores one row of docs/differences.md (its name says which); ``adopt``
+hands them to a trainer once, in place of the project's own. Random streams are this
+project's (one seeded generator), not the original's numpy and torch global ones.
+
+* ``OriginalPasses`` -- "passes in train mode": the first k-means and sigma^2 passes in train
+  mode; after each epoch's last step the k-means refresh in eval mode, then the sigma^2 and
+  training-loss pass and the test-loss pass in train mode (test images update BatchNorm's
+  running statistics), then the accuracies in eval mode; training images augmented in every
+  pass, in batches of ceil(N/400) as the original's ``compute_reps(model, data, 400)``.
+* ``loss_with_same_class_clusters`` -- "reported loss": the full-set loss whose denominator
+  also counts every same-class cluster as exp(0) = 1.
+* ``leaky_train_mode_maximise`` and ``undetached`` -- "QTRADES / --actual-trades adversary":
+  the adversary in train mode, its last step's parameter gradients left in ``.grad`` (they
+  add to the training step's), and the clean side of the consistency term not detached.
+* ``skip_short_batch`` -- "short batches": a batch of fewer than m*d examples is skipped
+  (no update, no losses recorded; on the epoch's last step, no cluster refresh).
+* ``OriginalWeightSampler`` -- "weights kept across a refresh" and "weight 0": a cluster's
+  weight is the mean loss of its members when one of them was last drawn, kept across a
+  refresh; a cluster never drawn since the first losses has weight 0.
+* ``UnclippedFreePerturbation`` -- "delta carried unclipped" (free training).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+
+from base.errors import UsageError
+from base.tensors import to_device
+from datasets.data import augment
+from datasets.magnet_sampler import MagnetSampler
+from models.cluster_head import squared_distances
+from utils.attacks.pgd import project_linf
+from utils.train.clustering import assign_and_variance
+from utils.train.free_adversarial import FreePerturbation
+from utils.train.magnet_loss import EPS as LOSS_EPS
+
+EMBED_CHUNKS = 400  # compute_reps(model, data, 400): a DataLoader of batch ceil(N / 400)
+
+
+def adopt(trainer) -> None:
+    """Replace the trainer's own rules with the original's (``--as-original``)."""
+    if trainer.dist.enabled:
+        raise UsageError("--as-original runs in one process: its train-mode passes depend "
+                         "on the batches, which torchrun would split")
+    cfg = trainer.cfg
+    old = trainer.sampler
+    trainer.sampler = OriginalWeightSampler(old.labels, old.num_classes, cfg.K, cfg.m, cfg.d)
+    if trainer.free is not None:
+        trainer.free = UnclippedFreePerturbation()
+    trainer.extras.maximise = leaky_train_mode_maximise(summed=cfg.actual_trades)
+    trainer.extras.clean_side = undetached
+    trainer.keep_batch = skip_short_batch(cfg.m * cfg.d)
+    passes = OriginalPasses(trainer)
+    trainer.first_clusters, trainer.epoch_end = passes.first_clusters, passes.epoch_end
+
+
+# -- row "passes in train mode" ---------------------------------------------------------------
+@torch.no_grad()
+def embed_as_original(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
+                      train_mode: bool, generator: torch.Generator | None = None,
+                      dataset: str = "cifar10") -> torch.Tensor:
+    """Embeddings (N, 512) on the CPU, in order, in batches of ceil(N/400), with the model in
+    train mode (batch statistics; BatchNorm's running statistics move) or eval mode; the
+    images augmented when a ``generator`` is given (the original's training transform)."""
+    batch = max(1, math.ceil(len(images) / EMBED_CHUNKS))
+    was_training, out = model.training, []
+    model.train(train_mode)
+    try:
+        for start in range(0, len(images), batch):
+            x = images[start:start + batch]
+            if generator is not None:
+                x = augment(x, dataset, generator)
+            out.append(model(to_device(x, device)).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+class OriginalPasses:
+    """The original's passes over the data sets, around the Magnet steps of one trainer."""
+
+    def __init__(self, trainer):
+        self.t = trainer
+
+    def _embed(self, images: torch.Tensor, train_mode: bool, augmented: bool) -> torch.Tensor:
+        t = self.t
+        gen = t.generator if augmented else None
+        return embed_as_original(t.model, images, t.device, train_mode, gen, t.cfg.dataset)
+
+    def _refresh(self, emb: torch.Tensor) -> None:
+        t = self.t
+        t.clusters = t._fit_once(emb)
+        t.sampler.update_clusters(t.clusters.assignments, t.clusters.centers)
+
+    def _variance_and_loss(self) -> float:
+        """sigma^2 from a train-mode pass over the augmented training set (the original's
+        ``compute_real_losses(..., compute_variance=True)``), and that pass's loss."""
+        t, c = self.t, self.t.clusters
+        emb = self._embed(t.train.images, train_mode=True, augmented=True)
+        _, variance = assign_and_variance(emb, t.train.labels, c.centers, c.classes)
+        t.clusters = replace(c, variance=variance)
+        return self._loss(emb, t.train.labels)
+
+    def _loss(self, emb: torch.Tensor, labels: torch.Tensor) -> float:
+        c = self.t.clusters
+        return loss_with_same_class_clusters(emb, labels, c.centers, c.classes, c.variance,
+                                             self.t.cfg.alpha).mean().item()
+
+    def first_clusters(self) -> None:
+        """Before training: k-means on a train-mode pass, sigma^2 from another."""
+        self._refresh(self._embed(self.t.train.images, train_mode=True, augmented=True))
+        self._variance_and_loss()
+
+    def epoch_end(self, refresh: bool) -> tuple[float, float, float, float]:
+        """(train loss, train accuracy, test loss, test accuracy) as the original's log."""
+        t = self.t
+        if refresh:  # inside the last step, in eval mode, on augmented images
+            self._refresh(self._embed(t.train.images, train_mode=False, augmented=True))
+        train_loss = self._variance_and_loss()
+        test_loss = self._loss(self._embed(t.test.images, True, False), t.test.labels)
+        head = t.head()
+        accs = []
+        for data, augmented in ((t.train, True), (t.test, False)):
+            emb = self._embed(data.images, train_mode=False, augmented=augmented)
+            accs.append(100.0 * int((head.predict(emb) == data.labels).sum()) / len(data))
+        return train_loss, accs[0], test_loss, accs[1]
+
+
+# -- row "reported loss" ----------------------------------------------------------------------
+def loss_with_same_class_clusters(emb: torch.Tensor, labels: torch.Tensor,
+                                  centers: torch.Tensor, classes: torch.Tensor,
+                                  variance: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-example full-set Magnet loss (N,) as the original reports it: the own cluster is
+    the nearest of the example's class, and the denominator sums exp(-d^2/2sigma^2) over the
+    other classes' clusters plus exp(0) = 1 for each cluster of its own class."""
+    sq_dist = squared_distances(emb, centers)  # (N, C*K)
+    same = classes[None, :] == labels[:, None]
+    own = sq_dist.masked_fill(~same, float("inf")).argmin(1)
+    log_s = -sq_dist / (2.0 * variance)
+    log_num = log_s.gather(1, own[:, None]).squeeze(1) - alpha
+    log_den = torch.logaddexp(torch.logsumexp(log_s.masked_fill(same, 0.0), 1),
+                              log_s.new_tensor(math.log(LOSS_EPS)))
+    return torch.relu(-torch.log((log_num - log_den).exp() + LOSS_EPS))
+
+
+# -- row "QTRADES / --actual-trades adversary" ------------------------------------------------
+def leaky_train_mode_maximise(summed: bool):
+    """``consistency.maximise`` as the original's adversary: the model in the caller's
+    (train) mode, ``model.zero_grad()`` then a backward of the objective at every step, so
+    the last step's parameter gradients stay in ``.grad``. The objective is summed over the
+    batch with ``summed`` (--actual-trades: ``KLDivLoss(size_average=False)``), else
+    averaged (the cross-entropy and MSE criteria)."""
+    def maximise(model, x, objective, start, step, steps, eps=8.0 / 255):
+        x = x.detach()
+        if isinstance(step, torch.Tensor):
+            step = step.to(x.device, x.dtype)
+        delta = project_linf(x, start.to(x.device, x.dtype), eps)
+        for _ in range(steps):
+            model.zero_grad()
+            xa = (x + delta).requires_grad_(True)
+            cost = objective(xa)
+            (cost.sum() if summed else cost.mean()).backward()
+            delta = project_linf(x, delta + step * xa.grad.sign(), eps)
+        return (x + delta).detach()
+
+    return maximise
+
+
+def undetached(t: torch.Tensor) -> torch.Tensor:
+    """The clean side of the consistency term, with its graph (the original's)."""
+    return t
+
+
+# -- row "short batches" ----------------------------------------------------------------------
+def skip_short_batch(full: int):
+    """The DataLoader's ``drop_last``: train a batch only when it holds all ``full`` rows."""
+    return lambda n: n == full
+
+
+# -- rows "weights kept across a refresh" and "weight 0" -------------------------------------
+class OriginalWeightSampler(MagnetSampler):
+    """The seed cluster drawn by weights that change only when a cluster's members are drawn:
+    uniform before any loss, then each drawn cluster's mean known loss; a refresh keeps the
+    weights. All weights 0 (every recorded loss 0), where the original's draw fails, draws
+    uniformly among the non-empty clusters."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weights: torch.Tensor | None = None  # (C*K,) float64, None: uniform
+
+    def record_losses(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
+        super().record_losses(indices, losses)
+        if self.weights is None:
+            self.weights = torch.zeros(self.num_clusters, dtype=torch.float64)
+        touched = self.assignments[indices.cpu()].unique()
+        self.weights[touched] = self._loss_sum[touched] / self._loss_count[touched]
+
+    def cluster_weights(self) -> torch.Tensor:
+        if self.weights is None:
+            return torch.full((self.num_clusters,), 1.0 / self.num_clusters)
+        w = self.weights.float()
+        if w.sum() <= 0:
+            w = (self._counts > 0).float()
+        return w / w.sum()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.weights is not None:
+            state["weights"] = self.weights.clone()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.weights = state["weights"].clone() if "weights" in state else None
+
+
+# -- row "delta carried unclipped" ------------------------------------------------------------
+class UnclippedFreePerturbation(FreePerturbation):
+    """delta carried to a new batch as it is: x + delta may leave [0, 1] on its first
+    replay (each replay's step still projects it, as the original's)."""
+
+    def carried(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return delta.clone()
