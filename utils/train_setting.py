@@ -11,6 +11,7 @@ from datasets.data import DATASETS
 from utils.attacks import autoattack_backend
 from utils.attacks.adaptive import AUTOATTACK_HINT
 from utils.outputs import files
+from utils.train.consistency import ATTACKS, Adversary, adversary_conflict
 
 ARCHS = ("resnet18",)
 
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--dist-timeout", type=pos_float, default=600.0, metavar="SECONDS",
                    help="under torchrun: a collective waiting longer than this fails the job "
                         "instead of hanging")
+    n.add_argument("--consistency-attack", choices=ATTACKS, default="paper",
+                   help="what the QTRADES (and --actual-trades) adversary and term use: "
+                        "paper = the original's bounded scores, logit = KL on the "
+                        "classifier's logit (docs/usage.md)")
+    n.add_argument("--consistency-steps", type=pos_int, default=1, metavar="N",
+                   help="QTRADES adversary: 1 = the original's one step of 10/255; N > 1 = "
+                        "N steps of 2/255 (as TRADES); both from a uniform start in 8/255")
     r = p.add_argument_group("interrupted runs and existing results (see docs/failures.md)")
     r.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --checkpoint from its resume.pth, "
@@ -140,6 +148,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.resume and args.overwrite:
         parser.error("--resume continues the results in --checkpoint and --overwrite replaces "
                      "them: give one of the two")
+    conflict = adversary_conflict(Adversary(args.consistency_attack, args.consistency_steps),
+                                  args.mse_consistency, args.actual_trades)
+    if conflict:
+        parser.error(conflict)
     # the honest evaluation: refused now, before any training, if it could not run
     if args.autoattack and not autoattack_backend.available():
         parser.error(AUTOATTACK_HINT)

@@ -23,7 +23,7 @@ from datasets.magnet_sampler import MagnetSampler
 from models.cluster_head import ClusterHead
 from models.resnet import ResNet18, normalization_for
 from utils.train.clustering import Clusters, fit_clusters, kmeans_settings
-from utils.train.consistency import ExtraTerms
+from utils.train.consistency import Adversary, ExtraTerms
 from utils.train.embeddings import compute_embeddings_split, default_embed_batch
 from utils.train.free_adversarial import FreePerturbation
 from utils.train.magnet_loss import magnet_loss, magnet_loss_full
@@ -51,6 +51,8 @@ class TrainConfig:
     actual_trades: bool = False
     minibatch_replays: int = 0  # free adversarial training (0 = off)
     kmeans_seed: int = 1  # random_state of every k-means fit, as the original
+    consistency_attack: str = "paper"  # what the QTRADES adversary attacks (or "logit")
+    consistency_steps: int = 1  # its steps: 1 of 10/255 (the original) or N of 2/255
 
 
 @dataclass
@@ -86,7 +88,9 @@ class ClusTRTrainer:
         self.train_embeddings: torch.Tensor | None = None
         self.extras = ExtraTerms(cfg.consistency_lambda, cfg.xent_lambda, cfg.mse_consistency,
                                  cfg.actual_trades, cfg.amp,
-                                 pixel_std=normalization_for(cfg.dataset)[1])
+                                 pixel_std=normalization_for(cfg.dataset)[1],
+                                 adversary=Adversary(cfg.consistency_attack,
+                                                     cfg.consistency_steps))
         self.free = FreePerturbation() if cfg.minibatch_replays > 0 else None
         if self.free and (cfg.consistency_lambda > 0 or cfg.xent_lambda > 0):
             log.warning("--consistency-lambda/--xent-lambda have no effect with "
