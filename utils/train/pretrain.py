@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=pos_int, default=200, help="training epochs")
     p.add_argument("--batch-size", type=pos_int, default=128, help="training batch size")
     p.add_argument("--test-batch", type=pos_int, default=256, help="evaluation batch size")
-    p.add_argument("--lr", type=pos_float, default=0.1, help="initial SGD learning rate")
+    p.add_argument("--lr", type=pos_float, default=0.1,
+                   help="initial SGD learning rate (the peak with --schedule onecycle)")
     p.add_argument("--momentum", type=nonneg_float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=nonneg_float, default=5e-4, help="weight decay")
     p.add_argument("--schedule", default=None, choices=SCHEDULES,
