@@ -11,6 +11,7 @@ from datasets.data import DATASETS
 from utils.attacks import autoattack_backend
 from utils.attacks.adaptive import AUTOATTACK_HINT
 from utils.outputs import files
+from utils.train.consistency import ATTACKS, Adversary, adversary_conflict
 
 ARCHS = ("resnet18",)
 
@@ -105,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "docs/differences.md that changes what is trained or what log.txt "
                         "reports (train-mode passes that let test images update BatchNorm, "
                         "its reported loss, its QTRADES adversary, ...); training only")
+    n.add_argument("--consistency-attack", choices=ATTACKS, default="paper",
+                   help="what the QTRADES (and --actual-trades) adversary and term use: "
+                        "paper = the original's bounded scores, logit = KL on the "
+                        "classifier's logit (docs/usage.md)")
+    n.add_argument("--consistency-steps", type=pos_int, default=1, metavar="N",
+                   help="QTRADES adversary: 1 = the original's one step of 10/255; N > 1 = "
+                        "N steps of 2/255 (as TRADES); both from a uniform start in 8/255")
     r = p.add_argument_group("interrupted runs and existing results (see docs/failures.md)")
     r.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --checkpoint from its resume.pth, "
@@ -152,6 +160,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.as_original and args.evaluate_ckpt is not None:
         parser.error("--as-original changes how a model is trained, not how it is evaluated: "
                      "drop it with --evaluate-ckpt")
+    conflict = adversary_conflict(Adversary(args.consistency_attack, args.consistency_steps),
+                                  args.mse_consistency, args.actual_trades)
+    if conflict:
+        parser.error(conflict)
     # the honest evaluation: refused now, before any training, if it could not run
     if args.autoattack and not autoattack_backend.available():
         parser.error(AUTOATTACK_HINT)

@@ -17,6 +17,12 @@ classes and the inference sigma^2), while the Magnet term uses the batch's own m
   CE differ by the entropy of p, which does not depend on x', so both give the same steps;
   the training term stays λ · CE.
 * ``--xent-lambda w``: adds w · CE(s(x), y) on the clean batch's paper scores.
+* ``--consistency-attack logit`` (an addition, not in the original): p = softmax(z(x)) and
+  both the adversary and the term use KL(p || softmax(z(x'))), z = ``ClusterHead.logits``
+  (the per-class log-sum-exp of -d^2/2sigma^2 over the counted clusters, the classifier's
+  proper logit); the loss adds λ · mean KL. ``--consistency-steps N > 1`` (also an
+  addition): the QTRADES adversary takes N steps of 2/255 (as TRADES) instead of one of
+  10/255, from the same uniform start; ``--actual-trades`` keeps its own 10 steps.
 
 Decisions (written down because the original is silent or differs):
 
@@ -33,10 +39,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from base.errors import UsageError
 from base.tensors import autocast, eval_mode
 from models.cluster_head import ClusterHead
 from utils.attacks.pgd import project_linf
@@ -47,6 +55,8 @@ EPS = 8.0 / 255            # radius of the consistency adversary's l-inf ball
 QTRADES_STEP = 10.0 / 255  # one signed-gradient step of this size
 TRADES_STEP = 0.03         # --actual-trades: step in normalised units (x 255 std_c in 1/255)
 TRADES_STEPS = 10          # ... and number of steps, from a uniform start in the ball
+PGD_STEP = 2.0 / 255       # --consistency-steps N > 1: N steps of this size
+ATTACKS = ("paper", "logit")  # --consistency-attack: the scores the adversary and term use
 
 
 def class_probabilities(head: ClusterHead, emb: torch.Tensor) -> torch.Tensor:
@@ -72,6 +82,37 @@ def kl_divergence(target: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """Per-example KL(target || softmax(scores)), (N,), with 0 log 0 = 0."""
     log_target = target.clamp_min(1e-30).log()
     return (target * (log_target - scores.log_softmax(1))).sum(1)
+
+
+def logit_probabilities(head: ClusterHead, emb: torch.Tensor) -> torch.Tensor:
+    """softmax over classes of the classifier's logit ``head.logits``, (N, C)."""
+    return head.logits(emb).softmax(1)
+
+
+@dataclass(frozen=True)
+class Adversary:
+    """What the QTRADES adversary attacks (``attack`` in ATTACKS) and its number of steps."""
+
+    attack: str = "paper"
+    steps: int = 1
+
+    def __post_init__(self):
+        if self.attack not in ATTACKS:
+            raise UsageError(f"--consistency-attack {self.attack!r}: choose from "
+                             f"{', '.join(ATTACKS)}")
+        if self.steps < 1:
+            raise UsageError(f"--consistency-steps {self.steps}: must be at least 1")
+
+
+def adversary_conflict(adversary: Adversary, mse: bool, actual_trades: bool) -> str | None:
+    """Why ``adversary`` cannot combine with the other consistency flags, or None."""
+    if adversary.attack == "logit" and mse:
+        return ("--consistency-attack logit attacks the class probabilities: it does not "
+                "combine with --mse-consistency")
+    if adversary.steps != 1 and actual_trades:
+        return ("--consistency-steps sets the QTRADES adversary's steps: --actual-trades "
+                "keeps the original's 10 steps of 0.03 normalised units")
+    return None
 
 
 def trades_step(pixel_std) -> torch.Tensor:
@@ -107,7 +148,8 @@ class ExtraTerms:
 
     def __init__(self, consistency_lambda: float = 0.0, xent_lambda: float = 0.0,
                  mse_consistency: bool = False, actual_trades: bool = False,
-                 amp: bool = False, pixel_std=(0.2023, 0.1994, 0.2010)):
+                 amp: bool = False, pixel_std=(0.2023, 0.1994, 0.2010),
+                 adversary: Adversary | None = None):
         self.consistency_lambda = float(consistency_lambda)
         self.xent_lambda = float(xent_lambda)
         self.mse = bool(mse_consistency)
@@ -116,8 +158,17 @@ class ExtraTerms:
         self.trades_step = trades_step(pixel_std)  # (1, 3, 1, 1), used with --actual-trades
         # the adversary's loop and the clean side's target (--as-original replaces both)
         self.maximise, self.clean_side = maximise, torch.Tensor.detach
+        adversary = adversary or Adversary()
+        self.logit = adversary.attack == "logit"
+        self.steps = adversary.steps
+        conflict = adversary_conflict(adversary, self.mse, self.actual_trades)
+        if conflict:
+            raise UsageError(conflict)
         if (self.mse or self.actual_trades) and self.consistency_lambda == 0:
             log.warning("--mse-consistency/--actual-trades have no effect without "
+                        "--consistency-lambda > 0")
+        if (self.logit or self.steps > 1) and self.consistency_lambda == 0:
+            log.warning("--consistency-attack/--consistency-steps have no effect without "
                         "--consistency-lambda > 0")
 
     def terms(self, model: torch.nn.Module, head: ClusterHead, x: torch.Tensor,
@@ -144,7 +195,10 @@ class ExtraTerms:
             emb_adv = model(x_adv).float()  # training mode, with the graph
         if self.mse:
             return F.mse_loss(emb_adv, self.clean_side(emb))
-        p = class_probabilities(head, self.clean_side(emb))  # a fixed target (detached)
+        if self.logit:  # TRADES's KL on the classifier's logit, the clean side fixed
+            p = logit_probabilities(head, self.clean_side(emb))
+            return kl_divergence(p, head.logits(emb_adv)).mean()
+        p = class_probabilities(head, self.clean_side(emb))  # fixed target
         return soft_cross_entropy(p, head.paper_scores(emb_adv)).mean()
 
     def adversary(self, model: torch.nn.Module, head: ClusterHead, x: torch.Tensor,
@@ -156,6 +210,11 @@ class ExtraTerms:
         if self.mse:
             def objective(xa):
                 return (model(xa) - target_emb).pow(2).mean(1)
+        elif self.logit:
+            p = logit_probabilities(head, target_emb)
+
+            def objective(xa):
+                return kl_divergence(p, head.logits(model(xa)))
         elif self.actual_trades:
             def objective(xa):
                 return kl_divergence(p, head.paper_scores(model(xa)))
@@ -166,4 +225,6 @@ class ExtraTerms:
         start = torch.empty(x.shape).uniform_(-EPS, EPS, generator=generator)
         if self.actual_trades:
             return self.maximise(model, x, objective, start, self.trades_step, TRADES_STEPS)
+        if self.steps > 1:
+            return self.maximise(model, x, objective, start, PGD_STEP, self.steps)
         return self.maximise(model, x, objective, start, QTRADES_STEP, 1)

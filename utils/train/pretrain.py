@@ -9,11 +9,22 @@ ResNet18's linear head on inputs in [0, 1]. Batches are indexed from the in-memo
 tensors. After every epoch the train (running, augmented) and test (eval mode) loss and
 accuracy are logged and the weights are written atomically as a plain ``state_dict`` with
 the original's key names, so an interrupted run still leaves a usable file.
+
+``--pretrained-path`` starts from given weights instead of random ones. ``--adversarial``
+makes it the cross-entropy adversarial-training baseline (an addition to the original),
+following fast adversarial training (Wong et al. 2020): every batch is replaced by
+adversarial examples of the linear head's cross-entropy, either ``fgsm`` (one signed step
+of 1.25 eps from a uniform start in the eps-ball, eps = 8/255) or ``pgd`` (``--adv-steps``
+steps of 2/255 from the same start), always inside the ball and [0, 1]; the learning rate
+then follows one cycle per run by default (0 -> ``--lr`` at half of the steps -> 0, updated
+every step). The adversary is ``utils.train.consistency.maximise``: eval mode, gradients
+for the input only (fast_adversarial crafts in train mode).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -29,12 +40,17 @@ from base.io import save_atomic
 from base.progress import progress, set_quiet
 from base.tensors import autocast, eval_mode, to_device
 from datasets.data import DATASETS, ImageData, augment, balanced_subset, load_dataset
+from models.checkpoint import load_weights
 from models.resnet import ResNet18, normalization_for
 from utils.outputs.output_files import check_outputs
+from utils.train.consistency import EPS, PGD_STEP, maximise
 
 log = logging.getLogger("clustr")
 
-SCHEDULES = ("cosine", "multistep")
+SCHEDULES = ("cosine", "multistep", "onecycle")
+ADVERSARIAL = ("none", "fgsm", "pgd")
+FGSM_STEP = 1.25 * EPS  # fast adversarial training's alpha: 10/255 at eps 8/255
+PGD_STEPS = 7  # --adv-steps default, as fast_adversarial's train_pgd.py
 
 
 @dataclass
@@ -50,13 +66,22 @@ class PretrainConfig:
     milestones: tuple[int, ...] = (100, 150)  # for the multi-step schedule (gamma 0.1)
     seed: int = 111
     amp: bool = False
+    adversarial: str = "none"  # or "fgsm" / "pgd": train on adversarial examples
+    adv_steps: int = PGD_STEPS  # steps of 2/255 with "pgd"
 
 
-def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig):
-    """SGD with momentum and weight decay, and its per-epoch learning-rate schedule."""
+def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, steps_per_epoch: int = 1):
+    """SGD with momentum and weight decay, and its learning-rate schedule: per epoch, or
+    per step for ``onecycle`` (a triangle from 0 up to ``cfg.lr`` at half of the
+    ``epochs * steps_per_epoch`` steps and back to 0, fast adversarial training's cyclic
+    rate)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    if cfg.schedule == "cosine":
+    if cfg.schedule == "onecycle":
+        total = cfg.epochs * steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda t: max(0.0, 1.0 - abs(2.0 * t / total - 1.0)))
+    elif cfg.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     else:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones),
@@ -64,10 +89,28 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig):
     return optimizer, scheduler
 
 
+def adversarial_batch(model: ResNet18, x: torch.Tensor, y: torch.Tensor, cfg: PretrainConfig,
+                      generator: torch.Generator) -> torch.Tensor:
+    """x itself, or its FGSM / PGD examples maximising the linear head's cross-entropy,
+    from a uniform start in the eps-ball drawn from ``generator`` (float32, no autocast)."""
+    if cfg.adversarial == "none":
+        return x
+    start = torch.empty(x.shape).uniform_(-EPS, EPS, generator=generator)
+
+    def objective(xa):
+        return F.cross_entropy(model.classify(xa), y, reduction="none")
+
+    if cfg.adversarial == "fgsm":
+        return maximise(model, x, objective, start, FGSM_STEP, 1)
+    return maximise(model, x, objective, start, PGD_STEP, cfg.adv_steps)
+
+
 def train_one_epoch(model: ResNet18, optimizer: torch.optim.Optimizer, data: ImageData,
                     cfg: PretrainConfig, generator: torch.Generator,
-                    device: torch.device) -> tuple[float, float]:
-    """One shuffled pass of augmented batches; (mean loss, accuracy %) over the pass."""
+                    device: torch.device, step_scheduler=None) -> tuple[float, float]:
+    """One shuffled pass of augmented (with ``cfg.adversarial``, adversarial) batches;
+    (mean loss, accuracy %) over the pass. ``step_scheduler`` is stepped after every
+    optimiser step (the one-cycle schedule)."""
     model.train()
     order = torch.randperm(len(data), generator=generator)
     loss_sum, correct = 0.0, 0
@@ -76,6 +119,7 @@ def train_one_epoch(model: ResNet18, optimizer: torch.optim.Optimizer, data: Ima
         rows = order[start:start + cfg.batch_size]
         x = to_device(augment(data.images[rows], cfg.dataset, generator), device)
         y = data.labels[rows].to(device)
+        x = adversarial_batch(model, x, y, cfg, generator)
         with autocast(device, cfg.amp):
             logits = model.classify(x).float()  # (B, C)
         loss = F.cross_entropy(logits, y)
@@ -84,6 +128,8 @@ def train_one_epoch(model: ResNet18, optimizer: torch.optim.Optimizer, data: Ima
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if step_scheduler is not None:
+            step_scheduler.step()
         loss_sum += loss.item() * len(rows)
         correct += int((logits.argmax(1) == y).sum())
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -115,13 +161,16 @@ def pretrain(model: ResNet18, train: ImageData, test: ImageData, cfg: PretrainCo
              device: torch.device, out: str | None = None) -> list[dict]:
     """Train ``model`` with cross-entropy; one history row per epoch; saves to ``out``."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    optimizer, scheduler = make_optimizer(model, cfg)
+    per_step = cfg.schedule == "onecycle"
+    optimizer, scheduler = make_optimizer(model, cfg, math.ceil(len(train) / cfg.batch_size))
     history = []
     for epoch in range(1, cfg.epochs + 1):
         start = time.time()
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = train_one_epoch(model, optimizer, train, cfg, generator, device)
-        scheduler.step()
+        lr = optimizer.param_groups[0]["lr"]  # at the epoch's start
+        train_loss, train_acc = train_one_epoch(model, optimizer, train, cfg, generator, device,
+                                                scheduler if per_step else None)
+        if not per_step:
+            scheduler.step()
         test_loss, test_acc = evaluate(model, test, cfg.test_batch, device, cfg.amp)
         if out:
             save_atomic(state_dict_cpu(model), out)
@@ -147,11 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=pos_int, default=200, help="training epochs")
     p.add_argument("--batch-size", type=pos_int, default=128, help="training batch size")
     p.add_argument("--test-batch", type=pos_int, default=256, help="evaluation batch size")
-    p.add_argument("--lr", type=pos_float, default=0.1, help="initial SGD learning rate")
+    p.add_argument("--lr", type=pos_float, default=0.1,
+                   help="initial SGD learning rate (the peak with --schedule onecycle)")
     p.add_argument("--momentum", type=nonneg_float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=nonneg_float, default=5e-4, help="weight decay")
-    p.add_argument("--schedule", default="cosine", choices=SCHEDULES,
-                   help="per-epoch learning-rate schedule")
+    p.add_argument("--schedule", default=None, choices=SCHEDULES,
+                   help="learning-rate schedule: per epoch (cosine, multistep) or per step "
+                        "(onecycle: 0 -> --lr at half of the steps -> 0); none given: "
+                        "cosine, or onecycle with --adversarial fgsm/pgd")
     p.add_argument("--milestones", type=pos_int, nargs="*", default=[100, 150],
                    help="epochs at which the multistep schedule multiplies lr by 0.1")
     p.add_argument("--seed", type=int, default=111, help="seed of weights, order, augmentation")
@@ -164,6 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeded, class-balanced subset of N test images")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--pretrained-path", default=None, metavar="PATH",
+                   help="start from these ResNet18 weights (as main_clustr.py's) instead of "
+                        "random ones")
+    p.add_argument("--adversarial", default="none", choices=ADVERSARIAL,
+                   help="train on adversarial examples of the cross-entropy, eps 8/255: fgsm "
+                        "= one step of 10/255 from a uniform start (fast adversarial "
+                        "training), pgd = --adv-steps steps of 2/255")
+    p.add_argument("--adv-steps", type=pos_int, default=None, metavar="N",
+                   help=f"PGD steps with --adversarial pgd (none given: {PGD_STEPS})")
     return p
 
 
@@ -171,6 +232,12 @@ def run(args: argparse.Namespace) -> int:
     check_outputs({"--out": args.out}, "--force", args.force, make_folder=True)
     if args.momentum >= 1:
         raise UsageError(f"--momentum {args.momentum}: must be below 1")
+    if args.adv_steps is not None and args.adversarial != "pgd":
+        raise UsageError(f"--adv-steps {args.adv_steps} applies to --adversarial pgd only")
+    if args.pretrained_path and not os.path.isfile(args.pretrained_path):
+        raise UsageError(f"--pretrained-path {args.pretrained_path}: no such file")
+    args.adv_steps = args.adv_steps or PGD_STEPS
+    args.schedule = args.schedule or ("cosine" if args.adversarial == "none" else "onecycle")
     device = resolve_device(args.device)
     set_quiet(args.quiet)
     torch.manual_seed(args.seed)
@@ -181,7 +248,15 @@ def run(args: argparse.Namespace) -> int:
     log.info("pre-training a ResNet18 on %s: %d training and %d test images, %d classes",
              args.dataset, len(train), len(test), train.num_classes)
     mean, std = normalization_for(args.dataset)
-    model = ResNet18(train.num_classes, mean, std).to(device, memory_format=torch.channels_last)
+    model = ResNet18(train.num_classes, mean, std)
+    if args.pretrained_path:
+        load_weights(model, args.pretrained_path)
+        log.info("starting from %s", args.pretrained_path)
+    model.to(device, memory_format=torch.channels_last)
+    if args.adversarial != "none":
+        log.info("adversarial training: %s at eps 8/255%s, %s schedule", args.adversarial,
+                 f", {args.adv_steps} steps" if args.adversarial == "pgd" else "",
+                 args.schedule)
     cfg = config(PretrainConfig, args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     pretrain(model, train, test, cfg, device, out=args.out)

@@ -25,7 +25,7 @@ from models.cluster_head import ClusterHead
 from models.resnet import ResNet18, normalization_for
 from utils.train import as_original
 from utils.train.clustering import Clusters, fit_clusters, kmeans_settings
-from utils.train.consistency import ExtraTerms
+from utils.train.consistency import Adversary, ExtraTerms
 from utils.train.embeddings import compute_embeddings_split, default_embed_batch
 from utils.train.free_adversarial import FreePerturbation
 from utils.train.magnet_loss import magnet_loss, magnet_loss_full
@@ -55,6 +55,8 @@ class TrainConfig:
     kmeans_seed: int = 1  # random_state of every k-means fit, as the original
     kmeans_device: bool = False  # k-means on the training device (utils/train/kmeans_device.py)
     as_original: bool = False  # the original's rules (utils/train/as_original.py)
+    consistency_attack: str = "paper"  # what the QTRADES adversary attacks (or "logit")
+    consistency_steps: int = 1  # its steps: 1 of 10/255 (the original) or N of 2/255
 
 
 @dataclass
@@ -90,7 +92,9 @@ class ClusTRTrainer:
         self.train_embeddings: torch.Tensor | None = None
         self.extras = ExtraTerms(cfg.consistency_lambda, cfg.xent_lambda, cfg.mse_consistency,
                                  cfg.actual_trades, cfg.amp,
-                                 pixel_std=normalization_for(cfg.dataset)[1])
+                                 pixel_std=normalization_for(cfg.dataset)[1],
+                                 adversary=Adversary(cfg.consistency_attack,
+                                                     cfg.consistency_steps))
         self.free = FreePerturbation() if cfg.minibatch_replays > 0 else None
         if self.free and (cfg.consistency_lambda > 0 or cfg.xent_lambda > 0):
             log.warning("--consistency-lambda/--xent-lambda have no effect with "
