@@ -28,8 +28,8 @@ from base.distributed import Dist, close_distributed, init_distributed, process_
 from base.errors import UsageError, one_line
 from base.io import save_atomic, write_text_atomic
 from base.progress import set_quiet
-from datasets.data import balanced_subset, load_dataset
-from models.checkpoint import build_checkpoint, load_weights
+from datasets.data import balanced_subset, check_available, load_dataset
+from models.checkpoint import build_checkpoint, check_weights_file, load_weights
 from models.resnet import ResNet18, normalization_for
 from utils.attacks.batch_size import attack_batch
 from utils.eval.adversarial_store import save_adversarial
@@ -214,6 +214,10 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
     out = ExperimentDir(args.checkpoint)
     evaluate_only = args.evaluate_ckpt is not None
     out.check(evaluate_only, args.resume, args.overwrite)  # before anything is read or written
+    if not evaluate_only and args.pretrained_path and not args.resume:
+        check_weights_file(args.pretrained_path)
+    check_available(args.dataset, args.data_root, ("test",) if evaluate_only else
+                    ("train", "test"))
     if not evaluate_only:  # training fixes L and the rule, which the evaluation then uses
         args.L = 10 if args.L is None else args.L
         args.not_normalize = bool(args.not_normalize)

@@ -28,7 +28,14 @@ from base.errors import UsageError, exit_status
 from base.io import save_atomic
 from base.progress import progress, set_quiet
 from base.tensors import autocast, eval_mode, to_device
-from datasets.data import DATASETS, ImageData, augment, balanced_subset, load_dataset
+from datasets.data import (
+    DATASETS,
+    ImageData,
+    augment,
+    balanced_subset,
+    check_available,
+    load_dataset,
+)
 from models.resnet import ResNet18, normalization_for
 
 log = logging.getLogger("clustr")
@@ -172,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     if args.momentum >= 1:
         raise UsageError(f"--momentum {args.momentum}: must be below 1")
     device = resolve_device(args.device)
+    check_available(args.dataset, args.data_root)  # before anything is read
     set_quiet(args.quiet)
     torch.manual_seed(args.seed)
     train = balanced_subset(load_dataset(args.dataset, args.data_root, "train",
