@@ -44,6 +44,7 @@ from utils.eval.evaluation import (
 from utils.eval.strong_evaluation import evaluate_strong
 from utils.outputs import files, run_log
 from utils.outputs.experiment_dir import ExperimentDir
+from utils.outputs.model_info import write_model_info
 from utils.outputs.results import EpochLog, MetricsCSV
 from utils.train.clustering import check_class_sizes
 from utils.train.resume import Position, RunState, read_resume
@@ -265,6 +266,8 @@ def evaluate(model, test, eval_cfg: EvalConfig, attack: AttackConfig, out_dir: s
                            dist, state)
     if attack.honest and dist.is_main:
         evaluate_strong(model, test, paper, attack, out_dir, device, state)
+        if attack.autoattack:  # the RobustBench-style card, from the files just written
+            log.info("wrote %s", write_model_info(out_dir, ckpt_path))
     elif attack.save_adv and dist.is_main:
         save_adversarial(os.path.join(out_dir, files.ADVERSARIAL), model, test, paper,
                          batch=attack.test_batch, device=device)
