@@ -138,6 +138,7 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
         log.info("%d processes: effective batch %d x %d x %d = %d examples per step (the "
                  "learning rate is not rescaled)", dist.world_size, dist.world_size, args.m,
                  args.d, dist.world_size * args.m * args.d)
+    first = time.time()
     for epoch in range(start.epoch + 1, args.epochs + 1):
         begin = time.time()
         lr = optimizer.param_groups[0]["lr"]
@@ -157,9 +158,11 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
             if args.save_all:
                 save_atomic(ckpt, out.file(files.EPOCH_CHECKPOINT.format(epoch=epoch - 1)))
         state.save(Position(epoch))
+        left = (time.time() - first) / (epoch - start.epoch) * (args.epochs - epoch)
         log.info("epoch %d/%d  lr %.2g  train loss %.4f acc %.2f%%  test loss %.4f acc "
-                 "%.2f%%  (%.0fs)", epoch, args.epochs, lr, metrics.train_loss,
-                 metrics.train_acc, metrics.test_loss, metrics.test_acc, time.time() - begin)
+                 "%.2f%%  (%.0fs; about %.0f min left)", epoch, args.epochs, lr,
+                 metrics.train_loss, metrics.train_acc, metrics.test_loss, metrics.test_acc,
+                 time.time() - begin, left / 60)
         preemption.point(f"train-epoch-{epoch}", dist.rank)
         if preemption.should_stop(dist):
             raise preemption.stop(f"after epoch {epoch}")
