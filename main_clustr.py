@@ -158,11 +158,10 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
             if args.save_all:
                 save_atomic(ckpt, out.file(files.EPOCH_CHECKPOINT.format(epoch=epoch - 1)))
         state.save(Position(epoch))
-        left = (time.time() - first) / (epoch - start.epoch) * (args.epochs - epoch)
-        log.info("epoch %d/%d  lr %.2g  train loss %.4f acc %.2f%%  test loss %.4f acc "
-                 "%.2f%%  (%.0fs; about %.0f min left)", epoch, args.epochs, lr,
-                 metrics.train_loss, metrics.train_acc, metrics.test_loss, metrics.test_acc,
-                 time.time() - begin, left / 60)
+        log.info("epoch %d/%d  lr %.2g  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%  "
+                 "(%.0fs; about %.0f min left)", epoch, args.epochs, lr, metrics.train_loss,
+                 metrics.train_acc, metrics.test_loss, metrics.test_acc, time.time() - begin,
+                 (time.time() - first) / (epoch - start.epoch) / 60 * (args.epochs - epoch))
         preemption.point(f"train-epoch-{epoch}", dist.rank)
         if preemption.should_stop(dist):
             raise preemption.stop(f"after epoch {epoch}")
