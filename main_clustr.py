@@ -28,8 +28,8 @@ from base.distributed import Dist, close_distributed, init_distributed, process_
 from base.errors import UsageError, one_line
 from base.io import save_atomic, write_text_atomic
 from base.progress import set_quiet
-from datasets.data import balanced_subset, check_same_classes, load_dataset
-from models.checkpoint import build_checkpoint, load_weights
+from datasets.data import balanced_subset, check_available, check_same_classes, load_dataset
+from models.checkpoint import build_checkpoint, check_weights_file, load_weights
 from models.resnet import ResNet18, normalization_for
 from utils.attacks.batch_size import attack_batch
 from utils.eval.adversarial_store import save_adversarial
@@ -44,6 +44,7 @@ from utils.eval.evaluation import (
 from utils.eval.strong_evaluation import evaluate_strong
 from utils.outputs import files, run_log
 from utils.outputs.experiment_dir import ExperimentDir
+from utils.outputs.model_info import write_model_info
 from utils.outputs.results import EpochLog, MetricsCSV
 from utils.train.clustering import check_class_sizes
 from utils.train.resume import Position, RunState, read_resume
@@ -144,6 +145,7 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
         log.info("%d processes: effective batch %d x %d x %d = %d examples per step (the "
                  "learning rate is not rescaled)", dist.world_size, dist.world_size, args.m,
                  args.d, dist.world_size * args.m * args.d)
+    first = time.time()
     for epoch in range(start.epoch + 1, args.epochs + 1):
         begin = time.time()
         lr = optimizer.param_groups[0]["lr"]
@@ -163,9 +165,10 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
             if args.save_all:
                 save_atomic(ckpt, out.file(files.EPOCH_CHECKPOINT.format(epoch=epoch - 1)))
         state.save(Position(epoch))
-        log.info("epoch %d/%d  lr %.2g  train loss %.4f acc %.2f%%  test loss %.4f acc "
-                 "%.2f%%  (%.0fs)", epoch, args.epochs, lr, metrics.train_loss,
-                 metrics.train_acc, metrics.test_loss, metrics.test_acc, time.time() - begin)
+        log.info("epoch %d/%d  lr %.2g  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%  "
+                 "(%.0fs; about %.0f min left)", epoch, args.epochs, lr, metrics.train_loss,
+                 metrics.train_acc, metrics.test_loss, metrics.test_acc, time.time() - begin,
+                 (time.time() - first) / (epoch - start.epoch) / 60 * (args.epochs - epoch))
         preemption.point(f"train-epoch-{epoch}", dist.rank)
         if preemption.should_stop(dist):
             raise preemption.stop(f"after epoch {epoch}")
@@ -222,6 +225,10 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
     out = ExperimentDir(args.checkpoint)
     evaluate_only = args.evaluate_ckpt is not None
     out.check(evaluate_only, args.resume, args.overwrite)  # before anything is read or written
+    if not evaluate_only and args.pretrained_path and not args.resume:
+        check_weights_file(args.pretrained_path)
+    check_available(args.dataset, args.data_root, ("test",) if evaluate_only else
+                    ("train", "test"))
     if not evaluate_only:  # training fixes L and the rule, which the evaluation then uses
         args.L = 10 if args.L is None else args.L
         args.not_normalize = bool(args.not_normalize)
@@ -270,6 +277,8 @@ def evaluate(model, test, eval_cfg: EvalConfig, attack: AttackConfig, out_dir: s
                            dist, state)
     if attack.honest and dist.is_main:
         evaluate_strong(model, test, paper, attack, out_dir, device, state)
+        if attack.autoattack:  # the RobustBench-style card, from the files just written
+            log.info("wrote %s", write_model_info(out_dir, ckpt_path))
     elif attack.save_adv and dist.is_main:
         save_adversarial(os.path.join(out_dir, files.ADVERSARIAL), model, test, paper,
                          batch=attack.test_batch, device=device)

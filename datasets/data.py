@@ -7,6 +7,8 @@ CIFAR, none for SVHN; ToTensor always) are applied to the batch as tensor operat
 from __future__ import annotations
 
 import os
+import socket
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +24,79 @@ _EXPECTED_FILES = {
     "cifar100": "cifar-100-python/ (train, test) or cifar-100-python.tar.gz",
     "svhn": "train_32x32.mat and test_32x32.mat",
 }
+
+
+PROBE_SECONDS = 5.0  # how long the offline check waits for the download server
+
+
+def _split_files(name: str, root: str, split: str) -> list[str]:
+    """The extracted files torchvision reads for ``split`` (its archive is the alternative)."""
+    if name == "cifar10":
+        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        return [os.path.join(root, "cifar-10-batches-py", n) for n in names]
+    if name == "cifar100":
+        return [os.path.join(root, "cifar-100-python", split)]
+    return [os.path.join(root, f"{split}_32x32.mat")]
+
+
+def _download_server(name: str, split: str) -> tuple[str, int]:
+    """Host and port a download would connect to first: the HTTPS proxy where one is set."""
+    import urllib.parse
+    import urllib.request
+
+    import torchvision.datasets as tvd
+
+    url = {"cifar10": tvd.CIFAR10.url, "cifar100": tvd.CIFAR100.url}.get(name) or \
+        tvd.SVHN.split_list[split][0]
+    host = urllib.parse.urlsplit(url).hostname
+    proxy = urllib.request.getproxies().get(urllib.parse.urlsplit(url).scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        return parts.hostname, parts.port or 80
+    return host, 443 if url.startswith("https") else 80
+
+
+def reachable(host: str, port: int, seconds: float = PROBE_SECONDS) -> bool:
+    """True when a TCP connection to ``host`` opens within ``seconds`` (name lookup
+    included: it runs in a thread, so a resolver that hangs cannot hold the run up)."""
+    answer = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=seconds).close()
+            answer.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return bool(answer)
+
+
+def check_available(name: str, root: str, splits=("train", "test")) -> None:
+    """Refuse, before anything is read, data that is neither on disk nor downloadable:
+    an image folder's split folders must exist; a torchvision data set's files must be
+    under ``root``, or its download server must answer within ``PROBE_SECONDS``."""
+    if name == "imagefolder":
+        for split in splits:
+            if not os.path.isdir(os.path.join(root, split)):
+                raise UsageError(f"image folder {os.path.abspath(os.path.join(root, split))} "
+                                 f"not found: --dataset imagefolder needs --data-root DIR "
+                                 f"with DIR/train/<class>/ and DIR/test/<class>/")
+        return
+    if name not in _EXPECTED_FILES:
+        return  # load_dataset names the valid choices
+    archive = os.path.join(root, {"cifar10": "cifar-10-python.tar.gz",
+                                  "cifar100": "cifar-100-python.tar.gz"}.get(name, "-"))
+    missing = [s for s in splits if not os.path.isfile(archive)
+               and not all(os.path.isfile(f) for f in _split_files(name, root, s))]
+    server = _download_server(name, missing[0]) if missing else None
+    if server and not reachable(*server):
+        raise UsageError(f"{name} {missing[0]} set not found in "
+                         f"{os.path.abspath(root)} and could not be downloaded (offline); "
+                         f"place {_EXPECTED_FILES[name]} there, or pass --data-root DIR "
+                         f"({server[0]}:{server[1]} did not answer within {PROBE_SECONDS:g} s)")
 
 
 @dataclass

@@ -9,6 +9,8 @@ arbitrary unpickling) and written with ``base.io.save_atomic``.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from base.errors import UsageError
@@ -38,11 +40,21 @@ def extract_state_dict(obj: dict) -> dict:
     return sd
 
 
+def check_weights_file(path: str) -> None:
+    """Refuse a ``--pretrained-path`` that does not exist, saying how to make one."""
+    if not os.path.exists(path):
+        raise UsageError(f"--pretrained-path {path}: no such file; make the stand-in offline "
+                         f"in seconds with `python -m pretrained_weights.from_autoattack` "
+                         f"(writes pretrained_weights/resnet18.pt), or pretrain one with "
+                         f"`python -m utils.train.pretrain`; see pretrained_weights/README.md")
+
+
 def load_weights(model: torch.nn.Module, path: str) -> None:
     """Copy the weights in ``path`` into ``model`` by name, strictly, with a shape check.
 
     Missing, unexpected and mis-shaped keys are all listed in one error.
     """
+    check_weights_file(path)
     sd = extract_state_dict(load_checkpoint(path))
     if not sd:
         raise UsageError(f"{path} holds no tensors: not a weight file")

@@ -64,6 +64,7 @@ class Experiment:
     strong_images: int | None = None
     strong_seconds: dict[tuple[float, str], float] = field(default_factory=dict)
     relabelled: str | None = None  # why the label is not the training run's
+    model_info: dict | None = None  # model_info.json (RobustBench fields), where present
 
     @property
     def evaluate_only(self) -> bool:
@@ -114,6 +115,8 @@ def load_experiment(path: str, label: str | None = None) -> Experiment:
     if os.path.isfile(os.path.join(path, STRONG_CSV)):
         exp.strong, exp.strong_images, exp.strong_seconds = _read_strong(
             os.path.join(path, STRONG_CSV))
+    if os.path.isfile(os.path.join(path, files.MODEL_INFO)):
+        _read_model_info(os.path.join(path, files.MODEL_INFO), exp)
     exp.label = one_line_text(label or default_label(exp))
     return exp
 
@@ -220,6 +223,27 @@ def _read_strong(path: str):
     if len(sizes) != 1 or not next(iter(sizes)).isdigit():
         raise UsageError(f"{path}: the 'examples' column must hold one image count")
     return acc, int(next(iter(sizes))), seconds
+
+
+def _read_model_info(path: str, exp: Experiment) -> None:
+    """``model_info.json``: its AutoAttack accuracy fills the AutoAttack cell (a folder that
+    has only the card still gets one) and must agree with ``attack_results_strong.csv``."""
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        eps = _number(path, str(info["eps"]).removesuffix("/255"), "eps", 0, 255)
+        acc = _number(path, str(info["autoattack_acc"]), "autoattack_acc", 0, 100)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise UsageError(f"{path} is not a model_info.json of this project "
+                         f"({_first_line(exc)})") from None
+    known = exp.strong.get((eps, "autoattack"))
+    if known is not None and abs(known - acc) > 0.005:
+        raise UsageError(f"{path} (AutoAttack {acc:.2f}%) and {STRONG_CSV} ({known:.2f}%) are "
+                         f"of different runs: evaluate the folder again")
+    exp.strong.setdefault((eps, "autoattack"), acc)
+    if exp.strong_images is None and isinstance(info.get("n_examples"), int):
+        exp.strong_images = info["n_examples"]
+    exp.model_info = info
 
 
 def _first_line(exc: BaseException) -> str:

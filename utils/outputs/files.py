@@ -25,6 +25,7 @@ DIAGNOSTICS = "diagnostics.json"              # --strong / --autoattack
 EVAL_RESUME = "eval_resume.pth"               # what --resume continues an evaluation from
 ADVERSARIAL = "adversarial.pt"                # --save-adv
 AUTOATTACK_LOG = "autoattack_log.txt"         # the GitHub autoattack package's own log
+MODEL_INFO = "model_info.json"                # --autoattack: RobustBench-style model card
 # both
 RUN_LOG = "run.log"                           # every log line, appended across resumes
 ARGS_JSON = "args.json"                       # the arguments, machine-readable
@@ -38,4 +39,5 @@ def pattern(name: str) -> str:
 
 TRAIN_OUTPUTS = (LOG, PARAMS, CHECKPOINT, pattern(EPOCH_CHECKPOINT), RESUME, METRICS)
 EVAL_OUTPUTS = (PARAMS, PAPER_RESULTS, pattern(PREDICTIONS), PLOT, SUMMARY, STRONG_RESULTS,
-                DIAGNOSTICS, EVAL_RESUME, ADVERSARIAL, AUTOATTACK_LOG, RUN_LOG, ARGS_JSON)
+                DIAGNOSTICS, EVAL_RESUME, ADVERSARIAL, AUTOATTACK_LOG, MODEL_INFO, RUN_LOG,
+                ARGS_JSON)

@@ -39,7 +39,14 @@ from base.errors import UsageError, exit_status
 from base.io import save_atomic
 from base.progress import progress, set_quiet
 from base.tensors import autocast, eval_mode, to_device
-from datasets.data import DATASETS, ImageData, augment, balanced_subset, load_dataset
+from datasets.data import (
+    DATASETS,
+    ImageData,
+    augment,
+    balanced_subset,
+    check_available,
+    load_dataset,
+)
 from models.checkpoint import load_weights
 from models.resnet import ResNet18, normalization_for
 from utils.outputs.output_files import check_outputs
@@ -239,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
     args.adv_steps = args.adv_steps or PGD_STEPS
     args.schedule = args.schedule or ("cosine" if args.adversarial == "none" else "onecycle")
     device = resolve_device(args.device)
+    check_available(args.dataset, args.data_root)  # before anything is read
     set_quiet(args.quiet)
     torch.manual_seed(args.seed)
     train = balanced_subset(load_dataset(args.dataset, args.data_root, "train",

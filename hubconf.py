@@ -1,0 +1,50 @@
+"""torch.hub entry points: models that take images in [0, 1] (N, 3, 32, 32) and return logits.
+
+    import torch
+    model = torch.hub.load("path/to/this/repo", "clustr", checkpoint="expA/checkpoint.pth",
+                           source="local")
+    stand_in = torch.hub.load("path/to/this/repo", "resnet18_stand_in", source="local")
+
+Both are returned on the CPU in eval mode. Nothing is downloaded: ``clustr`` reads a
+checkpoint of this project (or of the original code), ``resnet18_stand_in`` the converted
+AutoAttack example network (``python -m pretrained_weights.from_autoattack``).
+"""
+dependencies = ["torch"]
+
+
+def clustr(checkpoint: str, map_location="cpu", dataset: str | None = None,
+           L: int | None = None, normalize: bool | None = None):
+    """The ``ClusterClassifier`` of ``checkpoint``: ``model(x)`` gives the adaptive logits
+    (their arg-max is the paper's prediction), ``model.paper_scores(x)`` the paper's class
+    scores, ``model.embed(x)`` the 512-d embeddings. ``L``/``normalize`` override the file's
+    values; ``dataset`` its input normalisation (see ``ClusterClassifier.from_checkpoint``)."""
+    from models.classifier import ClusterClassifier
+
+    return ClusterClassifier.from_checkpoint(checkpoint, map_location, dataset=dataset, L=L,
+                                             normalize=normalize)
+
+
+def resnet18_stand_in(weights: str | None = None):
+    """The stand-in ResNet18 ClusTR starts from (CIFAR-10, cross-entropy, not robust), as a
+    classifier through its linear head. ``weights``: a file written by
+    ``python -m pretrained_weights.from_autoattack``; without it, ``pretrained_weights/
+    resnet18.pt`` where that exists, else the same weights converted in memory from the
+    installed ``pyautoattack`` package."""
+    import importlib.resources
+    import os
+
+    from models.checkpoint import copy_weights, load_weights
+    from models.classifier import LinearClassifier
+    from models.resnet import ResNet18
+    from pretrained_weights import from_autoattack
+
+    backbone = ResNet18(num_classes=10)
+    path = weights or (str(from_autoattack.DEFAULT_OUT)
+                       if from_autoattack.DEFAULT_OUT.is_file() else None)
+    if path is not None:
+        load_weights(backbone, os.fspath(path))
+    else:
+        source, _ = from_autoattack.package_source()
+        with importlib.resources.as_file(source) as file:
+            copy_weights(backbone, from_autoattack.convert(file), str(file))
+    return LinearClassifier(backbone.eval())

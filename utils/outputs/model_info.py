@@ -1,0 +1,129 @@
+"""``model_info.json``: a RobustBench-style model card of an evaluation with ``--autoattack``.
+
+RobustBench describes each model of its leaderboard in ``model_info/<dataset>/Linf/<Name>.json``
+with the fields ``link``, ``name``, ``authors``, ``additional_data``, ``number_forward_passes``,
+``dataset``, ``venue``, ``architecture``, ``eps`` ("8/255"), ``clean_acc``, ``reported`` and
+``autoattack_acc`` (accuracies as strings with two decimals), and optional ``footnote`` and
+``unreliable``. This file has those fields, plus ``threat_model``, ``n_examples`` (the test
+images AutoAttack ran on), ``checkpoint_sha256`` and ``command``.
+
+Every number is taken from ``attack_results_strong.csv`` of the same folder, on the images
+AutoAttack attacked: ``clean_acc`` the clean row, ``reported`` the paper's PGD (what the paper
+reports), ``autoattack_acc`` AutoAttack, all at the first ``--autoattack-eps``. The command
+is rebuilt from ``args.json`` (every argument that differs from its default).
+
+    python -m utils.outputs.model_info EXPDIR     # (re)write it for a finished evaluation
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+
+from base.errors import UsageError, exit_status
+from base.io import file_sha256, load_checkpoint, write_text_atomic
+from utils.outputs import files
+from utils.outputs.results import read_csv
+from utils.train_setting import build_parser
+
+MODEL_INFO = files.MODEL_INFO
+PAPER = {"link": "https://arxiv.org/abs/2006.07682",
+         "authors": "Motasem Alfarra, Juan C. Pérez, Adel Bibi, Ali Thabet, Pablo Arbeláez, "
+                    "Bernard Ghanem",
+         "venue": "BMVC 2021"}
+
+
+def eps_text(eps: float) -> str:
+    """8.0 -> "8/255", 25.5 -> "25.5/255" (RobustBench's notation)."""
+    return f"{eps:g}/255"
+
+
+def command_line(args: dict) -> str:
+    """``python main_clustr.py`` with every argument in ``args`` that differs from its
+    default: a command that repeats the run."""
+    argv = ["python", "main_clustr.py"]
+    for action in build_parser()._actions:
+        value = args.get(action.dest, action.default)
+        if not action.option_strings or action.dest == "help" or value == action.default \
+                or (isinstance(value, list) and list(action.default or []) == value):
+            continue
+        flag = action.option_strings[-1]
+        if action.nargs == 0:  # a switch: given when its value is the one it stores
+            argv += [flag] if value == action.const else []
+        else:
+            argv += [flag, *map(str, value if isinstance(value, list) else [value])]
+    return shlex.join(argv)
+
+
+def architecture(ckpt: dict, summary: dict) -> str:
+    if summary.get("classifier") != "clusters":
+        return "ResNet-18 (linear head)"
+    rule = "L nearest" if summary.get("normalize_probs", True) else "all clusters"
+    return (f"ResNet-18 + ClusTR cluster head (K={ckpt.get('K')} clusters per class, "
+            f"L={summary.get('L')}, {rule})")
+
+
+def model_card(out_dir: str, ckpt_path: str) -> dict:
+    """The card's fields, read from the folder's result files and the checkpoint."""
+    rows = read_csv(os.path.join(out_dir, files.STRONG_RESULTS))
+    table = {(float(r["epsilon"]), r["attack"]): r for r in rows}
+    aa_eps = [e for e, attack in table if attack == "autoattack"]
+    if not aa_eps:
+        raise UsageError(f"{out_dir}: {files.STRONG_RESULTS} has no AutoAttack row: evaluate "
+                         f"with --autoattack first")
+    eps = aa_eps[0]
+    with open(os.path.join(out_dir, files.SUMMARY)) as f:
+        summary = json.load(f)
+    with open(os.path.join(out_dir, files.ARGS_JSON)) as f:
+        args = json.load(f)
+    ckpt = load_checkpoint(ckpt_path)
+    reported = table.get((eps, "paper-pgd"))
+    name = os.path.basename(os.path.dirname(os.path.abspath(ckpt_path)))
+    clustered = summary.get("classifier") == "clusters"
+    return {
+        "link": PAPER["link"] if clustered else "",
+        "name": f"ClusTR ({name})" if clustered else name,
+        "authors": PAPER["authors"] if clustered else "",
+        "additional_data": False,
+        "number_forward_passes": 1,
+        "dataset": summary.get("dataset") or args.get("dataset"),
+        "venue": PAPER["venue"] if clustered else "",
+        "architecture": architecture(ckpt, summary),
+        "eps": eps_text(eps),
+        "clean_acc": f"{float(table[(0.0, 'clean')]['robust_accuracy']):.2f}",
+        "reported": None if reported is None else f"{float(reported['robust_accuracy']):.2f}",
+        "autoattack_acc": f"{float(table[(eps, 'autoattack')]['robust_accuracy']):.2f}",
+        "footnote": (f"reported: the paper's PGD ({summary.get('iterations')} steps x "
+                     f"{summary.get('restarts')} restarts, step 2/255, cross-entropy on the "
+                     f"bounded cluster scores) on the same images as AutoAttack (standard)"),
+        "threat_model": "Linf",
+        "n_examples": int(rows[0]["examples"]),
+        "checkpoint_sha256": file_sha256(ckpt_path),
+        "command": command_line(args),
+    }
+
+
+def write_model_info(out_dir: str, ckpt_path: str) -> str:
+    path = os.path.join(out_dir, MODEL_INFO)
+    write_text_atomic(path, json.dumps(model_card(out_dir, ckpt_path), indent=2,
+                                       ensure_ascii=False) + "\n")
+    return path
+
+
+def run(argv: list[str]) -> None:
+    if len(argv) != 1 or argv[0].startswith("-"):
+        raise UsageError("usage: python -m utils.outputs.model_info EXPDIR (the --checkpoint "
+                         "folder of an evaluation with --autoattack)")
+    folder = argv[0]
+    for name in (files.STRONG_RESULTS, files.SUMMARY, files.ARGS_JSON):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise UsageError(f"{folder} has no {name}: not an evaluation folder")
+    with open(os.path.join(folder, files.ARGS_JSON)) as f:
+        args = json.load(f)
+    ckpt = args.get("evaluate_ckpt") or os.path.join(folder, files.CHECKPOINT)
+    print(write_model_info(folder, ckpt))
+
+
+if __name__ == "__main__":
+    sys.exit(exit_status(lambda: run(sys.argv[1:])))
