@@ -1,6 +1,6 @@
 """One command, one report: the paper's PGD next to the strongest attacks, per model.
 
-    python -m benchmarks.reproduce --data ../shared/data --out docs/REPRODUCTION.md
+    python -m benchmarks.reproduce --data ../shared/data --out docs/results/REPRODUCTION.md
 
 On the shared data (real CIFAR-10 images and a real pretrained ResNet18) it
 
@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="../shared/data",
                    help="folder with cifar10-subset/ and weights/resnet18_cifar10.pt "
                         "(../shared/data)")
-    p.add_argument("--out", default="docs/REPRODUCTION.md",
-                   help="the report to write (docs/REPRODUCTION.md)")
+    p.add_argument("--out", default="docs/results/REPRODUCTION.md",
+                   help="the report to write (docs/results/REPRODUCTION.md)")
     p.add_argument("--work", default=None,
                    help="folder for the runs (default: reproduce_runs/<date-time>)")
     p.add_argument("--quick", action="store_true",
@@ -232,7 +232,7 @@ def plan(args, b: Budget, work: str) -> list[Step]:
     steps = []
     if "pretrained" in args.models:
         steps.append(Step("pretrained", "k-means clusters of the pretrained network",
-                          ["-m", "benchmarks.pretrained_clusters", "--out", clusters,
+                          ["-m", "utils.pretrained_clusters", "--out", clusters,
                            "--dataset", args.dataset, "--data-root", data_root,
                            "--pretrained-path", weights, "--k", str(b.k), "--L", str(b.L),
                            "--seed", str(b.seed), "--test-subset", str(b.test_images),

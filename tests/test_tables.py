@@ -438,4 +438,4 @@ def test_report_runs_the_models_in_the_order_given(tmp_path):
     args = reproduce.build_parser().parse_args(["--quick", "--models", "free", "pretrained"])
     steps = reproduce.plan(args, reproduce.budget_from(args), str(tmp_path / "work"))
     assert [s.model for s in steps] == ["free", "pretrained", "pretrained"]
-    assert steps[1].argv[:2] == ["-m", "benchmarks.pretrained_clusters"]  # clusters first
+    assert steps[1].argv[:2] == ["-m", "utils.pretrained_clusters"]  # clusters first

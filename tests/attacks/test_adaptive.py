@@ -270,7 +270,7 @@ def test_report_commands_parse(tmp_path):
     steps = reproduce.plan(args, budget, str(tmp_path / "work"))
     assert [s.model for s in steps] == ["pretrained", "pretrained", "clustr", "qtrades",
                                         "free"]
-    from benchmarks.pretrained_clusters import build_parser as clusters_parser
+    from utils.pretrained_clusters import build_parser as clusters_parser
 
     clusters_parser().parse_args(steps[0].argv[2:])
     for s in steps[1:]:

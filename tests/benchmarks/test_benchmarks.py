@@ -102,18 +102,3 @@ def test_bad_flags_exit_2_with_one_line(capsys):
     assert bench.main(["--amp", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
-
-
-def test_kmeans_refresh_times_both_settings_and_restores_the_limit():
-    from benchmarks.kmeans_refresh import measure
-    from utils.train import clustering
-
-    gen = torch.Generator().manual_seed(0)
-    emb = torch.randn(60, 512, generator=gen)
-    labels = torch.arange(3).repeat_interleave(20)
-    res = measure(emb, labels, 3, 2, 1, repeats=2)
-    assert {k: len(v) for k, v in res["seconds"].items()} == {
-        "one thread": 2, "scikit-learn's threads": 2}
-    assert res["max_centroid_difference"] <= 1e-6 and res["max_float64_difference"] <= 1e-12
-    assert res["same_assignments"]
-    assert clustering.KMEANS_THREADS == 1
