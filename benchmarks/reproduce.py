@@ -40,6 +40,7 @@ from benchmarks.reproduce_plan import (
     build_parser,
     plan,
     row_epochs,
+    rows_of,
     training_count,
 )
 from benchmarks.reproduce_report import write_report
@@ -175,6 +176,8 @@ def predicted_minutes(costs: dict, b: Budget, train_count: int) -> float:
     image, per row; every curve point costs what an evaluated image does."""
     total = 0.0
     for row, c in costs["rows"].items():
+        if row not in rows_of(b):
+            continue
         per_image = c["eval_s"] / costs["images"]
         total += per_image * max(b.test_images or 0, b.strong_images)
         if row in TRAINING or row == "fgsm":

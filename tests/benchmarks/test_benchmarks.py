@@ -68,13 +68,6 @@ def test_load_warning_counts_other_work_relative_to_the_cores(monkeypatch):
     cores(2)
     assert bench.contention_warnings({"start": 8.0, "after PGD": 9.0}, 2)
     assert not bench.contention_warnings({"start": 0.2, "after PGD": 2.5}, 2)
-    # the reproduction report applies the same rule to its own calls' load
-    from benchmarks import reproduce
-
-    args = reproduce.build_parser().parse_args([])
-    assert reproduce._load_caveat(args, {"load": 1.0, "load_end": 2.1}) == ""
-    assert "other work" in reproduce._load_caveat(args, {"load": 2.5, "load_end": 2.1})
-    assert "other work" in reproduce._load_caveat(args, {"load": 0.3, "load_end": 5.0})
 
 
 def test_seed_command_measured_whole_on_tiny_sizes():
