@@ -57,7 +57,8 @@ class Run:
     """``WORK/report.json``: the budget, the sittings and every call with its status, so
     that the same command with ``--resume`` continues where the report stopped."""
 
-    def __init__(self, paths: Paths, budget: Budget, argv: list[str], resume: bool):
+    def __init__(self, paths: Paths, budget: Budget, argv: list[str], resume: bool,
+                 sitting: bool = True):
         self.path = os.path.join(REPO, paths(STATE))
         exists = os.path.isfile(self.path)
         if exists and not resume:
@@ -77,8 +78,9 @@ class Run:
             raise UsageError(f"--resume: the report in {paths.work} has {k} {old.get(k)!r} "
                              f"(now {getattr(budget, k)!r}); keep its budget or pass a new "
                              "--work")
-        self.state["argv"] = argv
-        self.state["sittings"].append({"start": time.time(), "load": os.getloadavg()[0]})
+        if sitting:  # not for --render-only
+            self.state["argv"] = argv
+            self.state["sittings"].append({"start": time.time(), "load": os.getloadavg()[0]})
 
     @property
     def steps(self) -> dict:
@@ -249,7 +251,7 @@ def report(args, argv: list[str]) -> int:
     steps = plan(args, budget, paths, train_count)
     if args.measure:
         steps = [s for s in steps if "/curve/" not in s.key]
-    run = Run(paths, budget, argv, args.resume or args.render_only)
+    run = Run(paths, budget, argv, args.resume or args.render_only, not args.render_only)
     if not args.render_only:
         for step in steps:
             run_step(step, run, paths, args.threads)

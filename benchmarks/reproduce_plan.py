@@ -124,7 +124,7 @@ class Paths:
                                                                 "resnet18_cifar10.pt"))
         name = "measure" if args.measure else args.budget
         self.work = rel(args.work or os.path.join("reproduce_runs", name))
-        self.out = args.out or f"docs/results/REPRODUCTION_{name}.md"
+        self.out = rel(args.out or f"docs/results/REPRODUCTION_{name}.md")
 
     def __call__(self, *parts) -> str:
         return os.path.join(self.work, *parts)

@@ -94,7 +94,8 @@ def budget_frame(b: Budget, steps: list[Step], train_count: int) -> pd.DataFrame
             f"{b.iterations} × {b.restarts}",
         "AutoAttack": "standard, 8/255",
         "curves: images, PGD iterations × restarts": f"{b.curve_images}, {b.iterations} × 1",
-        "M of ClusTR+Free": b.replays,
+        "ClusTR+Free": f"M = {b.replays} replays per batch, over epochs / M passes (as free "
+                       "adversarial training is run: the cost of plain training)",
         "L at evaluation": 20,
         "how this budget was chosen": b.chosen,
     }
@@ -173,7 +174,7 @@ def render(run, b: Budget, steps: list[Step], paths: Paths, train_count: int,
 
 
 def write_report(run, b: Budget, steps: list[Step], paths: Paths, train_count: int) -> None:
-    out = os.path.join(REPO, paths.out) if not os.path.isabs(paths.out) else paths.out
+    out = os.path.join(REPO, paths.out)
     png = os.path.splitext(out)[0] + "_curves.png"
     frame = curve_frame(steps, paths)
     if len(frame):

@@ -196,6 +196,9 @@ def test_finished_report_is_reused_and_a_change_is_refused(monkeypatch, data, tm
     assert report(monkeypatch, FakeCalls(), data, work) == 0
     again = FakeCalls()
     assert report(monkeypatch, again, data, work, "--resume") == 0 and again.calls == []
+    (work.parent / "w.md").unlink()
+    assert report(monkeypatch, again, data, work, "--render-only") == 0 and again.calls == []
+    assert "in 2 sitting(s)" in (work.parent / "w.md").read_text()  # not a third
     assert report(monkeypatch, again, data, work) == 2  # without --resume: refused
     assert "--resume" in capsys.readouterr().err
     assert report(monkeypatch, again, data, work, "--resume", "--device", "cpu") == 2
