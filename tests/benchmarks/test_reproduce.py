@@ -228,3 +228,25 @@ def test_curves_have_one_line_per_row_and_attack(monkeypatch, data, tmp_path):
                   (frame["attack"] == "paper PGD")]["accuracy"].item()
     assert math.isclose(point, tables.load_experiment(
         str(work / "clustr" / "curve" / "1")).paper[8.0])
+
+
+def test_a_stopped_call_continues_with_its_own_flags(tmp_path):
+    folder = tmp_path / "run"
+    train = reproduce_plan.Step("r/train", ["main_clustr.py"], [], str(folder))
+    evaluate = reproduce_plan.Step("r/eval", ["main_clustr.py", "--evaluate-ckpt", "c.pth"],
+                                   [], str(folder))
+    assert reproduce.continue_flags(train) == []  # never started: nothing to continue
+    folder.mkdir()
+    (folder / "run.log").write_text("")
+    assert reproduce.continue_flags(train) == ["--overwrite"]  # files, no resume state
+    (folder / "resume.pth").write_bytes(b"")
+    assert reproduce.continue_flags(train) == ["--resume"]
+    assert reproduce.continue_flags(evaluate) == ["--overwrite"]
+    (folder / "eval_resume.pth").write_bytes(b"")
+    assert reproduce.continue_flags(evaluate) == ["--resume"]
+    out = tmp_path / "weights.pt"
+    fgsm = reproduce_plan.Step("fgsm/train", ["-m", "utils.train.pretrain"], [str(out)],
+                               kind="pretrain")
+    assert reproduce.continue_flags(fgsm) == []
+    out.write_bytes(b"")
+    assert reproduce.continue_flags(fgsm) == ["--force"]  # no resume: started again
