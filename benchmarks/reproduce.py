@@ -87,6 +87,8 @@ class Run:
         return self.state["steps"]
 
     def save(self, ended: bool = False) -> None:
+        if self.state["sittings"]:  # the last record of a sitting killed later
+            self.state["sittings"][-1]["saved"] = time.time()
         if ended:
             self.state["sittings"][-1].update(end=time.time(), load_end=os.getloadavg()[0])
         os.makedirs(os.path.dirname(self.path), exist_ok=True)

@@ -61,6 +61,7 @@ def plot_curves(frame: pd.DataFrame, path: str) -> list[str]:
     """One line per row and attack kind (the paper's PGD solid, the worst case dashed);
     returns the lines' labels."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -75,6 +76,7 @@ def plot_curves(frame: pd.DataFrame, path: str) -> list[str]:
                 ax.plot(line["epoch"], line["accuracy"], style, marker="o", color=f"C{i}",
                         label=labels[-1])
     ax.set(xlabel="epoch", ylabel=f"robust accuracy at {CURVE_EPS:g}/255 (%)", ylim=(-2, 102))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -128,10 +130,14 @@ def calls_frame(run_steps: dict, steps: list[Step]) -> pd.DataFrame:
 
 def sittings_frame(sittings: list[dict]) -> pd.DataFrame:
     def when(t):
-        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "(stopped)"
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
-    return pd.DataFrame([{"started": when(s["start"]), "ended": when(s.get("end")),
-                          "minutes": round((s.get("end", s["start"]) - s["start"]) / 60, 1),
+    def end(s):
+        return s.get("end") or s.get("saved", s["start"])
+
+    return pd.DataFrame([{"started": when(s["start"]),
+                          "ended": when(end(s)) + ("" if "end" in s else " (killed)"),
+                          "minutes": round((end(s) - s["start"]) / 60, 1),
                           "load at start": round(s["load"], 1),
                           "load at end": round(s.get("load_end", float("nan")), 1)}
                          for s in sittings])
