@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
 ROWS = {
     "pretrained": "pretrained ResNet18 + k-means clusters (epoch 0, no training)",
     "ce": "plain cross-entropy ResNet18 (the starting weights, linear head)",
@@ -30,6 +31,7 @@ TRAINING = {"clustr": [], "qtrades": ["--consistency-lambda", "12.5"],
             "qtrades-logit": ["--consistency-lambda", "12.5", "--consistency-attack", "logit"],
             "free": []}
 
+
 @dataclass(frozen=True)
 class Budget:
     """What one report trains and attacks; ``None`` images: all of them."""
@@ -46,6 +48,7 @@ class Budget:
     epochs_l8: int | None = None  # the λ = 8 row (only at paper: the original README's 25)
     chosen: str = ""            # how the budget was chosen
 
+
 BUDGETS = {
     "smoke": Budget("smoke", 1, 480, 20, 10, 10, 2, 1, replays=2,
                     chosen="a toy budget that checks the pipeline; its numbers mean nothing"),
@@ -58,8 +61,10 @@ BUDGETS = {
 }
 CPU_BASE = Budget("cpu", 1, None, 500, 500, 100, 20, 1)
 
+
 def rows_of(b: Budget) -> list[str]:
     return [r for r in ROWS if r != "qtrades-l8" or b.epochs_l8]
+
 
 def row_epochs(b: Budget, row: str, train_count: int) -> tuple[int, int | None]:
     """(epochs, training images) of one trained row. ClusTR+Free replays each batch M times,
@@ -73,6 +78,7 @@ def row_epochs(b: Budget, row: str, train_count: int) -> tuple[int, int | None]:
         return max(1, round(b.epochs / b.replays)), b.train_images
     return 1, math.ceil(train_count * b.epochs / b.replays)
 
+
 @dataclass
 class Step:
     key: str                    # row/train, row/eval, row/curve/E
@@ -80,6 +86,7 @@ class Step:
     outputs: list[str]          # files it leaves when it finished
     folder: str | None = None   # main_clustr.py's --checkpoint (its --resume state)
     kind: str = "main"          # main | clusters | pretrain
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.reproduce",
@@ -115,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only rewrite --out from the calls finished in --work")
     return p
 
+
 class Paths:
     """The report's inputs and folders, relative to the repository root."""
 
@@ -129,8 +137,10 @@ class Paths:
     def __call__(self, *parts) -> str:
         return os.path.join(self.work, *parts)
 
+
 def rel(path: str) -> str:
     return path if os.path.isabs(path) else os.path.relpath(os.path.abspath(path), REPO)
+
 
 def training_count(args, paths: Paths) -> int:
     """Training images of the data set, as the loader lists them."""
@@ -140,6 +150,7 @@ def training_count(args, paths: Paths) -> int:
     from torchvision.datasets import ImageFolder
 
     return len(ImageFolder(os.path.join(REPO, paths.data_root, "train")).samples)
+
 
 def plan(args, b: Budget, paths: Paths, train_count: int) -> list[Step]:
     """Every call of the report, in order: per row its training, its evaluation, then the
@@ -163,23 +174,31 @@ def plan(args, b: Budget, paths: Paths, train_count: int) -> list[Step]:
             points = range(1, epochs + 1) if row in TRAINING else [epochs]
             curves += [(f"{row}/curve/{e}", trained if row == "fgsm" else
                         epoch_checkpoint(trained, e)) for e in points]
+    if "pretrained/curve/0" in dict(curves) and "pretrained" not in rows:
+        steps.insert(0, _clusters(b, paths, data))  # the ClusTR curves' epoch 0
     for key, weights in dict(curves).items():
         steps.append(_evaluate(key, paths, weights, data + curve))
     return steps
 
+
+def _clusters(b: Budget, paths: Paths, data: list[str]) -> Step:
+    """The pretrained network's k-means clusters: ClusTR at epoch 0."""
+    out = paths("pretrained", "clusters.pth")
+    return Step("pretrained/train", [
+        "-m", "utils.pretrained_clusters", "--out", out, "--pretrained-path", paths.weights,
+        "--k", "2", "--L", "20", *_subset(b.train_images), *data], [out], kind="clusters")
+
+
 def _start_weights(row: str, paths: Paths) -> str:
     return paths("pretrained", "clusters.pth") if row == "pretrained" else paths.weights
+
 
 def _training(row, b, paths, data, train_count, steps):
     """Append the row's training call; (weights to evaluate, the folder of its per-epoch
     weights, the FGSM baseline's weights, or None, epochs)."""
     if row in ("pretrained", "ce"):
         if row == "pretrained":
-            out = paths("pretrained", "clusters.pth")
-            steps.append(Step("pretrained/train", [
-                "-m", "utils.pretrained_clusters", "--out", out, "--pretrained-path",
-                paths.weights, "--k", "2", "--L", "20", *_subset(b.train_images), *data],
-                [out], kind="clusters"))
+            steps.append(_clusters(b, paths, data))
         return _start_weights(row, paths), None, 0
     epochs, images = row_epochs(b, row, train_count)
     if row == "fgsm":
@@ -207,12 +226,15 @@ def epoch_checkpoint(folder: str, epoch: int) -> str:
     """``--save-all``'s file after ``epoch`` epochs (the original counts them from 0)."""
     return os.path.join(folder, f"checkpoint_{epoch - 1}.pth")
 
+
 def _subset(images: int | None) -> list[str]:
     return [] if images is None else ["--train-subset", str(images)]
+
 
 def _evaluate(key: str, paths: Paths, weights: str, flags: list[str]) -> Step:
     folder = paths(key)
     return Step(key, ["main_clustr.py", "--checkpoint", folder, "--evaluate-ckpt", weights,
                       *flags], [os.path.join(folder, n) for n in RESULT_FILES], folder)
+
 
 RESULT_FILES = ("attack_results_ext.csv", "attack_results_strong.csv")

@@ -96,6 +96,8 @@ def test_quick_budget_is_the_one_epoch_report(data, tmp_path):
     assert (free.epochs, free.train_subset) == (1, 2)  # 1/8 of the 13 images, rounded up
     e = main_clustr.parse_args(steps["clustr/eval"].argv[1:])
     assert (e.test_subset, e.strong_subset, e.iterations, e.restarts) == (100, 100, 20, 1)
+    alone = planned(data, tmp_path, "--rows", "clustr")  # its curve still starts at epoch 0
+    assert list(alone)[0] == "pretrained/train" and "pretrained/eval" not in alone
 
 
 def test_cpu_budget_is_the_most_epochs_the_measured_costs_fit(data, tmp_path, capsys):
