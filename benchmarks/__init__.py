@@ -1,5 +1,5 @@
 """Benchmarks of ClusTR training and evaluation against plain cross-entropy training.
 
 ``python -m benchmarks.run`` measures the ratios R1-R4 and the epoch scaling on whatever
-device is present and writes ``docs/BENCHMARKS.md``. Nothing here runs at import time.
+device is present and writes ``docs/results/BENCHMARKS.md``. Nothing here runs at import time.
 """

@@ -1,4 +1,4 @@
-"""docs/BENCHMARKS.md: the machine, the command, the ratios against their targets, details."""
+"""docs/results/BENCHMARKS.md: the machine, the command, the ratios against targets, details."""
 from __future__ import annotations
 
 TARGETS = {"R1": 1.10, "R2": 1.40, "R3": 0.5, "R4": 0.05}

@@ -1,8 +1,8 @@
-"""Benchmark ClusTR against plain cross-entropy training and write docs/BENCHMARKS.md.
+"""Benchmark ClusTR against plain cross-entropy training and write docs/results/BENCHMARKS.md.
 
     python -m benchmarks.run                 # full run (the report records its duration)
     python -m benchmarks.run --quick         # smoke run of the harness
-    python -m benchmarks.run --device cuda --amp --out docs/BENCHMARKS_cuda.md
+    python -m benchmarks.run --device cuda --amp --out docs/results/BENCHMARKS_cuda.md
 
 Measured in one process (the scaling sizes in one subprocess each), on whatever device is
 present: R1 step ratio, R2 epoch ratio, R3 PGD shrinking ratio, R4 per-step overhead, and
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--L", type=int, default=20, help="nearest clusters voting in R3")
     g.add_argument("--restarts", type=int, default=1, help="PGD restarts in R3")
     g.add_argument("--test-batch", type=int, default=64, help="batch of the PGD sweep")
-    p.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"),
+    p.add_argument("--out", type=Path, default=Path("docs/results/BENCHMARKS.md"),
                    help="the Markdown report")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     p.add_argument("--profile", type=Path, default=None,

@@ -193,24 +193,16 @@ def test_docs_evaluation_session_runs_as_written(readme_layout, monkeypatch):
 
 
 # -- set-up files --------------------------------------------------------------------------
-def _env_lines(path: Path) -> list[str]:
-    """Non-comment lines, with a pip '-r FILE' resolved against the file's folder (conda
-    runs pip there)."""
-    lines = []
-    for line in path.read_text().splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        match = re.match(r"(\s*- -r )(\S+)$", line)
-        if match:
-            target = (path.parent / match.group(2)).resolve()
-            assert target.is_file(), f"{path}: {match.group(2)} does not exist"
-            line = match.group(1) + str(target)
-        lines.append(line)
-    return lines
-
-
-def test_utils_environment_is_the_top_level_environment():
-    assert _env_lines(ROOT / "utils" / "environment.yml") == _env_lines(ROOT / "environment.yml")
+def test_one_environment_file_with_the_pinned_requirements():
+    """utils/environment.yml (the seed's path) is a link to the one environment.yml, whose pip
+    packages are requirements.txt's pins, one for one."""
+    link = ROOT / "utils" / "environment.yml"
+    assert link.is_symlink() and link.resolve() == (ROOT / "environment.yml").resolve()
+    env = (ROOT / "environment.yml").read_text()
+    pip = re.findall(r"(?m)^\s+- (\S+==\S+)$", env)
+    pins = [line for line in (ROOT / "requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert pip == pins and "-r " not in env
 
 
 # -- the inspector -------------------------------------------------------------------------

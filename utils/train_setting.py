@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--save-adv", action="store_true",
                    help="write adversarial.pt: per eps, the adversarial images that fooled "
                         "the model under the paper's PGD and the strongest attack run "
-                        "(docs/long_evaluations.md)")
+                        "(docs/failures.md)")
     n.add_argument("--dist-timeout", type=pos_float, default=600.0, metavar="SECONDS",
                    help="under torchrun: a collective waiting longer than this fails the job "
                         "instead of hanging")

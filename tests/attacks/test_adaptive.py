@@ -10,7 +10,6 @@ import torch.nn as nn
 
 import main_clustr
 from base.errors import UsageError
-from benchmarks import reproduce
 from datasets.data import ImageData, to_float
 from models.classifier import ClusterClassifier
 from models.cluster_head import ClusterHead
@@ -260,24 +259,3 @@ def test_strong_only_flags_need_an_attack(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(["--checkpoint", str(tmp_path / "x"), "--strong-subset", "10"])
     assert exc.value.code == 2 and "--strong" in capsys.readouterr().err
-
-
-def test_report_commands_parse(tmp_path):
-    """Every call the report makes is a valid command line of this project."""
-    args = reproduce.build_parser().parse_args(["--quick", "--epochs", "2"])
-    budget = reproduce.budget_from(args)
-    assert budget.epochs == 2 and budget.test_images == reproduce.QUICK.test_images
-    steps = reproduce.plan(args, budget, str(tmp_path / "work"))
-    assert [s.model for s in steps] == ["pretrained", "pretrained", "clustr", "qtrades",
-                                        "free"]
-    from benchmarks.pretrained_clusters import build_parser as clusters_parser
-
-    clusters_parser().parse_args(steps[0].argv[2:])
-    for s in steps[1:]:
-        assert s.argv[0] == "main_clustr.py"
-        parsed = parse_args(s.argv[1:])
-        assert parsed.strong and parsed.autoattack and parsed.test_subset == 10
-    assert parse_args(steps[3].argv[1:]).consistency_lambda == 12.5
-    free = parse_args(steps[4].argv[1:])
-    assert free.minibatch_replays == reproduce.QUICK.minibatch_replays > 0
-    assert free.consistency_lambda == 0 and free.test_subset == 10

@@ -68,13 +68,6 @@ def test_load_warning_counts_other_work_relative_to_the_cores(monkeypatch):
     cores(2)
     assert bench.contention_warnings({"start": 8.0, "after PGD": 9.0}, 2)
     assert not bench.contention_warnings({"start": 0.2, "after PGD": 2.5}, 2)
-    # the reproduction report applies the same rule to its own calls' load
-    from benchmarks import reproduce
-
-    args = reproduce.build_parser().parse_args([])
-    assert reproduce._load_caveat(args, {"load": 1.0, "load_end": 2.1}) == ""
-    assert "other work" in reproduce._load_caveat(args, {"load": 2.5, "load_end": 2.1})
-    assert "other work" in reproduce._load_caveat(args, {"load": 0.3, "load_end": 5.0})
 
 
 def test_seed_command_measured_whole_on_tiny_sizes():
@@ -102,18 +95,3 @@ def test_bad_flags_exit_2_with_one_line(capsys):
     assert bench.main(["--amp", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
-
-
-def test_kmeans_refresh_times_both_settings_and_restores_the_limit():
-    from benchmarks.kmeans_refresh import measure
-    from utils.train import clustering
-
-    gen = torch.Generator().manual_seed(0)
-    emb = torch.randn(60, 512, generator=gen)
-    labels = torch.arange(3).repeat_interleave(20)
-    res = measure(emb, labels, 3, 2, 1, repeats=2)
-    assert {k: len(v) for k, v in res["seconds"].items()} == {
-        "one thread": 2, "scikit-learn's threads": 2}
-    assert res["max_centroid_difference"] <= 1e-6 and res["max_float64_difference"] <= 1e-12
-    assert res["same_assignments"]
-    assert clustering.KMEANS_THREADS == 1

@@ -6,7 +6,7 @@ sigma^2, and writes a checkpoint with the original's keys (``epoch`` 0) that
 ``main_clustr.py --evaluate-ckpt`` evaluates like any trained one. No weight changes:
 this is exactly the state ClusTR training starts its first epoch from.
 
-    python -m benchmarks.pretrained_clusters --dataset imagefolder \
+    python -m utils.pretrained_clusters --dataset imagefolder \
         --data-root ../shared/data/cifar10-subset \
         --pretrained-path ../shared/data/weights/resnet18_cifar10.pt \
         --k 2 --L 20 --out runs/pretrained_clusters/checkpoint.pth
@@ -33,7 +33,7 @@ log = logging.getLogger("clustr")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.pretrained_clusters",
+    p = argparse.ArgumentParser(prog="python -m utils.pretrained_clusters",
                                 description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="checkpoint file to write")

@@ -1,0 +1,240 @@
+"""What the reproduction report runs: its rows, budgets and calls (``benchmarks.reproduce``).
+
+Every call is a command of this project with its arguments, run from the repository root;
+this module only plans them.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+ROWS = {
+    "pretrained": "pretrained ResNet18 + k-means clusters (epoch 0, no training)",
+    "ce": "plain cross-entropy ResNet18 (the starting weights, linear head)",
+    "clustr": "ClusTR",
+    "qtrades": "ClusTR+QTRADES (λ=12.5, L=20 in training)",
+    "qtrades-l8": "ClusTR+QTRADES (λ=8, L=10 in training)",
+    "qtrades-original": "ClusTR+QTRADES as the original trains it (--as-original, λ=12.5)",
+    "qtrades-logit": "ClusTR+QTRADES, logit adversary (λ=12.5)",
+    "free": "ClusTR+Free",
+    "fgsm": "cross-entropy FGSM adversarial training (fast AT, one-cycle)",
+}
+# the main_clustr.py training flags of each ClusTR row, beyond the shared ones
+TRAINING = {"clustr": [], "qtrades": ["--consistency-lambda", "12.5"],
+            "qtrades-l8": ["--consistency-lambda", "8"],
+            "qtrades-original": ["--consistency-lambda", "12.5", "--as-original"],
+            "qtrades-logit": ["--consistency-lambda", "12.5", "--consistency-attack", "logit"],
+            "free": []}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one report trains and attacks; ``None`` images: all of them."""
+
+    name: str
+    epochs: int                 # ClusTR and its variants, and the FGSM baseline
+    train_images: int | None
+    test_images: int | None     # the paper's sweep and the clean accuracy
+    strong_images: int          # PGD-CE, PGD-DLR, AutoAttack: fixed, class-balanced
+    curve_images: int           # the per-epoch curves (paper's PGD and --strong, 1 restart)
+    iterations: int
+    restarts: int
+    replays: int = 8            # M of ClusTR+Free
+    epochs_l8: int | None = None  # the λ = 8 row (only at paper: the original README's 25)
+    chosen: str = ""            # how the budget was chosen
+
+
+BUDGETS = {
+    "smoke": Budget("smoke", 1, 480, 20, 10, 10, 2, 1, replays=2,
+                    chosen="a toy budget that checks the pipeline; its numbers mean nothing"),
+    "quick": Budget("quick", 1, None, 100, 100, 50, 20, 1,
+                    chosen="the budget of the report of 2026-12-01: one epoch, 100 images"),
+    "paper": Budget("paper", 30, None, None, 1000, 200, 20, 10, epochs_l8=25,
+                    chosen="the original's settings (its utils/train_settings.py and README: "
+                           "30 epochs, PGD 20 iterations × 10 restarts at evaluation; the "
+                           "λ = 8 row 25 epochs)"),
+}
+CPU_BASE = Budget("cpu", 1, None, 500, 500, 100, 20, 1)
+
+
+def rows_of(b: Budget) -> list[str]:
+    return [r for r in ROWS if r != "qtrades-l8" or b.epochs_l8]
+
+
+def row_epochs(b: Budget, row: str, train_count: int) -> tuple[int, int | None]:
+    """(epochs, training images) of one trained row. ClusTR+Free replays each batch M times,
+    so, as free adversarial training is run, it makes epochs / M passes (rounded, at least
+    one); below M epochs, one pass over epochs / M of the images (class-balanced)."""
+    if row == "qtrades-l8":
+        return b.epochs_l8, b.train_images
+    if row != "free":
+        return b.epochs, b.train_images
+    if b.epochs >= b.replays:
+        return max(1, round(b.epochs / b.replays)), b.train_images
+    return 1, math.ceil(train_count * b.epochs / b.replays)
+
+
+@dataclass
+class Step:
+    key: str                    # row/train, row/eval, row/curve/E
+    argv: list[str]             # after "python", run from the repository root
+    outputs: list[str]          # files it leaves when it finished
+    folder: str | None = None   # main_clustr.py's --checkpoint (its --resume state)
+    kind: str = "main"          # main | clusters | pretrain
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgParser(prog="python -m benchmarks.reproduce",
+                  description=__doc__.splitlines()[0])
+    p.add_argument("--budget", choices=[*BUDGETS, "cpu"], default="quick",
+                   help="smoke (pipeline check), quick (one epoch), cpu (the largest budget "
+                        "the measured costs fit in 90 minutes on 2 idle cores), paper (the "
+                        "original's settings)")
+    p.add_argument("--measure", action="store_true",
+                   help="train one epoch per row and attack a few images: write the costs "
+                        "--budget cpu is chosen from (--costs)")
+    p.add_argument("--costs", default="docs/results/cpu_costs.json",
+                   help="the costs file --measure writes and --budget cpu reads")
+    p.add_argument("--measure-images", type=int, default=40, help="images --measure attacks")
+    p.add_argument("--data", default="../shared/data",
+                   help="folder with cifar10-subset/ and weights/resnet18_cifar10.pt")
+    p.add_argument("--dataset", default="imagefolder", help="(imagefolder)")
+    p.add_argument("--data-root", default=None, help="(DATA/cifar10-subset)")
+    p.add_argument("--pretrained-path", default=None,
+                   help="the starting weights (DATA/weights/resnet18_cifar10.pt)")
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None,
+                   help="a subset of the rows (all of the budget's)")
+    p.add_argument("--work", default=None, help="folder of the runs (reproduce_runs/BUDGET)")
+    p.add_argument("--out", default=None,
+                   help="the report (docs/results/REPRODUCTION_BUDGET.md)")
+    p.add_argument("--device", default="auto", help="passed to every call (auto)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS of every call (PyTorch's choice)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the report in --work: reuse its finished calls, continue "
+                        "the stopped one")
+    p.add_argument("--render-only", action="store_true",
+                   help="only rewrite --out from the calls finished in --work")
+    return p
+
+
+class Paths:
+    """The report's inputs and folders, relative to the repository root."""
+
+    def __init__(self, args):
+        self.data_root = rel(args.data_root or os.path.join(args.data, "cifar10-subset"))
+        self.weights = rel(args.pretrained_path or os.path.join(args.data, "weights",
+                                                                "resnet18_cifar10.pt"))
+        name = "measure" if args.measure else args.budget
+        self.work = rel(args.work or os.path.join("reproduce_runs", name))
+        self.out = rel(args.out or f"docs/results/REPRODUCTION_{name}.md")
+
+    def __call__(self, *parts) -> str:
+        return os.path.join(self.work, *parts)
+
+
+def rel(path: str) -> str:
+    return path if os.path.isabs(path) else os.path.relpath(os.path.abspath(path), REPO)
+
+
+def training_count(args, paths: Paths) -> int:
+    """Training images of the data set, as the loader lists them."""
+    known = {"cifar10": 50000, "cifar100": 50000, "svhn": 73257}
+    if args.dataset in known:
+        return known[args.dataset]
+    from torchvision.datasets import ImageFolder
+
+    return len(ImageFolder(os.path.join(REPO, paths.data_root, "train")).samples)
+
+
+def plan(args, b: Budget, paths: Paths, train_count: int) -> list[Step]:
+    """Every call of the report, in order: per row its training, its evaluation, then the
+    curves (epoch 0 of the ClusTR rows is the pretrained clusters, of the FGSM baseline the
+    plain network)."""
+    data = ["--dataset", args.dataset, "--data-root", paths.data_root, "--seed", "111",
+            "--device", args.device, "--quiet"]
+    attack = ["--iterations", str(b.iterations), "--L", "20"]
+    sizes = [] if b.test_images is None else ["--test-subset", str(b.test_images)]
+    evaluation = [*attack, "--restarts", str(b.restarts), *sizes, "--strong", "--autoattack",
+                  "--strong-subset", str(b.strong_images)]
+    curve = [*attack, "--restarts", "1", "--test-subset", str(b.curve_images), "--strong"]
+    rows = [r for r in rows_of(b) if args.rows is None or r in args.rows]
+    steps, curves = [], []
+    for row in rows:
+        weights, trained, epochs = _training(row, b, paths, data, train_count, steps)
+        steps.append(_evaluate(f"{row}/eval", paths, weights, data + evaluation))
+        if trained is not None:  # the curve: every epoch (the FGSM baseline: its last)
+            start = "pretrained" if row in TRAINING else "ce"
+            curves += [(f"{start}/curve/0", _start_weights(start, paths))]
+            points = range(1, epochs + 1) if row in TRAINING else [epochs]
+            curves += [(f"{row}/curve/{e}", trained if row == "fgsm" else
+                        epoch_checkpoint(trained, e)) for e in points]
+    if "pretrained/curve/0" in dict(curves) and "pretrained" not in rows:
+        steps.insert(0, _clusters(b, paths, data))  # the ClusTR curves' epoch 0
+    for key, weights in dict(curves).items():
+        steps.append(_evaluate(key, paths, weights, data + curve))
+    return steps
+
+
+def _clusters(b: Budget, paths: Paths, data: list[str]) -> Step:
+    """The pretrained network's k-means clusters: ClusTR at epoch 0."""
+    out = paths("pretrained", "clusters.pth")
+    return Step("pretrained/train", [
+        "-m", "utils.pretrained_clusters", "--out", out, "--pretrained-path", paths.weights,
+        "--k", "2", "--L", "20", *_subset(b.train_images), *data], [out], kind="clusters")
+
+
+def _start_weights(row: str, paths: Paths) -> str:
+    return paths("pretrained", "clusters.pth") if row == "pretrained" else paths.weights
+
+
+def _training(row, b, paths, data, train_count, steps):
+    """Append the row's training call; (weights to evaluate, the folder of its per-epoch
+    weights, the FGSM baseline's weights, or None, epochs)."""
+    if row in ("pretrained", "ce"):
+        if row == "pretrained":
+            steps.append(_clusters(b, paths, data))
+        return _start_weights(row, paths), None, 0
+    epochs, images = row_epochs(b, row, train_count)
+    if row == "fgsm":
+        out = paths("fgsm", "weights.pt")
+        steps.append(Step("fgsm/train", [
+            "-m", "utils.train.pretrain", "--out", out, "--pretrained-path", paths.weights,
+            "--adversarial", "fgsm", "--epochs", str(epochs), *_subset(images),
+            "--test-subset", str(b.curve_images), *data], [out], kind="pretrain"))
+        return out, out, epochs
+    folder = paths(row, "train")
+    flags = TRAINING[row] + (["--minibatch-replays", str(b.replays)] if row == "free" else [])
+    steps.append(Step(f"{row}/train", [
+        "main_clustr.py", "--checkpoint", folder, "--pretrained-path", paths.weights,
+        "--epochs", str(epochs), "--lr", "0.0001", "--m", "12", "--d", "20", "--k", "2",
+        "--alpha", "12.5", "--L", "10" if row == "qtrades-l8" else "20", *flags,
+        *_subset(images), "--save-all", *data,
+        # the sweep that ends every training run, kept small: the evaluation is its own call
+        "--test-subset", str(b.curve_images), "--iterations", "1", "--restarts", "1"],
+        [os.path.join(folder, "checkpoint.pth")] +
+        [epoch_checkpoint(folder, e) for e in range(1, epochs + 1)], folder))
+    return os.path.join(folder, "checkpoint.pth"), folder, epochs
+
+
+def epoch_checkpoint(folder: str, epoch: int) -> str:
+    """``--save-all``'s file after ``epoch`` epochs (the original counts them from 0)."""
+    return os.path.join(folder, f"checkpoint_{epoch - 1}.pth")
+
+
+def _subset(images: int | None) -> list[str]:
+    return [] if images is None else ["--train-subset", str(images)]
+
+
+def _evaluate(key: str, paths: Paths, weights: str, flags: list[str]) -> Step:
+    folder = paths(key)
+    return Step(key, ["main_clustr.py", "--checkpoint", folder, "--evaluate-ckpt", weights,
+                      *flags], [os.path.join(folder, n) for n in RESULT_FILES], folder)
+
+
+RESULT_FILES = ("attack_results_ext.csv", "attack_results_strong.csv")
