@@ -10,6 +10,8 @@ import math
 import os
 from dataclasses import dataclass
 
+from base.cli import ArgParser
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
