@@ -217,16 +217,19 @@ def test_magnet_loss_on_the_gpu_equals_the_cpu():
     torch.testing.assert_close(grads[1], grads[0], rtol=2e-2, atol=1e-5)
 
 
-def test_kmeans_on_the_gpu_matches_scikit_learns_inertia(real_subset, real_weights, images):
+def test_kmeans_on_the_gpu_matches_scikit_learns_inertia(real_subset, real_weights):
     """``--kmeans-device`` on the GPU: per-class fits whose total inertia is within 1% of
-    scikit-learn's on the embeddings of 100 shared test images."""
+    scikit-learn's on the embeddings of 300 shared test images, with ten starts (with one,
+    either algorithm varies by a few percent from seed to seed: tests/train/
+    test_kmeans_device.py)."""
     from tests.train.test_kmeans_device import inertia
     from utils.train.clustering import fit_clusters
 
-    emb = compute_embeddings(real_backbone(str(real_weights)), images.images, 50, CPU)
-    ours = fit_clusters(emb, images.labels, 10, 2, 1, 20, 1, GPU)
-    theirs = fit_clusters(emb, images.labels, 10, 2, 1, 20, 1)
-    totals = [sum(inertia(emb[images.labels == c], fit.centers[2 * c:2 * c + 2])
+    data = real_test_data(str(real_subset), 300, 0)
+    emb = compute_embeddings(real_backbone(str(real_weights)), data.images, 100, CPU)
+    ours = fit_clusters(emb, data.labels, 10, 2, 10, 40, 1, GPU)
+    theirs = fit_clusters(emb, data.labels, 10, 2, 10, 40, 1)
+    totals = [sum(inertia(emb[data.labels == c], fit.centers[2 * c:2 * c + 2])
                   for c in range(10)) for fit in (ours, theirs)]
     assert ours.centers.device.type == "cpu"
     assert abs(totals[0] - totals[1]) <= 0.01 * totals[1], totals

@@ -50,17 +50,26 @@ def test_kmeans_plusplus_spreads_its_starts_and_is_seeded():
 
 
 def test_inertia_within_one_percent_on_the_shared_embeddings(real_subset, real_weights):
+    """Per-class fits as training makes them, on 300 shared test images (30 per class). With
+    one start (CIFAR-10's setting) the inertia of either algorithm varies by a few percent
+    from seed to seed, so the means over eight seeds are compared; with ten starts (the
+    other data sets' setting) every fit settles, and one seed is compared."""
     data = real_test_data(str(real_subset), 300, 0)
     emb = compute_embeddings(real_backbone(str(real_weights)), data.images, 100,
                              torch.device("cpu"))  # (300, 512)
-    for n_init, max_iter in (kmeans_settings("cifar10"), kmeans_settings("svhn")):
-        ours = fit_clusters(emb, data.labels, 10, 2, n_init, max_iter, 1, torch.device("cpu"))
-        theirs = fit_clusters(emb, data.labels, 10, 2, n_init, max_iter, 1)
-        assert torch.equal(ours.classes, theirs.classes)
-        # the total over the classes (one class's 30 points may settle in another optimum)
-        totals = [sum(inertia(emb[data.labels == c], fit.centers[2 * c:2 * c + 2])
-                      for c in range(10)) for fit in (ours, theirs)]
-        assert abs(totals[0] - totals[1]) <= 0.01 * totals[1], (n_init, max_iter, totals)
+
+    def total(n_init, max_iter, seed, device=None):
+        fit = fit_clusters(emb, data.labels, 10, 2, n_init, max_iter, seed, device)
+        return sum(inertia(emb[data.labels == c], fit.centers[2 * c:2 * c + 2])
+                   for c in range(10))
+
+    cpu = torch.device("cpu")
+    one_start = kmeans_settings("cifar10")
+    ours = sum(total(*one_start, seed, cpu) for seed in range(8))
+    theirs = sum(total(*one_start, seed) for seed in range(8))
+    assert abs(ours - theirs) <= 0.01 * theirs, (ours, theirs)
+    ours, theirs = total(*kmeans_settings("svhn"), 1, cpu), total(*kmeans_settings("svhn"), 1)
+    assert abs(ours - theirs) <= 0.01 * theirs, (ours, theirs)
 
 
 def test_the_trainer_fits_on_the_device_only_when_asked(monkeypatch):
