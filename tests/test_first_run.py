@@ -97,7 +97,11 @@ def test_files_on_disk_need_no_network(tmp_path, monkeypatch):
 
 
 def test_probe_does_not_wait_for_a_hanging_resolver(monkeypatch):
-    monkeypatch.setattr(data.socket, "create_connection", lambda *a, **k: time.sleep(30))
+    def hang(*args, **kwargs):  # a resolver that answers long after the probe gave up
+        time.sleep(3)
+        raise OSError("simulated: timed out")
+
+    monkeypatch.setattr(data.socket, "create_connection", hang)
     assert data.reachable("example.invalid", 443, seconds=0.2) is False
 
 
