@@ -5,8 +5,8 @@
 
 Embeds the real training images once (eval mode, no augmentation: what the refresh embeds),
 then times ``fit_clusters`` (per-class k-means with CIFAR-10's settings, assignments and
-sigma^2) alternately with ``KMEANS_THREADS = 1`` (the default) and ``None`` (scikit-learn
-chooses its OpenMP and BLAS threads), and checks that both give the same centroids.
+sigma^2) alternately with ``threads=1`` (the default) and ``None`` (scikit-learn chooses
+its OpenMP and BLAS threads), and checks that both give the same centroids.
 """
 from __future__ import annotations
 
@@ -38,18 +38,13 @@ def measure(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, K: int, s
     settings = {"one thread": 1, "scikit-learn's threads": None}
     seconds: dict[str, list[float]] = {name: [] for name in settings}
     centers = {}
-    saved = clustering.KMEANS_THREADS
-    try:
-        for round_ in range(1 + repeats):
-            for name, threads in settings.items():
-                clustering.KMEANS_THREADS = threads
-                fit, s = timed(lambda: clustering.fit_clusters(
-                    emb, labels, num_classes, K, n_init, max_iter, seed), torch.device("cpu"))
-                centers[name] = (fit.centers, fit)
-                if round_ > 0:
-                    seconds[name].append(s)
-    finally:
-        clustering.KMEANS_THREADS = saved
+    for round_ in range(1 + repeats):
+        for name, threads in settings.items():
+            fit, s = timed(lambda t=threads: clustering.fit_clusters(
+                emb, labels, num_classes, K, n_init, max_iter, seed, t), torch.device("cpu"))
+            centers[name] = (fit.centers, fit)
+            if round_ > 0:
+                seconds[name].append(s)
     (a, fa), (b, fb) = centers.values()
     return {"seconds": seconds, "max_centroid_difference": float((a - b).abs().max()),
             "max_float64_difference": float64_difference(emb, labels, num_classes, K, n_init,
