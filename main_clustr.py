@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from base import preemption
-from base.cli import config
+from base.cli import config, resume_settings
 from base.device import resolve_device
 from base.distributed import Dist, close_distributed, init_distributed, process_device
 from base.errors import UsageError, one_line
@@ -49,7 +49,7 @@ from utils.outputs.results import EpochLog, MetricsCSV
 from utils.train.clustering import check_class_sizes
 from utils.train.resume import Position, RunState, read_resume
 from utils.train.training import ClusTRTrainer, TrainConfig
-from utils.train_setting import params_line, parse_args, run_arguments
+from utils.train_setting import ignored_arguments, params_line, parse_args, run_arguments
 
 log = logging.getLogger("clustr")
 
@@ -89,9 +89,10 @@ def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist | None 
     model = ResNet18(train_set.num_classes, mean, std)
     run_args = run_arguments(args)
     resume = read_resume(out.file(files.RESUME), run_args, args.epochs) if args.resume else None
-    if resume is not None:  # an evaluation already started goes on with its arguments
-        check_eval_arguments(out.file(files.EVAL_RESUME), args, out.file(files.CHECKPOINT),
-                             resume["epoch"])
+    if resume is not None and resume["epoch"] >= args.epochs:  # its evaluation goes on
+        check_eval_arguments(out.file(files.EVAL_RESUME), resume_settings(
+            config(EvalConfig, args, normalize=not args.not_normalize),
+            config(AttackConfig, args)), out.file(files.CHECKPOINT))
     if resume is None and args.pretrained_path:
         load_weights(model, args.pretrained_path)
     elif resume is None:
@@ -221,6 +222,8 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
     if not dist.is_main:  # one voice: the main process logs and shows progress
         logging.getLogger().setLevel(logging.WARNING)
     set_quiet(args.quiet or not dist.is_main)
+    for warning in ignored_arguments(args):
+        log.warning(warning)
     seed_everything(args.seed)
     out = ExperimentDir(args.checkpoint)
     evaluate_only = args.evaluate_ckpt is not None
@@ -243,14 +246,15 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
     model, test = load_eval_inputs(eval_cfg, args.evaluate_ckpt)
     check_strong_subset(args, test)
     state = open_eval_state(eval_cfg, attack, args.evaluate_ckpt, test, out.path, device, dist,
-                            args.resume)
+                            "continue" if args.resume else None)
     dist.barrier()  # every process checked its inputs before anything is written
     if dist.is_main:
         out.prepare(evaluate_only=True, overwrite=args.overwrite, inputs=[args.evaluate_ckpt])
         run_log.attach(out.path)
         write_text_atomic(out.file(files.PARAMS), params_line(args) + "\n")
         run_log.write_args_json(out.path, args)
-    evaluate(model, test, eval_cfg, attack, out.path, device, args.evaluate_ckpt, dist, state)
+    evaluate(model, test, attack, out.path, device, about(args.evaluate_ckpt, eval_cfg), dist,
+             state)
     return 0
 
 
@@ -261,24 +265,28 @@ def evaluate_checkpoint(eval_cfg: EvalConfig, attack: AttackConfig, ckpt_path: s
     evaluated) and evaluate it; with ``resume``, from where its evaluation stopped (an
     evaluation of an older checkpoint starts afresh)."""
     model, test = load_eval_inputs(eval_cfg, ckpt_path)
-    state = open_eval_state(eval_cfg, attack, ckpt_path, test, out_dir, device, dist, resume,
-                            after_training=True)
-    evaluate(model, test, eval_cfg, attack, out_dir, device, ckpt_path, dist, state)
+    state = open_eval_state(eval_cfg, attack, ckpt_path, test, out_dir, device, dist,
+                            "unless-retrained" if resume else None)
+    evaluate(model, test, attack, out_dir, device, about(ckpt_path, eval_cfg), dist, state)
 
 
-def evaluate(model, test, eval_cfg: EvalConfig, attack: AttackConfig, out_dir: str,
-             device: torch.device, ckpt_path: str, dist: Dist, state=None) -> None:
-    """The paper's PGD sweep, then (on the main process) the honest evaluation, on the same
+def about(ckpt_path: str, eval_cfg: EvalConfig) -> dict:
+    """What the evaluation summary names first: the checkpoint and the data set."""
+    return {"checkpoint": os.path.abspath(ckpt_path), "dataset": eval_cfg.dataset}
+
+
+def evaluate(model, test, attack: AttackConfig, out_dir: str, device: torch.device,
+             about: dict, dist: Dist, state=None) -> None:
+    """The paper's PGD sweep, then (on the main process) the strong evaluation, on the same
     test images; ``state`` (``utils.eval.eval_state``) keeps the progress for --resume. The
     attack batch is settled once, for all of them."""
     attack = dataclasses.replace(attack, attack_batch=attack_batch(attack.attack_batch, model,
                                                                    device, len(test)))
-    paper = evaluate_model(model, test, attack, out_dir, device, ckpt_path, eval_cfg.dataset,
-                           dist, state)
-    if attack.honest and dist.is_main:
+    paper = evaluate_model(model, test, attack, out_dir, device, about, dist, state)
+    if attack.any_strong and dist.is_main:
         evaluate_strong(model, test, paper, attack, out_dir, device, state)
         if attack.autoattack:  # the RobustBench-style card, from the files just written
-            log.info("wrote %s", write_model_info(out_dir, ckpt_path))
+            log.info("wrote %s", write_model_info(out_dir, about["checkpoint"]))
     elif attack.save_adv and dist.is_main:
         save_adversarial(os.path.join(out_dir, files.ADVERSARIAL), model, test, paper,
                          batch=attack.test_batch, device=device)

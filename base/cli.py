@@ -86,3 +86,22 @@ def config(cls, args: argparse.Namespace, **values):
     if values:
         raise TypeError(f"{cls.__name__} has no field(s) {', '.join(values)}")
     return cls(**out)
+
+
+def resume_field(default, flag: str | None = None):
+    """A config field whose value changes what is computed: a resumed run must repeat it.
+    ``flag`` names it in the refusal (default ``--field-name``)."""
+    return dataclasses.field(default=default, metadata={"resume": flag})
+
+
+def resume_settings(*configs) -> dict:
+    """What a resumed run must repeat: the ``resume_field`` values of ``configs``, keyed by
+    their flags, as plain types (lists for tuples)."""
+    out = {}
+    for cfg in configs:
+        for f in dataclasses.fields(cfg):
+            if "resume" in f.metadata:
+                value = getattr(cfg, f.name)
+                out[f.metadata["resume"] or "--" + f.name.replace("_", "-")] = (
+                    list(value) if isinstance(value, tuple) else value)
+    return out

@@ -72,11 +72,6 @@ def uninstall() -> None:
     _STATE.update(signum=None, immediate=False, installed=False)
 
 
-def requested() -> int | None:
-    """The signal number of a pending stop request on this process, or None."""
-    return _STATE["signum"]
-
-
 def should_stop(dist=None) -> bool:
     """True when this process, or under torchrun any process, was asked to stop. Every
     process must call it at the same points (it is a collective there)."""

@@ -9,6 +9,8 @@ import torch
 from base.tensors import to_device
 from datasets.data import ImageData, augment
 from models.classifier import ClusterClassifier
+from utils.attacks.pgd import PGD
+from utils.attacks.sweep import AttackContext
 from utils.eval.evaluation import run_sweep
 from utils.train.clustering import fit_cluster_classifier, fit_clusters, kmeans_settings
 from utils.train.embeddings import compute_embeddings, default_embed_batch
@@ -149,7 +151,8 @@ def measure_pgd(model: ClusterClassifier, test: ImageData, device: torch.device,
     """R3: the paper's PGD sweep with the shrinking active set and with masking, alternated,
     after a small warm-up of each; robust accuracies and per-example disagreements."""
     def sweep(data, shrink, its=iterations, eps=epsilons):
-        return run_sweep(model, data, eps, its, restarts, seed, batch, device, shrink=shrink)
+        return run_sweep(AttackContext(model, data, device, batch, seed),
+                         PGD(iterations=its, restarts=restarts, shrink=shrink), batch, eps)
 
     warm = test.take(slice(batch))
     for shrink in (True, False):
@@ -164,9 +167,8 @@ def measure_pgd(model: ClusterClassifier, test: ImageData, device: torch.device,
     a, b = results["shrink"], results["mask"]
     per_eps = []
     for ra, rb in zip(a.per_eps, b.per_eps):
-        per_eps.append({"eps": ra.eps, "acc_shrink": ra.accuracy(a.labels),
-                        "acc_mask": rb.accuracy(b.labels),
-                        "differ": int((ra.adv_pred != rb.adv_pred).sum())})
+        per_eps.append({"eps": ra.eps, "acc_shrink": ra.accuracy, "acc_mask": rb.accuracy,
+                        "differ": int((ra.pred != rb.pred).sum())})
     med = {name: median(s) for name, s in seconds.items()}
     differ = sum(e["differ"] for e in per_eps)
     return {"images": len(test), "clean_acc": a.clean_acc, "iterations": iterations,

@@ -25,7 +25,7 @@ import torch
 from base.device import resolve_device
 from base.errors import UsageError, exit_status
 from base.progress import set_quiet
-from utils.eval.evaluation import EPSILONS
+from utils.attacks.pgd import EPSILONS
 
 from .machine import busy_loads, collect_env, load_average, machine_info, usable_cores
 from .measures import (

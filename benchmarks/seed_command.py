@@ -20,7 +20,9 @@ import torch
 
 from models.classifier import ClusterClassifier
 from utils.attacks.batch_size import attack_batch
-from utils.eval.evaluation import EPSILONS, run_sweep
+from utils.attacks.pgd import EPSILONS, PGD
+from utils.attacks.sweep import AttackContext
+from utils.eval.evaluation import run_sweep
 
 from .timing import sync
 from .workloads import make_workload, synthetic_data
@@ -97,8 +99,8 @@ def measure(device: torch.device, amp: bool, seed_value: int = 111,
     model = ClusterClassifier(w.trainer.model, w.trainer.head()).to(device)
     batch = attack_batch(None, model, device, seed.test_images)
     begin = time.perf_counter()
-    result = run_sweep(model, test, EPSILONS, seed.iterations, seed.restarts, seed_value,
-                       batch=64, device=device, attack_batch=batch)
+    result = run_sweep(AttackContext(model, test, device, batch, seed_value),
+                       PGD(iterations=seed.iterations, restarts=seed.restarts), 64)
     sync(device)
     sweep = time.perf_counter() - begin
     return {"kind": "measured", "epoch_samples": epochs, "training_s": training,

@@ -17,6 +17,7 @@ import torch.nn as nn
 from datasets.data import ImageData, balanced_subset, load_dataset, to_float
 from models.checkpoint import load_weights
 from models.resnet import ResNet18
+from utils.attacks.pgd import PGD, AttackResult, kept, paper_loss, pgd_restart
 from utils.train.clustering import fit_cluster_classifier
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
@@ -86,3 +87,26 @@ def real_cluster_classifier(subset_dir: str, weights: str):
 
 def images_of(data: ImageData) -> torch.Tensor:
     return to_float(data.images)
+
+
+def pgd(model, x, y, eps, step, iterations, restarts, keys_fn, loss_fn=paper_loss,
+        shrink=True, fooled_wins=False):
+    """PGD with restarts on one batch of float images, merged by ``kept`` as the sweep
+    merges them; ``keys_fn(restart)`` gives the start seeds. With ``fooled_wins`` each
+    restart attacks only the examples still robust, ``keys_fn(restart, rows)`` giving theirs."""
+    attack = PGD("test", loss_fn, iterations, 1, step, fooled_wins, shrink)
+    n = len(x)
+    best = AttackResult(torch.zeros_like(x), x.new_full((n,), -float("inf")), y.clone(),
+                        torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long))
+    for r in range(restarts):
+        rows = best.correct.nonzero().flatten() if fooled_wins else torch.arange(n)
+        if len(rows) == 0:
+            break
+        keys = keys_fn(r, rows) if fooled_wins else keys_fn(r)
+        res = pgd_restart(model, x[rows], y[rows], eps, attack, keys)
+        take = kept(best.loss[rows], res, fooled_wins)
+        for name in ("delta", "loss", "pred", "steps"):
+            getattr(best, name)[rows[take]] = getattr(res, name)[take].to(
+                getattr(best, name).dtype)
+        best.correct = best.pred == y
+    return best

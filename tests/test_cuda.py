@@ -19,8 +19,10 @@ from datasets.data import ImageData, to_float
 from models.classifier import ClusterClassifier
 from tests.conftest import ROOT
 from tests.eval_helpers import real_backbone, real_cluster_classifier, real_test_data
-from utils.attacks.adaptive import adaptive_sweep, run_autoattack
-from utils.eval.evaluation import predict_all, run_sweep
+from utils.attacks.adaptive import adaptive_attacks, run_autoattack
+from utils.attacks.pgd import PGD
+from utils.attacks.sweep import AttackContext, predictions, sweep
+from utils.eval.evaluation import run_sweep
 from utils.train.embeddings import compute_embeddings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -61,7 +63,7 @@ def test_embeddings_and_predictions_match_the_cpu(real_weights, cpu_model, gpu_m
     assert on_gpu.device.type == "cpu" and on_gpu.dtype == torch.float32
     rel = (on_gpu - on_cpu).norm(dim=1) / on_cpu.norm(dim=1)
     assert rel.max() < 1e-2, rel.max()
-    differ = predict_all(gpu_model, images.images, 50, GPU) != predict_all(
+    differ = predictions(gpu_model, images.images, 50, GPU) != predictions(
         cpu_model, images.images, 50, CPU)
     assert differ.sum() <= 1
 
@@ -77,28 +79,29 @@ def test_bfloat16_embeddings_stay_close_and_come_back_in_float32(real_weights, i
 
 def test_paper_sweep_on_the_gpu_agrees_with_the_cpu(cpu_model, gpu_model, images):
     """Same seed, so the same random starts: robust accuracies within 3 of 100 examples."""
-    kwargs = dict(epsilons=(2.0, 8.0), iterations=5, restarts=1, seed=111, batch=50)
-    cpu = run_sweep(cpu_model, images, device=CPU, **kwargs)
-    gpu = run_sweep(gpu_model, images, device=GPU, **kwargs)
+    attack = PGD(iterations=5, restarts=1)
+    cpu = run_sweep(AttackContext(cpu_model, images, CPU, 50), attack, 50, (2.0, 8.0))
+    gpu = run_sweep(AttackContext(gpu_model, images, GPU, 50), attack, 50, (2.0, 8.0))
     assert abs(cpu.clean_acc - gpu.clean_acc) <= 1.0
     for c, g in zip(cpu.per_eps, gpu.per_eps):
-        assert abs(c.accuracy(images.labels) - g.accuracy(images.labels)) <= 3.0, c.eps
-    assert gpu.per_eps[1].accuracy(images.labels) < gpu.clean_acc  # the attack did something
+        assert abs(c.accuracy - g.accuracy) <= 3.0, c.eps
+    assert gpu.per_eps[1].accuracy < gpu.clean_acc  # the attack did something
 
 
 def test_adaptive_pgd_on_the_gpu_is_no_weaker_than_the_papers(gpu_model, images):
-    paper = run_sweep(gpu_model, images, (8.0,), iterations=5, restarts=1, seed=111,
-                      batch=50, device=GPU)
-    ce, = adaptive_sweep(gpu_model, images, "pgd-ce", (8.0,), 5, 1, 111, 50, GPU)
-    assert ce.accuracy <= paper.per_eps[0].accuracy(images.labels)
+    ctx = AttackContext(gpu_model, images, GPU, 50)
+    paper = run_sweep(ctx, PGD(iterations=5, restarts=1), 50, (8.0,))
+    clean = predictions(gpu_model, images.images, 50, GPU, logits=True)
+    ce, = sweep(ctx, adaptive_attacks(5, 1)[0], (8.0,), clean)
+    assert ce.accuracy <= paper.per_eps[0].accuracy
 
 
 def test_autoattack_runs_on_the_gpu(gpu_model, images):
     pytest.importorskip("pyautoattack", reason="pyautoattack not installed "
                         "(pip install pyautoattack==0.2.0)")
     few = images.take(slice(20))
-    out = run_autoattack(gpu_model, few, 8.0, seed=0, batch=20, device=GPU,
-                         version="custom", attacks=["apgd-ce"], iterations=10)
+    out = run_autoattack(AttackContext(gpu_model, few, GPU, 20, seed=0), 8.0,
+                         custom=(["apgd-ce"], 10))
     with torch.no_grad():
         clean = gpu_model.predict(to_float(few.images).to(GPU)).cpu() == few.labels
     assert out.robust.device.type == "cpu" and out.robust.shape == (20,)
@@ -149,9 +152,10 @@ def test_attack_batch_on_the_gpu_fits_and_the_sweep_does_not_depend_on_it(cpu_mo
     assert 1 <= size <= MAX_BATCH and size & (size - 1) == 0
     assert next(model.parameters()).device.type == "cuda"
     assert probe(model, GPU, size, (3, 32, 32))
-    a = run_sweep(model, images, (8.0,), 3, 1, 111, 64, GPU, attack_batch=size)
-    b = run_sweep(model, images, (8.0,), 3, 1, 111, 64, GPU, attack_batch=16)
-    assert int((a.per_eps[0].adv_pred != b.per_eps[0].adv_pred).sum()) <= 3
+    attack = PGD(iterations=3, restarts=1)
+    a = run_sweep(AttackContext(model, images, GPU, size), attack, 64, (8.0,))
+    b = run_sweep(AttackContext(model, images, GPU, 16), attack, 64, (8.0,))
+    assert int((a.per_eps[0].pred != b.per_eps[0].pred).sum()) <= 3
 
 
 def test_training_batches_built_on_the_gpu_are_the_cpu_ones():

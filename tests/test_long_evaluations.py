@@ -196,10 +196,10 @@ def test_pyautoattack_is_used_without_the_github_package(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "autoattack", None)  # not installed
     backend = find_backend()
-    assert backend.package == "pyautoattack" and backend.describe().startswith("pyautoattack ")
+    assert backend.package == "pyautoattack" and backend.name().startswith("pyautoattack ")
     monkeypatch.syspath_prepend(str(FAKES))
     monkeypatch.delitem(sys.modules, "autoattack")
-    assert find_backend().describe() == "autoattack 0.1-fake"  # preferred when installed
+    assert find_backend().name() == "autoattack 0.1-fake"  # preferred when installed
 
 
 def test_saved_adversarial_images_pass_an_independent_recheck(reference, ckpt, four_classes):
@@ -309,7 +309,7 @@ def test_a_signal_asks_to_stop_a_second_one_or_one_in_an_unsaveable_region_stops
     try:
         assert not preemption.should_stop()
         os.kill(os.getpid(), signal.SIGINT)
-        assert preemption.should_stop() and preemption.requested() == signal.SIGINT
+        assert preemption.should_stop()
         assert preemption.stop("here").exit_status == 130
         with pytest.raises(preemption.Preempted) as second:
             os.kill(os.getpid(), signal.SIGINT)

@@ -21,8 +21,8 @@ import torch
 import main_clustr
 from tests.conftest import ROOT
 from utils import tables
-from utils.attacks.adaptive import Outcome
-from utils.eval.evaluation import EpsResult, SweepResult, write_results, write_summary
+from utils.attacks.sweep import Outcome
+from utils.eval.evaluation import SweepResult, write_results, write_summary
 from utils.eval.strong_evaluation import worst_case, write_table
 from utils.train_setting import params_line, parse_args
 
@@ -72,8 +72,8 @@ def write_folder(path: Path, argv: list[str], clean: int, paper: dict[float, int
     pred = torch.where(_robust(clean), 0, 1)
     result = SweepResult(labels, torch.arange(N), pred)
     for eps, k in paper.items():
-        result.per_eps.append(EpsResult(eps, torch.where(_robust(k), 0, 1), torch.zeros(N),
-                                        torch.zeros(N, dtype=torch.long), 1.0))
+        result.per_eps.append(Outcome("pgd", eps, _robust(k), 1.0, pred=torch.where(
+            _robust(k), 0, 1), linf=torch.zeros(N), steps=torch.zeros(N, dtype=torch.long)))
     write_results(result, str(path))
     write_summary(str(path / "eval_summary.json"), result, dict(
         checkpoint=str(path / "checkpoint.pth"), dataset=args.dataset, test_images=N,

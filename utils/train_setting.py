@@ -23,13 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("the original's arguments")
     o.add_argument("--epochs", type=pos_int, default=90, help="training epochs")
     o.add_argument("--batch-size", type=pos_int, default=256,
-                   help="batch size of standard training (Magnet batches hold m*d)")
+                   help="ignored, accepted so that the original's commands run: a Magnet "
+                        "batch holds --m x --d examples")
     o.add_argument("--test-batch", type=pos_int, default=64, help="evaluation batch size")
     o.add_argument("--lr", type=pos_float, default=1e-4, help="Adam learning rate")
     o.add_argument("--dataset", default="cifar10", choices=DATASETS, help="data set")
     o.add_argument("--checkpoint", required=True, help="experiment directory for the results")
     o.add_argument("--seed", type=seed_int, default=111, help="manual seed")
-    o.add_argument("--arch", default="resnet18", choices=ARCHS, help="architecture")
+    o.add_argument("--arch", default="resnet18", choices=ARCHS,
+                   help="ignored, accepted so that the original's commands run: the network "
+                        "is the CIFAR ResNet18")
     o.add_argument("--evaluate-ckpt", default=None, metavar="PATH",
                    help="evaluate this checkpoint only (no training)")
     o.add_argument("--k", type=pos_int, default=2, help="clusters per class")
@@ -123,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint-every", type=nonneg_int, default=0, metavar="N",
                    help="also save the resume state every N training steps within an epoch "
                         "(0: only at the end of each epoch)")
-    g = p.add_argument_group("honest evaluation (added by this project; off by default)")
+    g = p.add_argument_group("strong evaluation (added by this project; off by default)")
     g.add_argument("--strong", action="store_true",
                    help="also attack the proper logit with PGD-CE and PGD-DLR on the paper's "
                         "eps grid, step, --iterations and --restarts; writes "
@@ -164,7 +167,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                   args.mse_consistency, args.actual_trades)
     if conflict:
         parser.error(conflict)
-    # the honest evaluation: refused now, before any training, if it could not run
+    # the strong evaluation: refused now, before any training, if it could not run
     if args.autoattack and not autoattack_backend.available():
         parser.error(AUTOATTACK_HINT)
     extras = [flag for flag, given in (("--strong-subset", args.strong_subset is not None),
@@ -177,6 +180,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--autoattack-eps {beyond[0]:g}: eps is in units of 1/255, so at most "
                      f"255 (the whole pixel range)")
     return args
+
+
+def ignored_arguments(args: argparse.Namespace) -> list[str]:
+    """One warning per accepted-but-ignored flag given a value other than its default."""
+    return [f"--batch-size {args.batch_size} is ignored: a Magnet batch holds --m x --d = "
+            f"{args.m * args.d} examples"] if args.batch_size != 256 else []
 
 
 def run_arguments(args: argparse.Namespace) -> dict:

@@ -1,4 +1,4 @@
-"""Adaptive attacks, AutoAttack, gradient-masking diagnostics and the honest-evaluation CLI."""
+"""Adaptive attacks, AutoAttack, gradient-masking diagnostics and the strong-evaluation CLI."""
 from __future__ import annotations
 
 import json
@@ -13,18 +13,17 @@ from base.errors import UsageError
 from datasets.data import ImageData, to_float
 from models.classifier import ClusterClassifier
 from models.cluster_head import ClusterHead
-from tests.eval_helpers import real_cluster_classifier, real_test_data
+from tests.eval_helpers import pgd, real_cluster_classifier, real_test_data
 from utils.attacks.adaptive import (
     AUTOATTACK_HINT,
-    Outcome,
-    adaptive_sweep,
+    adaptive_attacks,
     dlr_loss,
     logit_dlr_loss,
-    pgd_fooled_wins,
     run_autoattack,
 )
 from utils.attacks.gradient_masking import gradient_summary, robustness_gaps
-from utils.attacks.pgd import logit_ce_loss, paper_loss, pgd, random_start, start_keys
+from utils.attacks.pgd import PGD, logit_ce_loss, paper_loss, random_start, start_keys
+from utils.attacks.sweep import AttackContext, Outcome, predictions, sweep
 from utils.eval.evaluation import run_sweep
 from utils.eval.strong_evaluation import worst_case
 from utils.outputs.results import read_csv
@@ -88,8 +87,8 @@ def test_fooled_wins_is_the_and_of_the_single_restarts():
         attacked.append(rows.clone())
         return start_keys(5, 1, r, idx[rows])
 
-    res = pgd_fooled_wins(model, x, y, eps, step, iterations, restarts, keys,
-                          _pixel_mean_loss)
+    res = pgd(model, x, y, eps, step, iterations, restarts, keys, _pixel_mean_loss,
+              fooled_wins=True)
     singles = [pgd(model, x, y, eps, step, iterations, 1,
                    lambda _r, r=r: start_keys(5, 1, r, idx), _pixel_mean_loss).correct
                for r in range(restarts)]
@@ -137,14 +136,14 @@ def test_adaptive_attack_is_no_weaker_than_the_papers(cluster_model, test_images
     """Same images, seed and random starts: the adaptive attacks leave at most as many
     examples robust as the paper's PGD (which masks gradients on this model)."""
     eps = (2.0, 8.0)
-    paper = run_sweep(cluster_model, test_images, eps, iterations=5, restarts=1, seed=111,
-                      batch=20)
-    for attack, grid in (("pgd-ce", eps), ("pgd-dlr", (8.0,))):
+    ctx = AttackContext(cluster_model, test_images, CPU, 20, seed=111)
+    paper = run_sweep(ctx, PGD(iterations=5, restarts=1), 20, eps)
+    clean = predictions(cluster_model, test_images.images, 20, CPU, logits=True)
+    for attack, grid in zip(adaptive_attacks(5, 1), (eps, (8.0,))):
         indices = [eps.index(e) for e in grid]
-        outcomes = adaptive_sweep(cluster_model, test_images, attack, grid, 5, 1, 111, 20,
-                                  CPU, eps_indices=indices)
+        outcomes = sweep(ctx, attack, grid, clean, eps_indices=indices)
         for o, e in zip(outcomes, indices):
-            assert o.accuracy <= paper.per_eps[e].accuracy(test_images.labels), (attack, o.eps)
+            assert o.accuracy <= paper.per_eps[e].accuracy, (attack.name, o.eps)
     assert outcomes[0].accuracy < paper.clean_acc  # the attack did something
 
 
@@ -152,8 +151,8 @@ def test_autoattack_runs_end_to_end(cluster_model, test_images):
     pytest.importorskip("pyautoattack", reason="pyautoattack not installed "
                         "(pip install pyautoattack==0.2.0)")
     few = test_images.take(slice(4))
-    out = run_autoattack(cluster_model, few, 8.0, seed=0, batch=4, device=CPU,
-                         version="custom", attacks=["apgd-ce"], iterations=3)
+    out = run_autoattack(AttackContext(cluster_model, few, CPU, 4, seed=0), 8.0,
+                         custom=(["apgd-ce"], 3))
     clean = cluster_model.predict(to_float(few.images)) == few.labels
     assert out.attack == "autoattack" and out.eps == 8.0 and out.robust.shape == (4,)
     assert not (out.robust & ~clean).any()  # a misclassified image is never robust
@@ -165,7 +164,7 @@ def test_missing_autoattack_gives_the_hint(monkeypatch, tmp_path, capsys):
     data = ImageData(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1]),
                      [str(i) for i in range(10)])
     with pytest.raises(UsageError, match="pip install pyautoattack"):
-        run_autoattack(SmallNet(), data, 8.0, seed=0, batch=2, device=CPU)
+        run_autoattack(AttackContext(SmallNet(), data, CPU, 2, seed=0), 8.0)
     with pytest.raises(SystemExit) as exc:
         parse_args(["--checkpoint", str(tmp_path / "x"), "--autoattack"])
     assert exc.value.code == 2
@@ -178,7 +177,7 @@ def test_standard_autoattack_refuses_three_classes():
     data = ImageData(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1]),
                      ["a", "b", "c"])
     with pytest.raises(UsageError, match="at least 4 classes"):
-        run_autoattack(SmallNet(), data, 8.0, seed=0, batch=2, device=CPU)
+        run_autoattack(AttackContext(SmallNet(), data, CPU, 2, seed=0), 8.0)
 
 
 # -- diagnostics -------------------------------------------------------------------------------

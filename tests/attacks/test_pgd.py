@@ -12,10 +12,11 @@ from tests.eval_helpers import (
     TinyNet,
     edge_images,
     images_of,
+    pgd,
     real_cluster_classifier,
     real_test_data,
 )
-from utils.attacks.pgd import logit_ce_loss, paper_loss, pgd, random_start, start_keys
+from utils.attacks.pgd import logit_ce_loss, paper_loss, random_start, start_keys
 
 EPS = 8 / 255
 STEP = 2 / 255

@@ -24,12 +24,14 @@ from tests.eval_helpers import (
     real_cluster_classifier,
     real_test_data,
 )
-from utils.attacks.pgd import logit_ce_loss, paper_loss
-from utils.eval.evaluation import EPSILONS, run_sweep, write_results
+from utils.attacks.pgd import EPSILONS, PGD, logit_ce_loss, paper_loss
+from utils.attacks.sweep import AttackContext
+from utils.eval.evaluation import run_sweep, write_results
 from utils.outputs.results import read_csv
 
 pytestmark = pytest.mark.slow
 
+CPU = torch.device("cpu")
 PRED_HEADER = ["index", "label", "clean_pred", "adv_pred", "linf", "steps"]
 
 
@@ -41,8 +43,8 @@ def cluster_model(real_subset, real_weights):
 @pytest.fixture(scope="module")
 def paper_sweep(real_subset, cluster_model):
     data = real_test_data(str(real_subset), 48)
-    return run_sweep(cluster_model, data, EPSILONS, iterations=5, restarts=1, seed=3,
-                     batch=32)
+    return run_sweep(AttackContext(cluster_model, data, CPU, 32, seed=3),
+                     PGD(iterations=5, restarts=1), 32)
 
 
 def test_eps0_row_is_the_clean_accuracy_and_accuracy_never_rises(paper_sweep, tmp_path):
@@ -60,7 +62,7 @@ def test_eps0_row_is_the_clean_accuracy_and_accuracy_never_rises(paper_sweep, tm
 def test_paper_sweep_attacks_only_clean_correct_examples(paper_sweep):
     wrong = paper_sweep.clean_pred != paper_sweep.labels
     for r in paper_sweep.per_eps:
-        assert torch.equal(r.adv_pred[wrong], paper_sweep.clean_pred[wrong])
+        assert torch.equal(r.pred[wrong], paper_sweep.clean_pred[wrong])
         assert (r.linf[wrong] == 0).all() and (r.steps[wrong] == 0).all()
         assert (r.linf <= r.eps / 255 + 1e-6).all() and (r.steps <= 5).all()
 
@@ -77,10 +79,10 @@ def test_eps_25_5_and_20_steps_on_the_shared_weights(target, real_subset, real_w
         model, loss_fn = cluster_model, logit_ce_loss
     else:
         model, loss_fn = cluster_model, paper_loss
-    result = run_sweep(model, data, (25.5,), iterations=20, restarts=1, seed=111, batch=64,
-                       loss_fn=loss_fn)
+    result = run_sweep(AttackContext(model, data, CPU, 64, seed=111),
+                       PGD(loss_fn=loss_fn, iterations=20, restarts=1), 64, (25.5,))
     assert result.clean_acc > 80.0
-    robust = result.per_eps[0].accuracy(data.labels)
+    robust = result.per_eps[0].accuracy
     if target == "paper":
         assert robust <= 10.0
     else:
@@ -254,7 +256,7 @@ def test_baseline_input_feeds_a_bare_state_dict_raw_or_normalised(mode, tmp_path
     """The original feeds a bare state_dict (TRADES-style) raw [0, 1] images; this project
     normalises by default and feeds them raw with --baseline-input raw."""
     from models.resnet import ResNet18
-    from utils.eval.evaluation import EvalConfig, describe, load_eval_model
+    from utils.eval.evaluation import EvalConfig, attacked_setup, load_eval_model
 
     torch.manual_seed(0)
     net = ResNet18(10).eval()  # normalises with CIFAR's mean and std
@@ -268,4 +270,4 @@ def test_baseline_input_feeds_a_bare_state_dict_raw_or_normalised(mode, tmp_path
         expected = (raw if mode == "raw" else net).classify(x)
         assert torch.allclose(model(x), expected, atol=1e-5)
         assert not torch.allclose(net.classify(x), raw.classify(x), atol=1e-3)
-    assert describe(model)["baseline_input"] == ("raw" if mode == "raw" else "normalized")
+    assert attacked_setup(model)["baseline_input"] == ("raw" if mode == "raw" else "normalized")

@@ -81,13 +81,13 @@ def test_same_tensors_as_the_shared_weights(written, real_weights):
 def test_written_weights_reach_93_percent_with_the_linear_head(written, real_subset):
     from datasets.data import load_dataset
     from models.classifier import LinearClassifier
-    from utils.eval.evaluation import predict_all
+    from utils.attacks.sweep import predictions
 
     model = ResNet18(10)
     load_weights(model, str(written))  # what --pretrained-path does
     test = load_dataset("imagefolder", str(real_subset), "test", workers=2)
     assert len(test) == 1017
-    pred = predict_all(LinearClassifier(model), test.images, 256, torch.device("cpu"))
+    pred = predictions(LinearClassifier(model), test.images, 256, torch.device("cpu"))
     acc = (pred == test.labels).float().mean().item() * 100
     assert acc >= 93.0, f"{acc:.2f}%"
 

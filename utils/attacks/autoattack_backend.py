@@ -39,7 +39,7 @@ class Backend:
     version: str
     module: object      # the imported package
 
-    def describe(self) -> str:
+    def name(self) -> str:
         return f"{self.package} {self.version}"
 
 

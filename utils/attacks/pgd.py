@@ -1,4 +1,10 @@
-"""PGD l-inf with restarts, as the ClusTR paper evaluates, correct by construction.
+"""The paper's attack: l-inf PGD on the cluster scores, its eps grid, step and restart rule.
+
+Read top to bottom: the attacked loss (``paper_loss``), the sweep's ``EPSILONS`` and
+``STEP``, the attack's settings (``PGD``), the random start, one restart
+(``pgd_restart``: start, ascent, final loss) and the rule that merges restarts (``kept``).
+``utils.attacks.sweep`` runs it, restart after restart over all the batches of the test set,
+at every eps, saving its progress for ``--resume``.
 
 * The model runs in eval mode; the caller's mode is restored afterwards.
 * Gradients are taken with ``torch.autograd.grad`` on the input only: parameter ``.grad``
@@ -27,6 +33,9 @@ from base.tensors import eval_mode
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor],
                   tuple[torch.Tensor, torch.Tensor]]
 
+EPSILONS = (2.0, 8.0, 16.0, 25.5)  # the paper's sweep, in units of 1/255
+STEP = 2.0 / 255                   # its step, in pixel units
+
 
 def paper_loss(model, x, y):
     """The original's attacked quantity: cross-entropy on the bounded cluster class scores."""
@@ -38,6 +47,21 @@ def logit_ce_loss(model, x, y):
     """Cross-entropy on the model's logits (``forward``)."""
     logits = model(x)
     return F.cross_entropy(logits, y, reduction="none"), logits
+
+
+@dataclass(frozen=True)
+class PGD:
+    """One PGD attack as the sweep runs it at each eps: loss, step, budget and restart rule.
+    ``PAPER_PGD`` with the evaluation's ``iterations`` and ``restarts`` is the paper's."""
+
+    name: str = "pgd"           # names its units in the resume state and its log lines
+    loss_fn: LossFn = paper_loss
+    iterations: int = 20
+    restarts: int = 10
+    step: float = STEP
+    fooled_wins: bool = False   # the restart rule (``kept``)
+    shrink: bool = True         # drop the examples already fooled from the step's batch
+    title: str = "PGD"          # in log lines and stop messages
 
 
 @dataclass
@@ -70,69 +94,39 @@ def start_keys(seed: int, eps_index: int, restart: int, indices: torch.Tensor) -
     return [(base + int(i)) % (1 << 62) for i in indices.tolist()]
 
 
-def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float,
-        iterations: int, restarts: int, keys_fn: Callable[[int], list[int]],
-        loss_fn: LossFn = paper_loss, shrink: bool = True) -> AttackResult:
-    """l-inf PGD with ``restarts`` random starts; ``keys_fn(restart)`` gives the start seeds.
-
-    ``x`` (N, 3, H, W) in [0, 1]; returns, per example, the perturbation of the restart with
-    the highest loss (ties go to the later restart, as in the original).
-    """
-    if restarts < 1 or iterations < 0:
-        raise ValueError(f"pgd needs restarts >= 1 and iterations >= 0, got {restarts} and "
-                         f"{iterations}")
-    best = initial_best(x, y)
-    for restart in range(restarts):
-        keep_higher_loss(best, pgd_restart(model, x, y, eps, step, iterations,
-                                           keys_fn(restart), loss_fn, shrink))
-    best.correct = best.pred == y
-    return best
-
-
-def initial_best(x: torch.Tensor, y: torch.Tensor, with_delta: bool = True) -> AttackResult:
-    """What ``pgd`` keeps before its first restart: no perturbation, loss -inf."""
-    n, dev = len(x), x.device
-    # the loss in x's dtype: restarts merge into it in place (a float64 test model included)
-    return AttackResult(delta=torch.zeros_like(x) if with_delta else None,
-                        loss=x.new_full((n,), -float("inf")),
-                        pred=y.clone(), correct=torch.ones(n, dtype=torch.bool, device=dev),
-                        steps=torch.zeros(n, dtype=torch.long, device=dev))
-
-
 def pgd_restart(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                step: float, iterations: int, keys: list[int], loss_fn: LossFn = paper_loss,
-                shrink: bool = True) -> AttackResult:
-    """One restart of ``pgd``: random start from ``keys``, ascent, final loss and scores.
-    A sweep that saves its progress after every restart calls this over all its batches."""
+                attack: PGD, keys: list[int]) -> AttackResult:
+    """One restart: random start from ``keys``, ``attack.iterations`` signed-gradient steps,
+    final loss and scores. ``utils.attacks.sweep`` runs it restart after restart over all
+    the batches and merges each restart with ``kept``."""
     with eval_mode(model):
         delta = random_start(x, eps, keys)
-        delta, steps = _ascend(model, x, y, delta, eps, step, iterations, loss_fn, shrink)
+        delta, steps = _ascend(model, x, y, delta, eps, attack)
         with torch.no_grad():
-            loss, scores = loss_fn(model, x + delta, y)
+            loss, scores = attack.loss_fn(model, x + delta, y)
     pred = scores.argmax(1)
     return AttackResult(delta, loss, pred, pred == y, steps)
 
 
-def keep_higher_loss(best: AttackResult, res: AttackResult) -> torch.Tensor:
-    """The paper's rule, in place: keep the highest loss so far (ties go to the later
-    restart). ``best.delta`` may be None (not kept). Returns the mask of rows replaced."""
-    better = res.loss >= best.loss
-    if best.delta is not None:
-        best.delta[better] = res.delta[better]
-    best.loss = torch.where(better, res.loss, best.loss)
-    best.pred = torch.where(better, res.pred, best.pred)
-    best.steps = torch.where(better, res.steps, best.steps)
-    return better
+def kept(best_loss: torch.Tensor, res: AttackResult, fooled_wins: bool = False) -> torch.Tensor:
+    """The restart rule: the (N,) mask of the examples that take this restart's perturbation.
+
+    The paper's: the highest loss so far, ties to the later restart. ``fooled_wins`` (the
+    adaptive attacks, as AutoAttack does): also every example this restart fools; such an
+    example is not attacked again (``utils.attacks.sweep`` skips it)."""
+    take = res.loss >= best_loss
+    return take | ~res.correct if fooled_wins else take
 
 
-def _ascend(model, x, y, delta, eps, step, iterations, loss_fn, shrink):
+def _ascend(model, x, y, delta, eps, attack: PGD):
     """Signed-gradient ascent from ``delta``; each step moves only the examples still
     classified correctly. Returns the final delta and the steps each example took."""
     steps = torch.zeros(len(x), dtype=torch.long, device=x.device)
     everyone = torch.arange(len(x), device=x.device)
     active = everyone  # rows still classified correctly at the last check
-    for _ in range(iterations):
-        if not shrink:
+    loss_fn, step = attack.loss_fn, attack.step
+    for _ in range(attack.iterations):
+        if not attack.shrink:
             rows, movable = everyone, None
         elif x.device.type in PADDED_DEVICES:
             rows, movable = padded_rows(active, len(x))

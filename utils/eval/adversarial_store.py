@@ -26,11 +26,9 @@ import torch
 from base.io import save_atomic
 from base.tensors import eval_mode
 from datasets.data import ImageData, to_float
-from utils.outputs import files
 
 log = logging.getLogger("clustr")
 
-ADVERSARIAL_FILE = files.ADVERSARIAL
 FORMAT = "clustr-adversarial-1"
 TOLERANCE = 1e-6  # float rounding of x + delta
 SKIP = ("clean", "paper-pgd", "worst-case")
@@ -53,8 +51,9 @@ def recheck(model, x: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, 
     return (linf <= eps + TOLERANCE) & in_range & (pred != labels), pred
 
 
-def _entry(model, data: ImageData, rows: torch.Tensor, images: torch.Tensor, attack: str,
-           eps: float, batch: int, device, logit: bool) -> dict:
+def _entry(model, data: ImageData, o, name: str, batch: int, device, logit: bool) -> dict:
+    """The re-checked images of outcome ``o`` (rows of ``data``), as attack ``name``."""
+    (rows, images), attack, eps = o.adv, name, o.eps
     labels = data.labels[rows]
     valid, pred = recheck(model, to_float(data.images[rows]), images, labels, eps / 255, batch,
                           device, logit)
@@ -80,8 +79,7 @@ def strongest(outcomes) -> dict:
 
 
 def save_adversarial(path: str, model, test: ImageData, paper, sub: ImageData | None = None,
-                     pos: torch.Tensor | None = None, outcomes=(), batch: int = 64,
-                     device="cpu") -> dict:
+                     outcomes=(), batch: int = 64, device="cpu") -> dict:
     """Write ``path`` from the paper sweep's per-eps images (rows of ``test``) and the strong
     outcomes' (rows of ``sub``, the strong attacks' subset); returns what was written."""
     device = torch.device(device)
@@ -89,13 +87,11 @@ def save_adversarial(path: str, model, test: ImageData, paper, sub: ImageData | 
              "paper-pgd": {}, "strongest": {}}
     for r in paper.per_eps:
         if r.adv is not None:
-            rows, images = r.adv
-            store["paper-pgd"][f"{r.eps:g}"] = _entry(model, test, rows, images, "paper-pgd",
-                                                      r.eps, batch, device, logit=False)
+            store["paper-pgd"][f"{r.eps:g}"] = _entry(model, test, r, "paper-pgd", batch,
+                                                      device, logit=False)
     for eps, o in sorted(strongest(outcomes).items()):
-        rows, images = o.adv
-        store["strongest"][f"{eps:g}"] = _entry(model, sub, rows, images, o.attack, eps, batch,
-                                                device, logit=True)
+        store["strongest"][f"{eps:g}"] = _entry(model, sub, o, o.attack, batch, device,
+                                                logit=True)
     save_atomic(store, path)
     counts = ", ".join(f"{e}/255 {v['attack']} {len(v['indices'])}"
                        for part in ("paper-pgd", "strongest") for e, v in store[part].items())

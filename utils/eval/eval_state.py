@@ -10,9 +10,11 @@ The random starts depend only on (seed, eps index, restart, example index), so a
 run after a resume computes exactly what it would have computed without the interruption,
 and the result files come out the same (see docs/long_evaluations.md).
 
-The file also holds a *fingerprint* of what is evaluated: the arguments that change the
-results, the checkpoint's and the test images' SHA-256, the device type and the number of
-processes. ``--resume`` with a different fingerprint is refused with one line naming the
+The units are run and saved by ``utils.attacks.sweep``. The file also holds a
+*fingerprint* of what is evaluated: the settings that change the results (the fields of
+``EvalConfig`` and ``AttackConfig`` declared with ``base.cli.resume_field``), the
+checkpoint's and the test images' SHA-256, the device type and the number of processes.
+``--resume`` with a different fingerprint is refused with one line naming the
 first difference. Tensors and plain types only: it loads with ``weights_only=True``.
 """
 from __future__ import annotations
@@ -30,19 +32,16 @@ from utils.outputs import files
 log = logging.getLogger("clustr")
 
 EVAL_RESUME_FILE = files.EVAL_RESUME
-FORMAT = "clustr-eval-resume-1"
-# the arguments whose value changes what the evaluation computes
-EVAL_ARGS = ("dataset", "test_subset", "seed", "iterations", "restarts", "test_batch", "L",
-             "not_normalize", "strong", "autoattack", "autoattack_eps", "strong_subset",
-             "save_adv")
+FORMAT = "clustr-eval-resume-2"
 
 
 def fingerprint(settings: dict, ckpt_path: str, images: torch.Tensor, labels: torch.Tensor,
                 device: torch.device, world_size: int) -> dict:
-    """What the results depend on, as plain types: the ``settings`` (named as their flags,
-    ``EVAL_ARGS``), the checkpoint's and the test images' hashes, device type, processes."""
+    """What the results depend on, as plain types: the ``settings`` (keyed by their flags,
+    ``base.cli.resume_settings``), the checkpoint's and the test images' hashes, the device
+    type and the number of processes."""
     return {
-        "args": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+        "args": dict(settings),
         "checkpoint_sha256": file_sha256(ckpt_path),
         "test_images": int(len(labels)),
         "test_sha256": tensor_sha256(images, labels),
@@ -55,7 +54,7 @@ def difference(saved: dict, now: dict) -> str | None:
     """The first difference between two fingerprints, in words, or None."""
     for k, v in saved["args"].items():
         if k in now["args"] and now["args"][k] != v:
-            return f"--{k.replace('_', '-')} {v!r} (now {now['args'][k]!r})"
+            return f"{k} {v!r} (now {now['args'][k]!r})"
     if saved["checkpoint_sha256"] != now["checkpoint_sha256"]:
         return "the evaluated checkpoint's content changed"
     if saved["test_images"] != now["test_images"]:
@@ -69,24 +68,22 @@ def difference(saved: dict, now: dict) -> str | None:
     return None
 
 
-def check_arguments(path: str, args, ckpt_path: str, epochs_done: int) -> None:
-    """Before a resumed training run continues: refuse evaluation arguments that differ from
-    those of the evaluation already started in ``path``, when that evaluation is the one to
-    continue (its checkpoint is ``ckpt_path`` and all ``--epochs`` are done). A run that
-    trains further makes a new checkpoint, whose evaluation starts afresh anyway."""
-    if not (os.path.isfile(path) and os.path.isfile(ckpt_path)) or epochs_done < args.epochs:
+def check_arguments(path: str, settings: dict, ckpt_path: str) -> None:
+    """Before a resumed training run whose epochs are all done continues: refuse evaluation
+    ``settings`` (``base.cli.resume_settings``) that differ from those of the evaluation
+    already started in ``path``, when that evaluation is the one to continue (its checkpoint
+    is ``ckpt_path``). A run that trains further makes a new checkpoint, whose evaluation
+    starts afresh anyway."""
+    if not (os.path.isfile(path) and os.path.isfile(ckpt_path)):
         return
     fp = load_checkpoint(path).get("fingerprint", {})
     if fp.get("checkpoint_sha256") != file_sha256(ckpt_path):
         return
-    saved = fp.get("args", {})
-    now = {k: getattr(args, k, None) for k in EVAL_ARGS}
-    now = {k: list(v) if isinstance(v, tuple) else v for k, v in now.items()}
-    for k, v in saved.items():
-        if k in now and now[k] != v:
+    for k, v in fp.get("args", {}).items():
+        if k in settings and settings[k] != v:
             raise UsageError(f"--resume needs the interrupted evaluation's arguments: it had "
-                             f"--{k.replace('_', '-')} {v!r} (now {now[k]!r}); repeat its "
-                             f"command with --resume, or start afresh with --overwrite")
+                             f"{k} {v!r} (now {settings[k]!r}); repeat its command with "
+                             f"--resume, or start afresh with --overwrite")
 
 
 class EvalState:

@@ -1,4 +1,4 @@
-"""The honest evaluation next to the paper's: strong attacks, one table, masking checks.
+"""The strong evaluation next to the paper's: strong attacks, one table, masking checks.
 
 ``main_clustr.py --strong`` and/or ``--autoattack`` run, after the paper's PGD sweep and on
 the same test images (or a fixed, seeded subset of them, ``--strong-subset N``):
@@ -25,22 +25,15 @@ import time
 
 import torch
 
-from base import preemption
 from base.io import write_text_atomic
 from datasets.data import ImageData, balanced_subset
-from utils.attacks.adaptive import (
-    ADAPTIVE_LOSSES,
-    Outcome,
-    adaptive_sweep,
-    logit_dlr_loss,
-    logit_predictions,
-    run_autoattack,
-)
+from utils.attacks.adaptive import adaptive_attacks, autoattack_unit, logit_dlr_loss
 from utils.attacks.batch_size import attack_batch
 from utils.attacks.gradient_masking import GAP_THRESHOLD, gradient_summary, robustness_gaps
-from utils.attacks.pgd import logit_ce_loss, paper_loss
+from utils.attacks.pgd import EPSILONS, STEP, logit_ce_loss, paper_loss
+from utils.attacks.sweep import AttackContext, Outcome, predictions, sweep
 from utils.eval.adversarial_store import save_adversarial
-from utils.eval.evaluation import EPSILONS, STEP, AttackConfig, SweepResult, plot_robustness
+from utils.eval.evaluation import AttackConfig, SweepResult, plot_robustness
 from utils.outputs import files
 from utils.outputs.results import write_csv
 
@@ -56,24 +49,23 @@ def evaluate_strong(model, test: ImageData, paper: SweepResult, attack: AttackCo
     device = torch.device(device)
     sub, pos = strong_images(test, attack.strong_subset, attack.seed)
     batch = attack_batch(attack.attack_batch, model, device, len(sub))
+    ctx = AttackContext(model, sub, device, batch, attack.seed, state=state,
+                        keep_adv=attack.save_adv)
     start = time.time()
-    clean_pred = logit_predictions(model, sub.images, attack.test_batch, device)
+    clean_pred = predictions(model, sub.images, attack.test_batch, device, logits=True)
     clean = clean_pred == sub.labels
     outcomes = [Outcome("clean", 0.0, clean, time.time() - start)]
     full = len(pos) == len(test)
     for r in paper.per_eps:
-        outcomes.append(Outcome("paper-pgd", r.eps, r.adv_pred[pos] == sub.labels,
+        outcomes.append(Outcome("paper-pgd", r.eps, r.pred[pos] == sub.labels,
                                 r.seconds if full else float("nan")))
-    keep_adv = attack.save_adv
     if attack.strong:
-        for name in ADAPTIVE_LOSSES:
-            outcomes += adaptive_sweep(model, sub, name, EPSILONS, attack.iterations,
-                                       attack.restarts, attack.seed, batch, device, clean=clean,
-                                       state=state, keep_adv=keep_adv)
+        for pgd in adaptive_attacks(attack.iterations, attack.restarts):
+            outcomes += sweep(ctx, pgd, EPSILONS, clean_pred)
     if attack.autoattack:
-        for i, eps in enumerate(attack.autoattack_eps):
-            outcomes.append(autoattack_unit(model, sub, eps, i, attack.seed, batch, device,
-                                            state, keep_adv, out_dir))
+        log_path = os.path.join(out_dir, files.AUTOATTACK_LOG)
+        outcomes += [autoattack_unit(ctx, eps, i, log_path)
+                     for i, eps in enumerate(attack.autoattack_eps)]
     outcomes += worst_case(outcomes, clean)
     write_table(outcomes, len(sub), os.path.join(out_dir, files.STRONG_RESULTS))
     diagnostics = masking_diagnostics(attack, model, sub, outcomes, device, batch)
@@ -87,32 +79,11 @@ def evaluate_strong(model, test: ImageData, paper: SweepResult, attack: AttackCo
     diagnostics["settings"]["autoattack_package"] = ", ".join(packages) or None
     write_text_atomic(os.path.join(out_dir, files.DIAGNOSTICS),
                       json.dumps(diagnostics, indent=2) + "\n")
-    if keep_adv:
+    if attack.save_adv:
         save_adversarial(os.path.join(out_dir, files.ADVERSARIAL), model, test, paper,
-                         sub, pos, outcomes, batch, device)
+                         sub, outcomes, batch, device)
     plot_all(paper, outcomes, len(sub), full, os.path.join(out_dir, files.PLOT))
     return diagnostics
-
-
-def autoattack_unit(model, sub: ImageData, eps: float, i: int, seed: int, batch: int, device,
-                    state, keep_adv: bool, out_dir: str) -> Outcome:
-    """AutoAttack at one eps, saved as unit ``autoattack/<i>`` (it cannot be saved part-way:
-    a stop request during it ends the run at once, to continue from the previous unit)."""
-    key = f"autoattack/{i}"
-    unit = state.get(key) if state is not None else None
-    if unit is None or not unit.get("done"):
-        with preemption.immediate():
-            out = run_autoattack(model, sub, eps, seed, batch, device, keep_adv=keep_adv,
-                                 log_path=os.path.join(out_dir, files.AUTOATTACK_LOG))
-        unit = {"done": True, "robust": out.robust, "seconds": out.seconds,
-                "package": out.package}
-        if out.adv is not None:
-            unit["adv_rows"], unit["adv_images"] = out.adv
-        if state is not None:
-            state.put(key, unit)
-        preemption.point(f"autoattack-eps-{i}")
-    adv = (unit["adv_rows"], unit["adv_images"]) if "adv_rows" in unit else None
-    return Outcome("autoattack", eps, unit["robust"], unit["seconds"], adv, unit["package"])
 
 
 def strong_images(test: ImageData, n: int | None, seed: int) -> tuple[ImageData, torch.Tensor]:
@@ -179,7 +150,7 @@ def worst_name(outcomes: list[Outcome], eps: float) -> str:
 
 
 def plot_all(paper: SweepResult, outcomes: list[Outcome], n: int, full: bool, path: str) -> None:
-    curves = {"paper PGD": [(0.0, paper.clean_acc)] + [(r.eps, r.accuracy(paper.labels))
+    curves = {"paper PGD": [(0.0, paper.clean_acc)] + [(r.eps, r.accuracy)
                                                        for r in paper.per_eps]}
     suffix = "" if full else f" ({n} images)"
     clean = next(o.accuracy for o in outcomes if o.attack == "clean")

@@ -10,7 +10,7 @@ at a time, the example of its class nearest to its centroid among the clusters o
 class holding more than 2, until it holds 2; the centroids stay k-means' own, and the run
 logs a warning. With at least 2*K examples per class (checked before training) this always
 succeeds, so a refresh never stops a run.
-Each per-class fit runs single-threaded (``threadpoolctl.threadpool_limits(1)``, see
+Each per-class fit runs single-threaded (``threadpoolctl.threadpool_limits(1)``,
 ``KMEANS_THREADS``):
 scikit-learn's k-means otherwise starts an OpenMP team and BLAS threads on every core for a
 few thousand 512-d points, and on a machine whose cores are busy (the training process's
@@ -32,7 +32,7 @@ from models.cluster_head import ClusterHead, squared_distances
 from utils.train.embeddings import compute_embeddings
 from utils.train.kmeans_device import kmeans_on
 
-KMEANS_THREADS: int | None = 1  # threads of each per-class fit (None: scikit-learn's own)
+KMEANS_THREADS = 1  # threads of each per-class fit (see the module's doc)
 log = logging.getLogger("clustr")
 
 
@@ -66,9 +66,11 @@ def check_class_sizes(labels: torch.Tensor, class_names: list[str], K: int) -> N
 
 def fit_clusters(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, K: int,
                  n_init: int, max_iter: int, seed: int,
-                 kmeans_device: torch.device | None = None) -> Clusters:
+                 kmeans_device: torch.device | None = None,
+                 threads: int | None = KMEANS_THREADS) -> Clusters:
     """k-means (k-means++ init, fixed random state) on each class's embeddings separately:
-    scikit-learn's, or ``utils.train.kmeans_device``'s on ``kmeans_device`` when given."""
+    scikit-learn's, each fit on ``threads`` threads (None: scikit-learn's own pools), or
+    ``utils.train.kmeans_device``'s on ``kmeans_device`` when given."""
     from sklearn.cluster import KMeans
 
     emb = emb.detach().float().cpu()
@@ -87,7 +89,7 @@ def fit_clusters(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, K: i
             centers[c * K:(c + 1) * K] = kmeans_on(kmeans_device, emb[members], K, n_init,
                                                    max_iter, seed)
             continue
-        with threadpool_limits(limits=KMEANS_THREADS):  # no oversubscription (see the module's doc)
+        with threadpool_limits(limits=threads):  # no oversubscription (see the module's doc)
             km = KMeans(n_clusters=K, init="k-means++", n_init=n_init, max_iter=max_iter,
                         random_state=seed).fit(x[members])
         centers[c * K:(c + 1) * K] = torch.from_numpy(km.cluster_centers_).float()
@@ -144,14 +146,6 @@ def fill_small_clusters(emb: torch.Tensor, labels: torch.Tensor, centers: torch.
                 "of the same class, nearest to those centroids, into them", small, minimum,
                 moved)
     return assignments
-
-
-def assign_and_variance(emb: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
-                        classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest own-class centroid of every example, and sigma^2 = sum of those squared
-    distances / (N - 1), repeated for every cluster."""
-    assignments = nearest_own_cluster(emb, labels, centers, classes)
-    return assignments, variance_of(emb, centers, assignments)
 
 
 def fit_cluster_classifier(backbone, train, dataset: str, K: int, L: int,
