@@ -101,20 +101,26 @@ def check_available(name: str, root: str, splits=("train", "test")) -> None:
 
 @dataclass
 class ImageData:
-    """Images (N, 3, H, W) uint8, labels (N,) int64, class names, and original indices."""
+    """Images (N, 3, H, W) uint8, labels (N,) int64, class names, original indices, and
+    each example's rank in the order the files were stored in (``stored_rank``: for an
+    image folder the file names' order across classes; else the loaded order)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
     indices: torch.Tensor = field(default=None)
+    stored_rank: torch.Tensor = field(default=None)
 
     def __post_init__(self):
         if self.indices is None:
             self.indices = torch.arange(len(self.labels))
+        if self.stored_rank is None:
+            self.stored_rank = self.indices.clone()
 
     def take(self, rows) -> ImageData:
         """The examples at ``rows`` (a slice or an index tensor), keeping their indices."""
-        return ImageData(self.images[rows], self.labels[rows], self.classes, self.indices[rows])
+        return ImageData(self.images[rows], self.labels[rows], self.classes, self.indices[rows],
+                         self.stored_rank[rows])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -194,8 +200,12 @@ def _load_image_folder(root: str, split: str, workers: int) -> ImageData:
     else:
         images = np.stack([read(p) for p in paths])
     labels = torch.as_tensor(ds.targets, dtype=torch.long)
+    names = [os.path.basename(p) for p in paths]
+    rank = torch.empty(len(names), dtype=torch.long)
+    rank[torch.as_tensor(sorted(range(len(names)), key=names.__getitem__))] = torch.arange(
+        len(names))
     return ImageData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels,
-                     list(ds.classes))
+                     list(ds.classes), stored_rank=rank)
 
 
 def check_same_classes(expected, found, what: str, how: str) -> None:

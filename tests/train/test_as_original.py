@@ -79,6 +79,22 @@ def test_the_test_loss_pass_updates_batchnorm_as_the_original():
     assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, without_test))
 
 
+def test_the_passes_follow_the_stored_order_and_return_the_data_sets():
+    """The original reads the examples in their stored order (CIFAR-10's official one, class-
+    mixed): a train-mode pass in that order, its embeddings handed back in the data set's."""
+    trainer = original_trainer()
+    test = trainer.test
+    test.stored_rank = torch.arange(len(test)).flip(0)  # stored in reverse
+    ref = copy.deepcopy(trainer.model).train()
+    with torch.no_grad():
+        expected = torch.cat([ref(to_device(test.images[i:i + 1], CPU))
+                              for i in reversed(range(len(test)))]).flip(0)
+    got = as_original.OriginalPasses(trainer)._embed(test, train_mode=True, augmented=False)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(batchnorm_stats(trainer.model),
+                                                                batchnorm_stats(ref)))
+
+
 def test_the_default_passes_leave_batchnorm_alone():
     trainer = make_trainer()
     before = batchnorm_stats(trainer.model)

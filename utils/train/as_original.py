@@ -86,10 +86,17 @@ class OriginalPasses:
     def __init__(self, trainer):
         self.t = trainer
 
-    def _embed(self, images: torch.Tensor, train_mode: bool, augmented: bool) -> torch.Tensor:
+    def _embed(self, data, train_mode: bool, augmented: bool) -> torch.Tensor:
+        """Embeddings (N, 512) in the data set's order, computed in the order its files were
+        stored in (``stored_rank``): the original reads CIFAR-10 in its official order, in
+        which a train-mode batch mixes classes, and the shared image folder's file names
+        keep that order (batch and row)."""
         t = self.t
         gen = t.generator if augmented else None
-        return embed_as_original(t.model, images, t.device, train_mode, gen, t.cfg.dataset)
+        order = data.stored_rank.argsort()
+        emb = embed_as_original(t.model, data.images[order], t.device, train_mode, gen,
+                                t.cfg.dataset)
+        return emb[order.argsort()]  # back to the data set's order
 
     def _refresh(self, emb: torch.Tensor) -> None:
         t = self.t
@@ -100,7 +107,7 @@ class OriginalPasses:
         """sigma^2 from a train-mode pass over the augmented training set (the original's
         ``compute_real_losses(..., compute_variance=True)``), and that pass's loss."""
         t, c = self.t, self.t.clusters
-        emb = self._embed(t.train.images, train_mode=True, augmented=True)
+        emb = self._embed(t.train, train_mode=True, augmented=True)
         _, variance = assign_and_variance(emb, t.train.labels, c.centers, c.classes)
         t.clusters = replace(c, variance=variance)
         return self._loss(emb, t.train.labels)
@@ -112,20 +119,20 @@ class OriginalPasses:
 
     def first_clusters(self) -> None:
         """Before training: k-means on a train-mode pass, sigma^2 from another."""
-        self._refresh(self._embed(self.t.train.images, train_mode=True, augmented=True))
+        self._refresh(self._embed(self.t.train, train_mode=True, augmented=True))
         self._variance_and_loss()
 
     def epoch_end(self, refresh: bool) -> tuple[float, float, float, float]:
         """(train loss, train accuracy, test loss, test accuracy) as the original's log."""
         t = self.t
         if refresh:  # inside the last step, in eval mode, on augmented images
-            self._refresh(self._embed(t.train.images, train_mode=False, augmented=True))
+            self._refresh(self._embed(t.train, train_mode=False, augmented=True))
         train_loss = self._variance_and_loss()
-        test_loss = self._loss(self._embed(t.test.images, True, False), t.test.labels)
+        test_loss = self._loss(self._embed(t.test, True, False), t.test.labels)
         head = t.head()
         accs = []
         for data, augmented in ((t.train, True), (t.test, False)):
-            emb = self._embed(data.images, train_mode=False, augmented=augmented)
+            emb = self._embed(data, train_mode=False, augmented=augmented)
             accs.append(100.0 * int((head.predict(emb) == data.labels).sum()) / len(data))
         return train_loss, accs[0], test_loss, accs[1]
 
