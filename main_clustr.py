@@ -117,7 +117,8 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
     """Train ClusTR, or continue an interrupted run, and return the last checkpoint's path.
     Under torchrun every process trains; only the main one writes."""
     dist = dist or Dist.single()
-    state, start = build_run(args, out, device, dist)
+    with preemption.immediate():  # loading and first clustering: a signal stops at once
+        state, start = build_run(args, out, device, dist)
     model, optimizer, scheduler, trainer = (state.model, state.optimizer, state.scheduler,
                                             state.trainer)
     kept = start.epoch if args.resume else None
@@ -233,7 +234,8 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
         dist.barrier()  # the main process has written the checkpoint
         evaluate_checkpoint(eval_cfg, attack, ckpt_path, out.path, device, dist, args.resume)
         return 0
-    model, test = load_eval_inputs(eval_cfg, args.evaluate_ckpt)
+    with preemption.immediate():  # nothing to save yet: a signal stops at once
+        model, test = load_eval_inputs(eval_cfg, args.evaluate_ckpt)
     check_strong_subset(args, test)
     state = open_eval_state(eval_cfg, attack, args.evaluate_ckpt, test, out.path, device, dist,
                             args.resume)

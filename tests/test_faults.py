@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,21 @@ def test_usage_errors_are_one_line(tool, capsys):
     assert _status(main, ["x.pth", "--no-such-flag"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unrecognized arguments" in err, err
+
+
+# -- a stop before the first step ---------------------------------------------------------
+def test_ctrl_c_during_data_loading_stops_at_once(noisy, tmp_path, capsys, monkeypatch):
+    real, calls = main_clustr.load_data, []
+
+    def interrupted(args):
+        data = real(args)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as loading ends, before k-means
+        calls.append("after the signal")
+        return data
+
+    monkeypatch.setattr(main_clustr, "load_data", interrupted)
+    code, err = cli(train_argv(noisy, tmp_path / "exp"), capsys)
+    assert code == 130, err
+    assert calls == [] and err.count("\n") == 1, err
+    assert "nothing was saved yet; run the command again" in err
+    assert not (tmp_path / "exp").exists()
