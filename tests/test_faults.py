@@ -7,8 +7,10 @@ Runs ``main_clustr.main`` in-process on the tiny image folders of ``test_reliabi
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import pickle
 import re
 import shlex
 import shutil
@@ -19,6 +21,7 @@ import pytest
 import torch
 
 import main_clustr
+from base.errors import UsageError
 from base.io import load_checkpoint
 from tests.test_reliability import (  # noqa: F401 (fixtures)
     cli,
@@ -182,3 +185,23 @@ def test_ctrl_c_during_data_loading_stops_at_once(noisy, tmp_path, capsys, monke
     assert calls == [] and err.count("\n") == 1, err
     assert "nothing was saved yet; run the command again" in err
     assert not (tmp_path / "exp").exists()
+
+
+# -- files that are not checkpoints --------------------------------------------------------
+@pytest.mark.parametrize("data", [b"101\n", b"these are not weights\n", b"{\"epoch\": 3}"])
+def test_text_file_as_checkpoint_says_what_it_is(tmp_path, data):
+    (tmp_path / "c.pth").write_bytes(data)
+    with pytest.raises(UsageError) as exc:
+        load_checkpoint(str(tmp_path / "c.pth"))
+    assert str(exc.value) == (f"{tmp_path / 'c.pth'} is not a readable PyTorch file "
+                              f"(truncated or corrupt?): neither a zip archive nor a pickle "
+                              f"(a text file, or another format)")
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_plain_pickle_with_code_names_the_type(tmp_path, protocol):
+    (tmp_path / "p.pth").write_bytes(pickle.dumps({"args": argparse.Namespace(lr=0.1)},
+                                                  protocol=protocol))
+    with pytest.raises(UsageError, match=r"p\.pth holds a pickled argparse\.Namespace object: "
+                                         r"refused"):
+        load_checkpoint(str(tmp_path / "p.pth"))

@@ -414,7 +414,7 @@ BAD_INPUTS = [
      r"obj\.pth holds a pickled argparse\.Namespace object: refused"),
     ("evaluate-raw-pickle", lambda c: evaluate(c, c.file(
         "raw.pth", pickle.dumps(argparse.Namespace(a=1), protocol=4))),
-     r"raw\.pth holds pickled data .*: refused"),
+     r"raw\.pth holds a pickled argparse\.Namespace object: refused"),
     # beyond the list
     ("seed-negative", lambda c: tiny_args(c) + ["--seed=-1"],
      r"argument --seed: must be between 0 and 2\*\*32 - 1, got -1"),
