@@ -139,8 +139,10 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
     extra = {"args": {k: v for k, v in vars(args).items()}, "dataset": args.dataset,
              "classes": list(trainer.train.classes)}
     ckpt_path = out.file(files.CHECKPOINT)
-    log.info("%d steps of %d x %d examples per epoch", trainer.steps_per_epoch(), args.m,
-             args.d)
+    most = int(torch.bincount(trainer.clusters.assignments.cpu()).max())  # a cluster's size
+    log.info("%d steps of %d x %d examples per epoch%s", trainer.steps_per_epoch(), args.m,
+             min(args.d, most), f" (--d {args.d}: no cluster holds more than {most} now)"
+             if args.d > most else "")
     if dist.enabled:
         log.info("%d processes: effective batch %d x %d x %d = %d examples per step (the "
                  "learning rate is not rescaled)", dist.world_size, dist.world_size, args.m,

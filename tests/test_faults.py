@@ -205,3 +205,25 @@ def test_plain_pickle_with_code_names_the_type(tmp_path, protocol):
     with pytest.raises(UsageError, match=r"p\.pth holds a pickled argparse\.Namespace object: "
                                          r"refused"):
         load_checkpoint(str(tmp_path / "p.pth"))
+
+
+# -- what is logged is what runs -----------------------------------------------------------
+def test_batch_line_says_what_a_batch_holds(noisy, no_sweep, tmp_path, capsys, caplog):
+    """Clusters of 3 images: --d 1000 takes all 3 of each, not 1000."""
+    argv = train_argv(noisy, tmp_path / "exp", epochs=1)
+    argv[argv.index("--d") + 1] = "1000"
+    with caplog.at_level(logging.INFO, logger="clustr"):
+        code, err = cli(argv, capsys)
+    assert code == 0, err
+    assert "1 steps of 2 x 3 examples per epoch (--d 1000: no cluster holds more than 3 " \
+           "now)" in caplog.text
+
+
+def test_disk_full_is_one_line_naming_the_file(noisy, tmp_path, capsys, monkeypatch):
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    code, err = cli(train_argv(noisy, tmp_path / "exp", epochs=1), capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert re.search(r"cannot write .*exp/resume\.pth: No space left on device", err), err
