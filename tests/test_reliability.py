@@ -470,7 +470,7 @@ BAD_INPUTS = [
      r"--resume: .*eval_resume\.pth not found, so there is no interrupted evaluation to "
      r"continue"),
     ("resume-evaluation-not-ours", lambda c: results_in_exp(c, "eval_resume.pth")
-     or evaluate(c, c.ref / "checkpoint.pth") + ["--resume"],
+     or evaluate(c, c.ref / "checkpoint.pth") + ["--resume", "--data-root", c.noisy],
      r"eval_resume\.pth is not a readable PyTorch file"),
     # no clobbering
     ("results-log", lambda c: results_in_exp(c, "log.txt") or tiny_args(c),
