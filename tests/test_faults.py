@@ -15,6 +15,8 @@ import re
 import shlex
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ import torch
 import main_clustr
 from base.errors import UsageError
 from base.io import load_checkpoint
+from tests.conftest import ROOT
 from tests.test_reliability import (  # noqa: F401 (fixtures)
     cli,
     no_sweep,
@@ -47,6 +50,23 @@ def test_second_run_into_a_folder_in_use_is_refused(noisy, no_sweep, tmp_path, c
     assert re.search(r"exp is in use by another run \(pid \d+ on .* since .*\): wait for it",
                      err), err
     assert not exp.exists()  # created for the lock only, and removed with it
+
+
+def test_run_holding_the_folder_in_another_process_refuses_the_second(noisy, tmp_path,
+                                                                     capsys):
+    exp = tmp_path / "exp"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from utils.outputs.experiment_dir import "
+         "ExperimentDir\nwith ExperimentDir(sys.argv[1]).locked():\n    print('held', "
+         "flush=True)\n    sys.stdin.read()", str(exp)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        code, err = cli(train_argv(noisy, exp, epochs=1), capsys)
+    finally:
+        holder.communicate("")  # end of input: it releases the lock and exits
+    assert code == 2 and f"(pid {holder.pid} on " in err, err
+    assert holder.returncode == 0 and not exp.exists()
 
 
 def test_stale_lock_of_a_killed_run_is_taken_over(noisy, no_sweep, tmp_path, capsys, caplog):
@@ -227,3 +247,14 @@ def test_disk_full_is_one_line_naming_the_file(noisy, tmp_path, capsys, monkeypa
     code, err = cli(train_argv(noisy, tmp_path / "exp", epochs=1), capsys)
     assert code == 1 and err.count("\n") == 1, err
     assert re.search(r"cannot write .*exp/resume\.pth: No space left on device", err), err
+
+
+@pytest.mark.parametrize("value", ["false", 2, None])
+def test_checkpoint_normalize_probs_is_checked(reference, tmp_path, capsys, value):
+    ckpt = load_checkpoint(str(reference / "checkpoint.pth"))
+    ckpt["normalize_probs"] = value
+    torch.save(ckpt, tmp_path / "odd.pth")
+    assert inspect_ckpt.main([str(tmp_path / "odd.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"normalize_probs {str(value)!r} is not True or False" \
+        in err, err
