@@ -119,7 +119,8 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
     """Train ClusTR, or continue an interrupted run, and return the last checkpoint's path.
     Under torchrun every process trains; only the main one writes."""
     dist = dist or Dist.single()
-    state, start = build_run(args, out, device, dist)
+    with preemption.immediate():  # loading and first clustering: a signal stops at once
+        state, start = build_run(args, out, device, dist)
     model, optimizer, scheduler, trainer = (state.model, state.optimizer, state.scheduler,
                                             state.trainer)
     kept = start.epoch if args.resume else None
@@ -140,8 +141,10 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
     extra = {"args": {k: v for k, v in vars(args).items()}, "dataset": args.dataset,
              "classes": list(trainer.train.classes)}
     ckpt_path = out.file(files.CHECKPOINT)
-    log.info("%d steps of %d x %d examples per epoch", trainer.steps_per_epoch(), args.m,
-             args.d)
+    most = int(torch.bincount(trainer.clusters.assignments.cpu()).max())  # a cluster's size
+    log.info("%d steps of %d x %d examples per epoch%s", trainer.steps_per_epoch(), args.m,
+             min(args.d, most), f" (--d {args.d}: no cluster holds more than {most} now)"
+             if args.d > most else "")
     if dist.enabled:
         log.info("%d processes: effective batch %d x %d x %d = %d examples per step (the "
                  "learning rate is not rescaled)", dist.world_size, dist.world_size, args.m,
@@ -243,7 +246,8 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
         dist.barrier()  # the main process has written the checkpoint
         evaluate_checkpoint(eval_cfg, attack, ckpt_path, out.path, device, dist, args.resume)
         return 0
-    model, test = load_eval_inputs(eval_cfg, args.evaluate_ckpt)
+    with preemption.immediate():  # nothing to save yet: a signal stops at once
+        model, test = load_eval_inputs(eval_cfg, args.evaluate_ckpt)
     check_strong_subset(args, test)
     state = open_eval_state(eval_cfg, attack, args.evaluate_ckpt, test, out.path, device, dist,
                             "continue" if args.resume else None)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import pickletools
 import re
 import tempfile
 import warnings
+import zipfile
 
 import torch
 
@@ -35,13 +37,19 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         with warnings.catch_warnings():  # torch's own warnings would break the one-line answer
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UsageError(_refusal(path, str(exc))) from exc
     except MemoryError:
         raise
     except Exception as exc:  # truncated zip, text file, empty file, bad map_location, ...
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head and head != b"PK" and head[:1] != b"\x80":
+            why = "neither a zip archive nor a pickle (a text file, or another format)"
+        elif isinstance(exc, pickle.UnpicklingError):
+            raise UsageError(_refusal(path, str(exc))) from exc
+        else:
+            why = _first_line(exc)
         raise UsageError(f"{path} is not a readable PyTorch file (truncated or corrupt?): "
-                         f"{_first_line(exc)}") from exc
+                         f"{why}") from exc
     if not isinstance(obj, dict):
         raise UsageError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
     return obj
@@ -50,14 +58,37 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 def _refusal(path: str, message: str) -> str:
     """The one-line reason a file was refused by the weights-only unpickler."""
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
-    if found:
-        what = f"a pickled {found.group(1)} object"
+    name = found.group(1) if found else _first_global(path)
+    if name:
+        what = f"a pickled {name} object"
     else:
         found = re.search(r"WeightsUnpickler error: \s*(.+)", message)
         what = "pickled data" + (f" ({found.group(1).strip()[:80]})" if found else "")
     return (f"{path} holds {what}: refused, because unpickling arbitrary objects can run code "
             f"(weights_only=True); if you trust the file, re-save it with tensors and plain "
             f"types only")
+
+
+def _first_global(path: str) -> str | None:
+    """The first class or function a pickle names, read from its opcodes without running
+    them (a plain pickle, or the data.pkl of torch's zip format); None if it names none."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                return str(arg).replace(" ", ".")
+            if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                return f"{strings[-2]}.{strings[-1]}"
+            if isinstance(arg, str):
+                strings.append(arg)
+    except (OSError, ValueError, StopIteration, zipfile.BadZipFile):
+        return None
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

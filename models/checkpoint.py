@@ -155,8 +155,7 @@ def cluster_parts(ckpt: dict, dataset: str | None = None, L: int | None = None,
     num_classes = max(int(classes.max()) + 1, backbone.linear.out_features)
     head = ClusterHead(centers, classes, variance.expand(len(centers)), num_classes,
                        L=stored_L(ckpt, len(centers)) if L is None else L,
-                       normalize=bool(ckpt.get("normalize_probs", True))
-                       if normalize is None else normalize)
+                       normalize=stored_normalize(ckpt) if normalize is None else normalize)
     names = ckpt.get("classes")
     names = [str(n) for n in names] if isinstance(names, (list, tuple)) else None
     return backbone, head, names
@@ -176,6 +175,17 @@ def stored_L(ckpt: dict, num_clusters: int) -> int:
                          f"to its {num_clusters} clusters (main_clustr.py --evaluate-ckpt "
                          f"takes --L N instead)")
     return value
+
+
+def stored_normalize(ckpt: dict) -> bool:
+    """The checkpoint's ``normalize_probs`` (True when not recorded): a bool, as the flag."""
+    value = ckpt.get("normalize_probs", True)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if value not in (True, False) or isinstance(value, float):
+        raise UsageError(f"the checkpoint's normalize_probs {str(value)[:40]!r} is not True or "
+                         f"False: a damaged checkpoint, or one of other code")
+    return bool(value)
 
 
 def backbone_from_state(ckpt: dict, dataset: str | None = None) -> ResNet18:

@@ -7,18 +7,25 @@ Runs ``main_clustr.main`` in-process on the tiny image folders of ``test_reliabi
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import pickle
 import re
 import shlex
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import main_clustr
+from base.errors import UsageError
 from base.io import load_checkpoint
+from tests.conftest import ROOT
 from tests.test_reliability import (  # noqa: F401 (fixtures)
     cli,
     no_sweep,
@@ -43,6 +50,23 @@ def test_second_run_into_a_folder_in_use_is_refused(noisy, no_sweep, tmp_path, c
     assert re.search(r"exp is in use by another run \(pid \d+ on .* since .*\): wait for it",
                      err), err
     assert not exp.exists()  # created for the lock only, and removed with it
+
+
+def test_run_holding_the_folder_in_another_process_refuses_the_second(noisy, tmp_path,
+                                                                     capsys):
+    exp = tmp_path / "exp"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from utils.outputs.experiment_dir import "
+         "ExperimentDir\nwith ExperimentDir(sys.argv[1]).locked():\n    print('held', "
+         "flush=True)\n    sys.stdin.read()", str(exp)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        code, err = cli(train_argv(noisy, exp, epochs=1), capsys)
+    finally:
+        holder.communicate("")  # end of input: it releases the lock and exits
+    assert code == 2 and f"(pid {holder.pid} on " in err, err
+    assert holder.returncode == 0 and not exp.exists()
 
 
 def test_stale_lock_of_a_killed_run_is_taken_over(noisy, no_sweep, tmp_path, capsys, caplog):
@@ -163,3 +187,74 @@ def test_usage_errors_are_one_line(tool, capsys):
     assert _status(main, ["x.pth", "--no-such-flag"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unrecognized arguments" in err, err
+
+
+# -- a stop before the first step ---------------------------------------------------------
+def test_ctrl_c_during_data_loading_stops_at_once(noisy, tmp_path, capsys, monkeypatch):
+    real, calls = main_clustr.load_data, []
+
+    def interrupted(args):
+        data = real(args)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as loading ends, before k-means
+        calls.append("after the signal")
+        return data
+
+    monkeypatch.setattr(main_clustr, "load_data", interrupted)
+    code, err = cli(train_argv(noisy, tmp_path / "exp"), capsys)
+    assert code == 130, err
+    assert calls == [] and err.count("\n") == 1, err
+    assert "nothing was saved yet; run the command again" in err
+    assert not (tmp_path / "exp").exists()
+
+
+# -- files that are not checkpoints --------------------------------------------------------
+@pytest.mark.parametrize("data", [b"101\n", b"these are not weights\n", b"{\"epoch\": 3}"])
+def test_text_file_as_checkpoint_says_what_it_is(tmp_path, data):
+    (tmp_path / "c.pth").write_bytes(data)
+    with pytest.raises(UsageError) as exc:
+        load_checkpoint(str(tmp_path / "c.pth"))
+    assert str(exc.value) == (f"{tmp_path / 'c.pth'} is not a readable PyTorch file "
+                              f"(truncated or corrupt?): neither a zip archive nor a pickle "
+                              f"(a text file, or another format)")
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_plain_pickle_with_code_names_the_type(tmp_path, protocol):
+    (tmp_path / "p.pth").write_bytes(pickle.dumps({"args": argparse.Namespace(lr=0.1)},
+                                                  protocol=protocol))
+    with pytest.raises(UsageError, match=r"p\.pth holds a pickled argparse\.Namespace object: "
+                                         r"refused"):
+        load_checkpoint(str(tmp_path / "p.pth"))
+
+
+# -- what is logged is what runs -----------------------------------------------------------
+def test_batch_line_says_what_a_batch_holds(noisy, no_sweep, tmp_path, capsys, caplog):
+    """Clusters of 3 images: --d 1000 takes all 3 of each, not 1000."""
+    argv = train_argv(noisy, tmp_path / "exp", epochs=1)
+    argv[argv.index("--d") + 1] = "1000"
+    with caplog.at_level(logging.INFO, logger="clustr"):
+        code, err = cli(argv, capsys)
+    assert code == 0, err
+    assert "1 steps of 2 x 3 examples per epoch (--d 1000: no cluster holds more than 3 " \
+           "now)" in caplog.text
+
+
+def test_disk_full_is_one_line_naming_the_file(noisy, tmp_path, capsys, monkeypatch):
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    code, err = cli(train_argv(noisy, tmp_path / "exp", epochs=1), capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert re.search(r"cannot write .*exp/resume\.pth: No space left on device", err), err
+
+
+@pytest.mark.parametrize("value", ["false", 2, None])
+def test_checkpoint_normalize_probs_is_checked(reference, tmp_path, capsys, value):
+    ckpt = load_checkpoint(str(reference / "checkpoint.pth"))
+    ckpt["normalize_probs"] = value
+    torch.save(ckpt, tmp_path / "odd.pth")
+    assert inspect_ckpt.main([str(tmp_path / "odd.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"normalize_probs {str(value)!r} is not True or False" \
+        in err, err

@@ -414,7 +414,7 @@ BAD_INPUTS = [
      r"obj\.pth holds a pickled argparse\.Namespace object: refused"),
     ("evaluate-raw-pickle", lambda c: evaluate(c, c.file(
         "raw.pth", pickle.dumps(argparse.Namespace(a=1), protocol=4))),
-     r"raw\.pth holds pickled data .*: refused"),
+     r"raw\.pth holds a pickled argparse\.Namespace object: refused"),
     # beyond the list
     ("seed-negative", lambda c: tiny_args(c) + ["--seed=-1"],
      r"argument --seed: must be between 0 and 2\*\*32 - 1, got -1"),
@@ -470,7 +470,7 @@ BAD_INPUTS = [
      r"--resume: .*eval_resume\.pth not found, so there is no interrupted evaluation to "
      r"continue"),
     ("resume-evaluation-not-ours", lambda c: results_in_exp(c, "eval_resume.pth")
-     or evaluate(c, c.ref / "checkpoint.pth") + ["--resume"],
+     or evaluate(c, c.ref / "checkpoint.pth") + ["--resume", "--data-root", c.noisy],
      r"eval_resume\.pth is not a readable PyTorch file"),
     # no clobbering
     ("results-log", lambda c: results_in_exp(c, "log.txt") or tiny_args(c),
