@@ -30,7 +30,7 @@ from base.io import atomic_write, load_checkpoint, write_text_atomic
 from base.progress import set_quiet
 from datasets.data import DATASETS, balanced_subset, check_available, load_dataset, to_float
 from models.classifier import ClusterClassifier
-from utils.attacks.pgd import logit_ce_loss, paper_loss, pgd, start_keys
+from utils.attacks.pgd import PGD, logit_ce_loss, paper_loss, pgd_restart, start_keys
 from utils.outputs import files
 from utils.outputs.results import LOSS_TERMS, read_csv
 from utils.train.embeddings import compute_embeddings
@@ -51,7 +51,7 @@ def moved_points(model: ClusterClassifier, data, pred: torch.Tensor, n: int, eps
     keys = start_keys(seed, 0, 0, data.indices[pick])
     out = {"rows": pick, "clean": model.embed(x).detach().cpu()}
     for name, loss in ATTACKS.items():
-        res = pgd(model, x, y, eps / 255, 2 / 255, iterations, 1, lambda r: keys, loss)
+        res = pgd_restart(model, x, y, eps / 255, PGD(name, loss, iterations, 1, 2 / 255), keys)
         with torch.no_grad():
             adv = x + res.delta
             out[name] = (model.embed(adv).cpu(), model.predict(adv).cpu())

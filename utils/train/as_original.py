@@ -34,7 +34,7 @@ from datasets.data import augment
 from datasets.magnet_sampler import MagnetSampler
 from models.cluster_head import squared_distances
 from utils.attacks.pgd import project_linf
-from utils.train.clustering import assign_and_variance
+from utils.train.clustering import nearest_own_cluster, variance_of
 from utils.train.free_adversarial import FreePerturbation
 from utils.train.magnet_loss import EPS as LOSS_EPS
 
@@ -108,7 +108,8 @@ class OriginalPasses:
         ``compute_real_losses(..., compute_variance=True)``), and that pass's loss."""
         t, c = self.t, self.t.clusters
         emb = self._embed(t.train, train_mode=True, augmented=True)
-        _, variance = assign_and_variance(emb, t.train.labels, c.centers, c.classes)
+        variance = variance_of(emb, c.centers,
+                               nearest_own_cluster(emb, t.train.labels, c.centers, c.classes))
         t.clusters = replace(c, variance=variance)
         return self._loss(emb, t.train.labels)
 
