@@ -16,7 +16,7 @@ import torch
 from base.errors import UsageError
 from base.io import write_text_atomic
 from benchmarks.reproduce_plan import REPO, ROWS, TRAINING, Budget, Paths, Step, row_epochs
-from utils import tables
+from utils import experiments, tables
 
 TABLE_EPS = (2.0, 8.0)
 CURVE_EPS = 8.0
@@ -26,9 +26,9 @@ PUBLISHED = ("The authors' released ClusTR+QTRADES CIFAR-10 model (λ = 8): clea
              "AutoAttack attack the classifier's logit.")
 
 
-def load(paths: Paths, key: str, label: str | None = None) -> tables.Experiment | None:
+def load(paths: Paths, key: str, label: str | None = None) -> experiments.Experiment | None:
     try:
-        return tables.load_experiment(os.path.join(REPO, paths(key)), label)
+        return experiments.load_experiment(os.path.join(REPO, paths(key)), label)
     except UsageError:
         return None
 

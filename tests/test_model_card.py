@@ -15,11 +15,12 @@ import torch
 from PIL import Image
 
 import main_clustr
+from base.errors import UsageError
 from base.io import load_checkpoint
 from datasets.data import load_dataset, to_float
 from models.classifier import ClusterClassifier
 from tests.conftest import ROOT
-from utils import plots, tables
+from utils import experiments, plots, tables
 from utils.outputs.results import read_csv
 from utils.train_setting import parse_args
 
@@ -90,7 +91,7 @@ def test_tables_read_model_info(exp, tmp_path):
     column = [c for c in df.columns if c.startswith("AutoAttack 8/255")]
     info = json.loads((exp / "model_info.json").read_text())
     assert df[column[0]].iloc[0] == pytest.approx(float(info["autoattack_acc"]))
-    assert tables.load_experiment(str(exp)).model_info["eps"] == "8/255"
+    assert experiments.load_experiment(str(exp)).model_info["eps"] == "8/255"
     # a card alone (no strong CSV) still fills the cell; a card of another run is refused
     alone = tmp_path / "alone"
     alone.mkdir()
@@ -101,8 +102,8 @@ def test_tables_read_model_info(exp, tmp_path):
     (exp / "attack_results_strong.csv").rename(tmp_path / "strong.csv")
     try:
         (alone / "attack_results_strong.csv").write_bytes((tmp_path / "strong.csv").read_bytes())
-        with pytest.raises(tables.UsageError, match="different runs"):
-            tables.load_experiment(str(alone))
+        with pytest.raises(UsageError, match="different runs"):
+            experiments.load_experiment(str(alone))
     finally:
         (tmp_path / "strong.csv").rename(exp / "attack_results_strong.csv")
 

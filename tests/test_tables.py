@@ -20,7 +20,7 @@ import torch
 
 import main_clustr
 from tests.conftest import ROOT
-from utils import tables
+from utils import experiments, tables
 from utils.attacks.sweep import Outcome
 from utils.eval.evaluation import SweepResult, write_results, write_summary
 from utils.eval.strong_evaluation import worst_case, write_table
@@ -84,7 +84,7 @@ def write_folder(path: Path, argv: list[str], clean: int, paper: dict[float, int
         outcomes += [Outcome("paper-pgd", e, _robust(k)) for e, k in paper.items()]
         outcomes += [Outcome(a, e, _robust(k)) for (e, a), k in strong.items()]
         outcomes += worst_case(outcomes, _robust(clean))
-        write_table(outcomes, N, str(path / tables.STRONG_CSV))
+        write_table(outcomes, N, str(path / experiments.STRONG_CSV))
     return path
 
 
@@ -107,8 +107,8 @@ def _files(folder: Path) -> tuple[dict[float, float], dict[tuple[float, str], fl
     with open(folder / "attack_results_ext.csv") as f:
         paper = {float(r["epsilons"]): float(r["test_set_accs"]) for r in csv.DictReader(f)}
     strong = {}
-    if (folder / tables.STRONG_CSV).exists():
-        with open(folder / tables.STRONG_CSV) as f:
+    if (folder / experiments.STRONG_CSV).exists():
+        with open(folder / experiments.STRONG_CSV) as f:
             strong = {(float(r["epsilon"]), r["attack"]): float(r["robust_accuracy"])
                       for r in csv.DictReader(f)}
     return paper, strong
@@ -283,7 +283,7 @@ def _foreign(root: Path, name: str, good: Path) -> Path:
         (folder / "attack_results_ext.csv").write_text(
             "epsilons,test_set_accs\n0.0,90\n0.0313,40\n")
     elif name == "old_strong_csv":
-        (folder / tables.STRONG_CSV).write_text("eps,attack,accuracy\n8,pgd-ce,10\n")
+        (folder / experiments.STRONG_CSV).write_text("eps,attack,accuracy\n8,pgd-ce,10\n")
     elif name == "foreign_params":
         (folder / "params.txt").write_text("lr=0.1 epochs=3\n")
     elif name == "truncated_paper_csv":  # cut after "2.0,8": 2/255 reads 8, the rest gone
@@ -359,11 +359,11 @@ def test_plot_has_one_line_per_experiment_and_attack_kind(written, tmp_path):
 
 
 def test_labels_from_the_arguments():
-    assert tables.training_label({"consistency_lambda": 0.0}) == "ClusTR"
-    assert tables.training_label({"consistency_lambda": 12.5}) == "ClusTR+QTRADES (λ=12.5)"
-    assert tables.training_label({"consistency_lambda": 1.0, "mse_consistency": True}) == \
+    assert experiments.training_label({"consistency_lambda": 0.0}) == "ClusTR"
+    assert experiments.training_label({"consistency_lambda": 12.5}) == "ClusTR+QTRADES (λ=12.5)"
+    assert experiments.training_label({"consistency_lambda": 1.0, "mse_consistency": True}) == \
         "ClusTR+QTRADES (λ=1, MSE)"
-    assert tables.training_label({"minibatch_replays": 8}) == "ClusTR+Free (M=8)"
+    assert experiments.training_label({"minibatch_replays": 8}) == "ClusTR+Free (M=8)"
 
 
 @pytest.mark.parametrize("case", ["over-checkpoint", "over-results", "over-own-file",

@@ -18,7 +18,7 @@ import pytest
 import main_clustr
 from benchmarks import reproduce, reproduce_plan, reproduce_report
 from tests.test_tables import _parse_markdown, write_folder
-from utils import tables
+from utils import experiments
 from utils.pretrained_clusters import build_parser as cluster_parser
 
 
@@ -185,7 +185,7 @@ def test_killed_report_resumes_to_the_same_table(monkeypatch, data, tmp_path, di
     assert "in 2 sitting(s) (resumed)" in text
     # every cell of the table is the evaluation folder's own number
     parsed = _parse_markdown(results(tmp_path / "killed"))
-    x = tables.load_experiment(str(tmp_path / "killed" / "clustr" / "eval"))
+    x = experiments.load_experiment(str(tmp_path / "killed" / "clustr" / "eval"))
     cells = dict(zip(parsed["__header__"], parsed["ClusTR"], strict=True))
     assert float(cells["clean (n=20)"]) == pytest.approx(x.paper[0.0], abs=0.05)
     assert float(cells["worst case 8/255 (n=20)"]) == \
@@ -228,7 +228,7 @@ def test_curves_have_one_line_per_row_and_attack(monkeypatch, data, tmp_path):
     assert (work.parent / "w_curves.png").stat().st_size > 0
     point = frame[(frame["row"] == "clustr") & (frame["epoch"] == 1) &
                   (frame["attack"] == "paper PGD")]["accuracy"].item()
-    assert math.isclose(point, tables.load_experiment(
+    assert math.isclose(point, experiments.load_experiment(
         str(work / "clustr" / "curve" / "1")).paper[8.0])
 
 
