@@ -1,11 +1,7 @@
-"""What the reproduction report runs: its rows, budgets and calls (``benchmarks.reproduce``).
-
-Every call is a command of this project with its arguments, run from the repository root;
-this module only plans them.
-"""
+"""What the reproduction report runs (``benchmarks.reproduce``): its rows, budgets and calls,
+each a command of this project with its arguments, run from the repository root."""
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from dataclasses import dataclass
@@ -13,8 +9,6 @@ from dataclasses import dataclass
 from base.cli import ArgParser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 ROWS = {
     "pretrained": "pretrained ResNet18 + k-means clusters (epoch 0, no training)",
     "ce": "plain cross-entropy ResNet18 (the starting weights, linear head)",
@@ -32,6 +26,7 @@ TRAINING = {"clustr": [], "qtrades": ["--consistency-lambda", "12.5"],
             "qtrades-original": ["--consistency-lambda", "12.5", "--as-original"],
             "qtrades-logit": ["--consistency-lambda", "12.5", "--consistency-attack", "logit"],
             "free": []}
+RESULT_FILES = ("attack_results_ext.csv", "attack_results_strong.csv")
 
 
 @dataclass(frozen=True)
@@ -72,10 +67,8 @@ def row_epochs(b: Budget, row: str, train_count: int) -> tuple[int, int | None]:
     """(epochs, training images) of one trained row. ClusTR+Free replays each batch M times,
     so, as free adversarial training is run, it makes epochs / M passes (rounded, at least
     one); below M epochs, one pass over epochs / M of the images (class-balanced)."""
-    if row == "qtrades-l8":
-        return b.epochs_l8, b.train_images
     if row != "free":
-        return b.epochs, b.train_images
+        return (b.epochs_l8 if row == "qtrades-l8" else b.epochs), b.train_images
     if b.epochs >= b.replays:
         return max(1, round(b.epochs / b.replays)), b.train_images
     return 1, math.ceil(train_count * b.epochs / b.replays)
@@ -90,16 +83,14 @@ class Step:
     kind: str = "main"          # main | clusters | pretrain
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgParser:
     p = ArgParser(prog="python -m benchmarks.reproduce",
-                  description=__doc__.splitlines()[0])
+                  description="The reproduction report (docs/reproducing.md).")
     p.add_argument("--budget", choices=[*BUDGETS, "cpu"], default="quick",
-                   help="smoke (pipeline check), quick (one epoch), cpu (the largest budget "
-                        "the measured costs fit in 90 minutes on 2 idle cores), paper (the "
-                        "original's settings)")
-    p.add_argument("--measure", action="store_true",
-                   help="train one epoch per row and attack a few images: write the costs "
-                        "--budget cpu is chosen from (--costs)")
+                   help="smoke (pipeline check), quick (one epoch), cpu (the most the measured "
+                        "costs fit in 90 minutes on 2 idle cores), paper (the original's)")
+    p.add_argument("--measure", action="store_true", help="train one epoch per row, attack "
+                   "a few images: write the costs --budget cpu is chosen from (--costs)")
     p.add_argument("--costs", default="docs/results/cpu_costs.json",
                    help="the costs file --measure writes and --budget cpu reads")
     p.add_argument("--measure-images", type=int, default=40, help="images --measure attacks")
@@ -112,14 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None,
                    help="a subset of the rows (all of the budget's)")
     p.add_argument("--work", default=None, help="folder of the runs (reproduce_runs/BUDGET)")
-    p.add_argument("--out", default=None,
-                   help="the report (docs/results/REPRODUCTION_BUDGET.md)")
+    p.add_argument("--out", default=None, help="(docs/results/REPRODUCTION_BUDGET.md)")
     p.add_argument("--device", default="auto", help="passed to every call (auto)")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS of every call (PyTorch's choice)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the report in --work: reuse its finished calls, continue "
-                        "the stopped one")
+    p.add_argument("--resume", action="store_true", help="continue the report in --work: "
+                   "reuse its finished calls, continue the stopped one")
     p.add_argument("--render-only", action="store_true",
                    help="only rewrite --out from the calls finished in --work")
     return p
@@ -155,9 +144,9 @@ def training_count(args, paths: Paths) -> int:
 
 
 def plan(args, b: Budget, paths: Paths, train_count: int) -> list[Step]:
-    """Every call of the report, in order: per row its training, its evaluation, then the
-    curves (epoch 0 of the ClusTR rows is the pretrained clusters, of the FGSM baseline the
-    plain network)."""
+    """Every call of the report, in order: the pretrained clusters (ClusTR at epoch 0) where
+    a row needs them, per row its training and its evaluation, then the curves (epoch 0 of
+    the ClusTR rows is the pretrained clusters, of the FGSM baseline the plain network)."""
     data = ["--dataset", args.dataset, "--data-root", paths.data_root, "--seed", "111",
             "--device", args.device, "--quiet"]
     attack = ["--iterations", str(b.iterations), "--L", "20"]
@@ -166,53 +155,45 @@ def plan(args, b: Budget, paths: Paths, train_count: int) -> list[Step]:
                   "--strong-subset", str(b.strong_images)]
     curve = [*attack, "--restarts", "1", "--test-subset", str(b.curve_images), "--strong"]
     rows = [r for r in rows_of(b) if args.rows is None or r in args.rows]
-    steps, curves = [], []
+    start = {"pretrained": paths("pretrained", "clusters.pth"), "ce": paths.weights}
+    steps = [_clusters(b, paths, data)] if {"pretrained", *TRAINING} & set(rows) else []
+    curves = {}
     for row in rows:
-        weights, trained, epochs = _training(row, b, paths, data, train_count, steps)
+        weights = start.get(row)
+        if weights is None:
+            epochs, images = row_epochs(b, row, train_count)
+            steps.append(_training(row, b, paths, data, epochs, images))
+            weights = steps[-1].outputs[0]
+            if row in TRAINING:  # every epoch, from the pretrained clusters
+                curves.setdefault("pretrained/curve/0", start["pretrained"])
+                curves |= {f"{row}/curve/{e}": epoch_checkpoint(paths(row, "train"), e)
+                           for e in range(1, epochs + 1)}
+            else:  # the FGSM baseline: its last epoch, from the plain network
+                curves.setdefault("ce/curve/0", start["ce"])
+                curves[f"{row}/curve/{epochs}"] = weights
         steps.append(_evaluate(f"{row}/eval", paths, weights, data + evaluation))
-        if trained is not None:  # the curve: every epoch (the FGSM baseline: its last)
-            start = "pretrained" if row in TRAINING else "ce"
-            curves += [(f"{start}/curve/0", _start_weights(start, paths))]
-            points = range(1, epochs + 1) if row in TRAINING else [epochs]
-            curves += [(f"{row}/curve/{e}", trained if row == "fgsm" else
-                        epoch_checkpoint(trained, e)) for e in points]
-    if "pretrained/curve/0" in dict(curves) and "pretrained" not in rows:
-        steps.insert(0, _clusters(b, paths, data))  # the ClusTR curves' epoch 0
-    for key, weights in dict(curves).items():
-        steps.append(_evaluate(key, paths, weights, data + curve))
-    return steps
+    return steps + [_evaluate(k, paths, w, data + curve) for k, w in curves.items()]
 
 
 def _clusters(b: Budget, paths: Paths, data: list[str]) -> Step:
-    """The pretrained network's k-means clusters: ClusTR at epoch 0."""
     out = paths("pretrained", "clusters.pth")
     return Step("pretrained/train", [
         "-m", "utils.pretrained_clusters", "--out", out, "--pretrained-path", paths.weights,
         "--k", "2", "--L", "20", *_subset(b.train_images), *data], [out], kind="clusters")
 
 
-def _start_weights(row: str, paths: Paths) -> str:
-    return paths("pretrained", "clusters.pth") if row == "pretrained" else paths.weights
-
-
-def _training(row, b, paths, data, train_count, steps):
-    """Append the row's training call; (weights to evaluate, the folder of its per-epoch
-    weights, the FGSM baseline's weights, or None, epochs)."""
-    if row in ("pretrained", "ce"):
-        if row == "pretrained":
-            steps.append(_clusters(b, paths, data))
-        return _start_weights(row, paths), None, 0
-    epochs, images = row_epochs(b, row, train_count)
+def _training(row: str, b: Budget, paths: Paths, data: list[str], epochs: int,
+              images: int | None) -> Step:
+    """The row's training call; its first output is the weights to evaluate."""
     if row == "fgsm":
         out = paths("fgsm", "weights.pt")
-        steps.append(Step("fgsm/train", [
+        return Step("fgsm/train", [
             "-m", "utils.train.pretrain", "--out", out, "--pretrained-path", paths.weights,
             "--adversarial", "fgsm", "--epochs", str(epochs), *_subset(images),
-            "--test-subset", str(b.curve_images), *data], [out], kind="pretrain"))
-        return out, out, epochs
+            "--test-subset", str(b.curve_images), *data], [out], kind="pretrain")
     folder = paths(row, "train")
     flags = TRAINING[row] + (["--minibatch-replays", str(b.replays)] if row == "free" else [])
-    steps.append(Step(f"{row}/train", [
+    return Step(f"{row}/train", [
         "main_clustr.py", "--checkpoint", folder, "--pretrained-path", paths.weights,
         "--epochs", str(epochs), "--lr", "0.0001", "--m", "12", "--d", "20", "--k", "2",
         "--alpha", "12.5", "--L", "10" if row == "qtrades-l8" else "20", *flags,
@@ -220,8 +201,7 @@ def _training(row, b, paths, data, train_count, steps):
         # the sweep that ends every training run, kept small: the evaluation is its own call
         "--test-subset", str(b.curve_images), "--iterations", "1", "--restarts", "1"],
         [os.path.join(folder, "checkpoint.pth")] +
-        [epoch_checkpoint(folder, e) for e in range(1, epochs + 1)], folder))
-    return os.path.join(folder, "checkpoint.pth"), folder, epochs
+        [epoch_checkpoint(folder, e) for e in range(1, epochs + 1)], folder)
 
 
 def epoch_checkpoint(folder: str, epoch: int) -> str:
@@ -237,6 +217,3 @@ def _evaluate(key: str, paths: Paths, weights: str, flags: list[str]) -> Step:
     folder = paths(key)
     return Step(key, ["main_clustr.py", "--checkpoint", folder, "--evaluate-ckpt", weights,
                       *flags], [os.path.join(folder, n) for n in RESULT_FILES], folder)
-
-
-RESULT_FILES = ("attack_results_ext.csv", "attack_results_strong.csv")
