@@ -70,9 +70,8 @@ class Run:
 
 def launch(argv: list[str], log_path: str, threads: int | None) -> tuple[int, float]:
     """One call from the repository root, its output appended to ``log_path``."""
-    env = dict(os.environ)
-    if threads is not None:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = dict(os.environ) | ({} if threads is None else {"OMP_NUM_THREADS": str(threads),
+                                                          "MKL_NUM_THREADS": str(threads)})
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     start = time.time()
     with open(log_path, "a") as log:
@@ -94,8 +93,7 @@ def run_step(step: Step, run: Run, paths: Paths, threads: int | None) -> None:
                 raise UsageError(f"{f} is not the file {step.key} wrote (changed or removed "
                                  "since): pass a new --work")
         return
-    weights = step.argv[step.argv.index("--evaluate-ckpt") + 1] \
-        if "--evaluate-ckpt" in step.argv else None
+    weights = dict(zip(step.argv, step.argv[1:])).get("--evaluate-ckpt")  # the flag's value
     if weights and not os.path.isfile(os.path.join(REPO, weights)):
         run.steps[step.key] = {"argv": step.argv, "status": "skipped", "seconds": 0.0,
                                "why": f"{weights} was not written"}
@@ -181,8 +179,8 @@ def write_costs(run: Run, images: int, path: str) -> None:
 def resolve_budget(args, train_count: int) -> Budget:
     n = args.measure_images
     if args.measure:
-        return Budget("measure", 1, None, n, n, n, 20, 1, chosen="one epoch per row, to "
-                      "measure the costs")
+        return Budget("measure", 1, None, n, n, n, 20, 1,
+                      chosen="one epoch per row, to measure the costs")
     if args.budget != "cpu":
         return BUDGETS[args.budget]
     if not os.path.isfile(args.costs):

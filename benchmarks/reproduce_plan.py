@@ -91,22 +91,18 @@ def build_parser() -> ArgParser:
                         "costs fit in 90 minutes on 2 idle cores), paper (the original's)")
     p.add_argument("--measure", action="store_true", help="train one epoch per row, attack "
                    "a few images: write the costs --budget cpu is chosen from (--costs)")
-    p.add_argument("--costs", default="docs/results/cpu_costs.json",
-                   help="the costs file --measure writes and --budget cpu reads")
+    p.add_argument("--costs", default="docs/results/cpu_costs.json", help="--measure's output")
     p.add_argument("--measure-images", type=int, default=40, help="images --measure attacks")
-    p.add_argument("--data", default="../shared/data",
-                   help="folder with cifar10-subset/ and weights/resnet18_cifar10.pt")
+    p.add_argument("--data", default="../shared/data", help="has cifar10-subset/ and weights/")
     p.add_argument("--dataset", default="imagefolder", help="(imagefolder)")
     p.add_argument("--data-root", default=None, help="(DATA/cifar10-subset)")
     p.add_argument("--pretrained-path", default=None,
                    help="the starting weights (DATA/weights/resnet18_cifar10.pt)")
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None,
-                   help="a subset of the rows (all of the budget's)")
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), help="(all of the budget's)")
     p.add_argument("--work", default=None, help="folder of the runs (reproduce_runs/BUDGET)")
     p.add_argument("--out", default=None, help="(docs/results/REPRODUCTION_BUDGET.md)")
     p.add_argument("--device", default="auto", help="passed to every call (auto)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="OMP_NUM_THREADS of every call (PyTorch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every call")
     p.add_argument("--resume", action="store_true", help="continue the report in --work: "
                    "reuse its finished calls, continue the stopped one")
     p.add_argument("--render-only", action="store_true",

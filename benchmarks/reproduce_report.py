@@ -53,11 +53,12 @@ def curve_frame(steps: list[Step], paths: Paths) -> pd.DataFrame:
     for s in steps:
         row, part, epoch = (s.key.split("/") + [""])[:3]
         x = load(paths, s.key) if part == "curve" else None
-        if x is not None:
-            rows = [row] if epoch != "0" else TRAINING if row == "pretrained" else ["fgsm"]
-            points += [(r, int(epoch), attack, value) for r in rows if r in trained
-                       for attack, value in (("paper PGD", x.paper[CURVE_EPS]), (
-                           "worst case", x.strong[(CURVE_EPS, "worst-case")]))]
+        if x is None:
+            continue
+        rows = [row] if epoch != "0" else TRAINING if row == "pretrained" else ["fgsm"]
+        for r in [r for r in rows if r in trained]:
+            points += [(r, int(epoch), "paper PGD", x.paper[CURVE_EPS]),
+                       (r, int(epoch), "worst case", x.strong[(CURVE_EPS, "worst-case")])]
     return pd.DataFrame(points, columns=["row", "epoch", "attack", "accuracy"])
 
 
@@ -84,13 +85,16 @@ def plot_curves(frame: pd.DataFrame, path: str) -> list[str]:
 
 def budget_frame(b: Budget) -> pd.DataFrame:
     """What every row is evaluated on; the training is the rows table's."""
-    return pd.DataFrame([{"budget": b.name, "test images: clean, paper's PGD": b.test_images
-                          or "all", "PGD-CE, PGD-DLR, AutoAttack (fixed, class-balanced)":
-                          b.strong_images, "PGD iterations × restarts": f"{b.iterations} × "
-                          f"{b.restarts}", "curves: images, restarts": f"{b.curve_images}, 1"}])
+    return pd.DataFrame([{
+        "budget": b.name,
+        "test images: clean, paper's PGD": b.test_images or "all",
+        "PGD-CE, PGD-DLR, AutoAttack (fixed, class-balanced)": b.strong_images,
+        "PGD iterations × restarts": f"{b.iterations} × {b.restarts}",
+        "curves: images, restarts": f"{b.curve_images}, 1"}])
 
 
 def rows_frame(b: Budget, steps: list[Step], train_count: int) -> pd.DataFrame:
+    """The trained rows: their epochs, training images and command."""
     trained = {s.key.split("/")[0]: s for s in steps if s.key.endswith("/train")}
     return pd.DataFrame([{"row": ROWS[row], "epochs": row_epochs(b, row, train_count)[0],
                           "training images": row_epochs(b, row, train_count)[1] or train_count,
