@@ -21,8 +21,6 @@
 #   amp       the same epochs section with --amp (bfloat16)  ~70 s   timeout 150
 #   kmeans    the epochs section with --kmeans-device, 2 repeats: k-means' share of the
 #             epoch on the device against `bench`'s          ~50 s   timeout 150
-#   compile   benchmarks.compile_magnet --device cuda: torch.compile of the Magnet loss
-#             against eager (compilation 30-100 s)           ~100 s  timeout 200
 #   seed      the seed's command measured whole (benchmarks.run --only seed): 30 ClusTR
 #             epochs on 50,000 synthetic CIFAR-10-sized images and 10,000 test images
 #             (~10 s each on the H200: ~300 s), then 20 steps x 10 restarts at 4 eps on the
@@ -35,7 +33,7 @@
 #             time reached, which say where the time went.
 #
 # Budget: the machine's start (1-3 min) + `first` (~4.5 min, at most 8.5) + `seed` (at most
-# 8 min) fills the 15 minutes; `kmeans` and `compile` are for a second budget. Each part
+# 8 min) fills the 15 minutes; `kmeans` is for a second budget. Each part
 # writes its report to docs/results/ (created if absent) and its log to
 # docs/results/device_check_<part>.log; with $OUT set, both are copied to $OUT/docs/results/
 # when the part ends, even when it fails or times out. A part that fails does not stop the
@@ -82,11 +80,10 @@ run_part() {
                  --out "$RESULTS/BENCHMARKS_cuda_amp.md" --json "$RESULTS/bench_cuda_amp.json" ;;
         kmeans) part kmeans 150 "${BENCH[@]}" --only epochs --kmeans-device --repeats 2 \
                     --out "$RESULTS/BENCHMARKS_cuda_kmeans_device.md" ;;
-        compile) part compile 200 python -m benchmarks.compile_magnet --device cuda ;;
         seed) part seed 480 python -m benchmarks.run --device cuda --only seed \
                   --out "$RESULTS/SEED_COMMAND_cuda.md" --json "$RESULTS/seed_command_cuda.json" ;;
         first) for p in tests bench amp; do run_part "$p"; done ;;
-        *) echo "unknown part '$1' (tests, bench, amp, kmeans, compile, seed, first)" >&2
+        *) echo "unknown part '$1' (tests, bench, amp, kmeans, seed, first)" >&2
            exit 2 ;;
     esac
 }
