@@ -13,7 +13,6 @@ then the paper's default sweep (20 steps x 10 restarts at 4 eps on the 10,000 te
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +23,8 @@ from utils.attacks.pgd import EPSILONS, PGD
 from utils.attacks.sweep import AttackContext
 from utils.eval.evaluation import run_sweep
 
-from .timing import sync
-from .workloads import make_workload, synthetic_data
+from .timing import timed
+from .workloads import Setup, make_workload, synthetic_data
 
 log = logging.getLogger("benchmarks")
 
@@ -41,10 +40,6 @@ class SeedCommand:
     d: int = 20
     K: int = 2
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, self.train_images // (self.m * self.d))
-
 
 SEED = SeedCommand()
 
@@ -53,24 +48,23 @@ def estimate(res: dict, seed: SeedCommand = SEED) -> dict:
     """Seconds of the seed's command from the benchmark's own measurements (``res`` with
     its epochs and pgd sections), part by part."""
     e, ph, pgd = res["epochs"], res["phases"], res["pgd"]
-    per_train = 1.0 / e["train_images"]
-    embed_batch = res["embed_batches"]["embed_batch"]
-    embed_rate = res["embed_batches"]["per_image_s"][embed_batch]
-    kmeans = ph["kmeans_s"] * per_train * seed.train_images
-    metrics = (ph["phases_s"]["train metrics (loss, accuracy)"] * per_train * seed.train_images
-               + ph["phases_s"]["test metrics"] / e["test_images"] * seed.test_images)
-    step = e["step_s"]["clustr"] * (seed.m * seed.d) / e["batch"]  # per image, at 240
-    epoch = {"training steps": seed.steps_per_epoch * step,
-             "embedding passes (train + test)": embed_rate * (seed.train_images
-                                                            + seed.test_images),
-             "k-means": kmeans, "metrics": metrics}
+    per_train = seed.train_images / e["train_images"]
+    embed = res["embed_batches"]
+    kmeans = ph["kmeans_s"] * per_train
+    epoch = {
+        "training steps": max(1, seed.train_images // (seed.m * seed.d))
+        * e["step_s"]["clustr"] * (seed.m * seed.d) / e["batch"],  # steps of 240 images
+        "embedding passes (train + test)": embed["per_image_s"][embed["embed_batch"]]
+        * (seed.train_images + seed.test_images),
+        "k-means": kmeans,
+        "metrics": ph["phases_s"]["train metrics (loss, accuracy)"] * per_train
+        + ph["phases_s"]["test metrics"] / e["test_images"] * seed.test_images}
     epoch_s = sum(epoch.values())
     # PGD: one forward+backward per attacked image and step, plus the no-grad pass that
     # scores each restart, at the rate of the masked (never shrinking) sweep
     passes = pgd["attacked"] * pgd["eps_count"] * pgd["restarts"] * (pgd["iterations"] + 1)
     per_pass = pgd["seconds"]["mask"] / max(passes, 1)
-    sweep = (seed.test_images * len(EPSILONS) * seed.restarts * (seed.iterations + 1)
-             * per_pass)
+    sweep = seed.test_images * len(EPSILONS) * seed.restarts * (seed.iterations + 1) * per_pass
     training = seed.epochs * epoch_s + epoch["embedding passes (train + test)"] + kmeans
     return {"kind": "estimate", "epoch_parts_s": epoch, "epoch_s": epoch_s,
             "training_s": training, "sweep_s": sweep, "total_s": training + sweep,
@@ -84,25 +78,22 @@ def measure(device: torch.device, amp: bool, seed_value: int = 111,
     refreshes after the first fit k-means on the device (``--kmeans-device``)."""
     train = synthetic_data(seed.train_images, seed_value)
     test = synthetic_data(seed.test_images, seed_value + 1)
-    sync(device)
-    start = time.perf_counter()
-    w = make_workload(train, test, None, seed.m, seed.d, seed.K, seed_value, device, amp)
-    w.trainer.cfg.kmeans_device = kmeans_device
+    setup = Setup(seed.m, seed.d, seed.K, seed_value, device, amp, kmeans_device)
     epochs = []
-    for epoch in range(seed.epochs):
-        begin = time.perf_counter()
-        w.trainer.run_epoch()
-        sync(device)
-        epochs.append(time.perf_counter() - begin)
-        log.info("seed command: epoch %d/%d %.1fs", epoch + 1, seed.epochs, epochs[-1])
-    training = time.perf_counter() - start
+
+    def training_run():
+        w = make_workload(train, test, None, setup)
+        for epoch in range(seed.epochs):
+            epochs.append(timed(w.trainer.run_epoch, device)[1])
+            log.info("seed command: epoch %d/%d %.1fs", epoch + 1, seed.epochs, epochs[-1])
+        return w
+
+    w, training = timed(training_run, device)
     model = ClusterClassifier(w.trainer.model, w.trainer.head()).to(device)
     batch = attack_batch(None, model, device, seed.test_images)
-    begin = time.perf_counter()
-    result = run_sweep(AttackContext(model, test, device, batch, seed_value),
-                       PGD(iterations=seed.iterations, restarts=seed.restarts), 64)
-    sync(device)
-    sweep = time.perf_counter() - begin
+    result, sweep = timed(lambda: run_sweep(
+        AttackContext(model, test, device, batch, seed_value),
+        PGD(iterations=seed.iterations, restarts=seed.restarts), 64), device)
     return {"kind": "measured", "epoch_samples": epochs, "training_s": training,
             "sweep_s": sweep, "total_s": training + sweep, "attack_batch": batch,
             "clean_acc": result.clean_acc, "seed": vars(seed)}

@@ -29,17 +29,14 @@ def median(values) -> float:
 
 def spread(values) -> dict:
     """min, median, mean and max of a sample (NaN for an empty one)."""
-    values = sorted(values)
-    if not values:
-        return {k: float("nan") for k in ("min", "median", "mean", "max")}
-    return {"min": values[0], "median": median(values),
-            "mean": statistics.fmean(values), "max": values[-1]}
+    values = sorted(values) or [float("nan")]
+    return {"min": values[0], "median": median(values), "mean": statistics.fmean(values),
+            "max": values[-1]}
 
 
-def median_call(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
+def median_call(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after one untimed call."""
+    fn()
     return median(timed(fn, device)[1] for _ in range(repeats))
 
 
@@ -53,9 +50,7 @@ class StepClock:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
-        self.device = device
-        self.times: list[float] = []
-        self.record = False
+        self.device, self.times, self.record = device, [], False
         self._last: float | None = None
         self._handle = optimizer.register_step_post_hook(self._stamp)
 
