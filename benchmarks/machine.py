@@ -16,8 +16,8 @@ REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
 
 
 def field(path, prefixes, sep: str = ":") -> str | None:
-    """What follows ``sep`` on the first line of a text file that starts with one of
-    ``prefixes`` (None where the file or the line is missing)."""
+    """What follows ``sep`` on the first line of a file that starts with one of
+    ``prefixes``; None where there is none."""
     try:
         with open(path) as f:
             return next((line.split(sep, 1)[1].strip() for line in f
@@ -27,8 +27,7 @@ def field(path, prefixes, sep: str = ":") -> str | None:
 
 
 def instruction_sets() -> str:
-    """The processor's relevant instruction-set flags (/proc/cpuinfo), and the kernel
-    level torch dispatches to on it (``torch.backends.cpu.get_cpu_capability``)."""
+    """The relevant flags of /proc/cpuinfo, and the kernel level torch dispatches to."""
     flags = (field("/proc/cpuinfo", ("flags", "Features")) or "").split()
     present = " ".join(f for f in ISA_FLAGS if f in flags) or "unknown"
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
@@ -46,26 +45,19 @@ def collect_env() -> str:
 
 
 def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def load_average() -> float | None:
     """One-minute load average (None where the system has none)."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def contention_warnings(load: dict, threads: int) -> list[str]:
-    """One warning where the load averages in ``load`` (named points of a run) show other
-    work. At ``start`` (before the run) the whole load average is other work; afterwards
-    the run itself accounts for up to ``threads`` (at most the cores). Other work above a
-    quarter of the cores (at least 1) counts, so 4 busy cores of other jobs on a 16-core
-    host count too."""
+    """A warning where the load averages at named points of a run show other work: all of it
+    at ``start``, afterwards all but the run's ``threads`` (at most the cores). Other work
+    above a quarter of the cores (at least 1) counts, on 2 cores as on 16."""
     cores = usable_cores()
     own, limit = min(threads, cores), max(1.0, 0.25 * cores)
     busy = {k: v for k, v in load.items()
@@ -95,13 +87,9 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory_mib(device: torch.device) -> float:
-    """Peak memory of THIS process: torch's peak CUDA allocation on a GPU, else the peak
-    resident set size, which also sees torch's native allocations that tracemalloc misses.
-
-    On Linux the peak is ``VmHWM`` of /proc/self/status: ``ru_maxrss`` would do, but Linux
-    carries it over fork and exec, so a worker started by a large parent would report the
-    parent's size. Elsewhere ``ru_maxrss``. Measure one workload per process.
-    """
+    """Peak memory of this process: torch's peak CUDA allocation on a GPU, else the peak
+    resident set size (torch's native allocations included). On Linux ``VmHWM``, as
+    ``ru_maxrss`` survives fork and exec: a worker would report a larger parent's size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     hwm = field("/proc/self/status", ("VmHWM:",))

@@ -1,6 +1,6 @@
-"""The measurements: training steps and epochs (R1, R2, R4, epoch phases), the PGD sweep
-with and without shrinking (R3), and the epoch at 1x, 2x and 4x the training-set size.
-Each returns plain dicts for the report and the JSON."""
+"""The measurements, each a plain dict for the report and the JSON: training steps and
+epochs (R1, R2, R4, the epoch by phases), the PGD sweep with and without shrinking (R3),
+and the epoch at 1x, 2x and 4x the training-set size."""
 from __future__ import annotations
 
 import logging
@@ -18,54 +18,49 @@ from models.classifier import ClusterClassifier
 from utils.attacks.pgd import EPSILONS, PGD
 from utils.attacks.sweep import AttackContext
 from utils.eval.evaluation import run_sweep
-from utils.train.clustering import fit_cluster_classifier, fit_clusters, kmeans_settings
+from utils.train.clustering import fit_clusters, kmeans_settings
 from utils.train.embeddings import compute_embeddings, default_embed_batch
 from utils.train.magnet_loss import magnet_loss
 
 from .machine import peak_memory_mib, reset_peak_memory
-from .timing import StepClock, median, median_call, spread, timed
-from .workloads import Setup, Workload, build_model, load_data, make_workload
+from .timing import median, median_call, spread, step_times, timed
+from .workloads import Setup, Workload, load_data, make_workload
 
 log = logging.getLogger("benchmarks")
+METHODS = ("clustr", "ce")
+MULTIPLIERS = (1, 2, 4)
 
 
 def measure_epochs(w: Workload, repeats: int) -> dict:
-    """R1 and R2: ClusTR and CE epochs, alternated, one warm-up round then ``repeats`` timed.
-
-    Epoch times are whole ``run_epoch`` calls (ClusTR: steps, embedding pass, k-means,
-    metrics, test pass; CE: steps, test pass). Step times come from the same epochs, and
-    each epoch's steps are also summed, so that the rest of the epoch (``rest_s``: what is
-    not a step) is known epoch by epoch.
-    """
-    runs = {"clustr": w.trainer, "ce": w.baseline}
-    clocks = {name: StepClock(r.optimizer, w.device) for name, r in runs.items()}
-    epochs: dict[str, list[float]] = {"clustr": [], "ce": []}
-    step_sums: dict[str, list[float]] = {"clustr": [], "ce": []}
+    """R1 and R2: ClusTR and CE epochs (whole ``run_epoch`` calls), alternated, one warm-up
+    round then ``repeats`` timed. The steps are timed within the same epochs and summed per
+    epoch, so that the rest of each epoch (``rest_s``: what is not a step) is known too."""
+    runs = dict(zip(METHODS, (w.trainer, w.baseline)))
+    epochs: dict[str, list[float]] = {name: [] for name in METHODS}
+    steps: dict[str, list[float]] = {name: [] for name in METHODS}  # every timed step
+    step_sums: dict[str, list[float]] = {name: [] for name in METHODS}  # per timed epoch
     for round_ in range(1 + repeats):
-        for name, clock in clocks.items():
-            clock.record, before = round_ > 0, len(clock.times)
-            clock.start()
-            seconds = timed(runs[name].run_epoch, w.device)[1]
+        for name, r in runs.items():
+            with step_times(r.optimizer, w.device) as times:
+                seconds = timed(r.run_epoch, w.device)[1]
             if round_ > 0:
                 epochs[name].append(seconds)
-                step_sums[name].append(sum(clock.times[before:]))
+                steps[name] += times
+                step_sums[name].append(sum(times))
             log.info("%s epoch %s: %.2fs", name, round_ or "warm-up", seconds)
-    for clock in clocks.values():
-        clock.close()
-    step = {name: median(clock.times) for name, clock in clocks.items()}
+    step = {name: median(times) for name, times in steps.items()}
     epoch = {name: median(times) for name, times in epochs.items()}
-    return {
-        "steps_per_epoch": w.trainer.steps_per_epoch(),
-        "batch": w.trainer.cfg.m * w.trainer.cfg.d,
-        "train_images": len(w.train), "test_images": len(w.test), "repeats": repeats,
-        "step_s": step, "step_samples": {n: len(c.times) for n, c in clocks.items()},
-        "step_spread": {n: spread(c.times) for n, c in clocks.items()},
-        "epoch_s": epoch, "epoch_samples": epochs,
-        "epoch_spread": {n: spread(t) for n, t in epochs.items()},
-        "step_sum_s": {n: median(t) for n, t in step_sums.items()},
-        "rest_s": {n: median(e - s for e, s in zip(epochs[n], step_sums[n])) for n in epochs},
-        "R1": step["clustr"] / step["ce"], "R2": epoch["clustr"] / epoch["ce"],
-    }
+    return {"steps_per_epoch": w.trainer.steps_per_epoch(),
+            "batch": w.trainer.cfg.m * w.trainer.cfg.d,
+            "train_images": len(w.train), "test_images": len(w.test), "repeats": repeats,
+            "step_s": step, "step_samples": {n: len(t) for n, t in steps.items()},
+            "step_spread": {n: spread(t) for n, t in steps.items()},
+            "epoch_s": epoch, "epoch_samples": epochs,
+            "epoch_spread": {n: spread(t) for n, t in epochs.items()},
+            "step_sum_s": {n: median(t) for n, t in step_sums.items()},
+            "rest_s": {n: median(e - s for e, s in zip(epochs[n], step_sums[n]))
+                       for n in METHODS},
+            "R1": step["clustr"] / step["ce"], "R2": epoch["clustr"] / epoch["ce"]}
 
 
 def epoch_phases(w: Workload) -> dict:
@@ -75,40 +70,36 @@ def epoch_phases(w: Workload) -> dict:
     phases = {}
     _, phases["training steps"] = timed(t.train_epoch, dev)
     emb, phases["refresh: embedding pass + k-means"] = timed(t.refresh_clusters, dev)
-    n_init, max_iter = kmeans_settings(cfg.dataset)
-    _, kmeans = timed(lambda: fit_clusters(emb, w.train.labels, w.train.num_classes, cfg.K,
-                                           n_init, max_iter, cfg.kmeans_seed,
-                                           dev if cfg.kmeans_device else None), dev)
+    _, kmeans = timed(lambda: fit_clusters(
+        emb, w.train.labels, w.train.num_classes, cfg.K, *kmeans_settings(cfg.dataset),
+        cfg.kmeans_seed, dev if cfg.kmeans_device else None), dev)
     _, phases["train metrics (loss, accuracy)"] = timed(
         lambda: t.metrics(emb, w.train.labels), dev)
     test_emb, phases["test embedding pass"] = timed(
         lambda: t.embed(w.test.images, cfg.test_batch, "embed test"), dev)
     _, phases["test metrics"] = timed(lambda: t.metrics(test_emb, w.test.labels), dev)
-    ce_test = [timed(w.baseline.test_accuracy, dev)[1] for _ in range(3)]
-    return {"phases_s": phases, "kmeans_s": kmeans, "embeddings": emb,
-            "ce_test_s": median(ce_test)}
+    ce_test = median(timed(w.baseline.test_accuracy, dev)[1] for _ in range(3))
+    return {"phases_s": phases, "kmeans_s": kmeans, "embeddings": emb, "ce_test_s": ce_test}
 
 
 def parts_residuals(epochs: dict, phases: dict) -> dict:
-    """"Epoch - sum of its parts" for both epochs: the median of (epoch - its own steps)
-    less the other parts timed apart (ClusTR: refresh, metrics, test pass; CE: test
-    pass). Near zero when the parts add up; large when an epoch holds time no part
-    shows (waits for the device, allocator, other processes)."""
-    other = {"clustr": sum(s for name, s in phases["phases_s"].items()
-                           if name != "training steps"),
+    """"Epoch - sum of its parts": the median of (epoch - its own steps) less the other
+    parts timed apart (ClusTR: refresh, metrics, test pass; CE: test pass). Near zero when
+    the parts add up; large when an epoch holds time that no part shows (waits for the
+    device, the allocator, other processes)."""
+    other = {"clustr": sum(phases["phases_s"].values()) - phases["phases_s"]["training steps"],
              "ce": phases["ce_test_s"]}
     return {name: {"residual_s": epochs["rest_s"][name] - other[name],
                    "parts_s": epochs["step_sum_s"][name] + other[name],
-                   "epoch_s": epochs["epoch_s"][name]} for name in other}
+                   "epoch_s": epochs["epoch_s"][name]} for name in METHODS}
 
 
 def measure_overheads(w: Workload, embeddings: torch.Tensor, clustr_step: float,
                       repeats: int) -> dict:
-    """R4: what a ClusTR step adds to a plain step, timed part by part on the trainer's live
+    """R4: what a ClusTR step adds to a plain step, part by part on the trainer's live
     state: drawing the batch, the Magnet loss forward and backward, recording the losses.
     The data path shared with CE training (indexing, augmentation, copy) is listed apart."""
     t, dev, cfg = w.trainer, w.device, w.trainer.cfg
-    reps = max(20, 10 * repeats)
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # leaves the trainer's draws alone
     indices, cluster_ids = t.sampler.sample(gen)
     emb, classes = embeddings[indices].to(dev), t.clusters.classes
@@ -125,19 +116,16 @@ def measure_overheads(w: Workload, embeddings: torch.Tensor, clustr_step: float,
              "sampler.record_losses": lambda: t.sampler.record_losses(indices, losses)}
     shared = {"index + augment": lambda: augment(w.train.images[indices], cfg.dataset, gen),
               "to_device": lambda: to_device(w.train.images[indices], dev)}
-    parts, shared = ({name: median_call(fn, dev, reps) for name, fn in calls.items()}
-                     for calls in (parts, shared))
+    parts, shared = ({name: median_call(fn, dev, max(20, 10 * repeats))
+                      for name, fn in calls.items()} for calls in (parts, shared))
     added = sum(parts.values())
-    return {"parts_s": parts, "shared_s": shared, "added_s": added,
-            "R4": added / clustr_step}
+    return {"parts_s": parts, "shared_s": shared, "added_s": added, "R4": added / clustr_step}
 
 
 def embedding_batch_sweep(w: Workload, batches, repeats: int, images: int = 512) -> dict:
-    """Seconds per image of the no-grad embedding pass (``compute_embeddings``) at several
-    batch sizes, alternated, on the first ``images`` training images: the pass's batch size
-    (``--embed-batch``, and ``--test-batch`` for the test pass) is a free choice."""
-    t, dev = w.trainer, w.device
-    x = w.train.images[:images]
+    """Seconds per image of the no-grad embedding pass at several batch sizes (a free
+    choice: ``--embed-batch``, ``--test-batch``), alternated, on ``images`` training images."""
+    t, dev, x = w.trainer, w.device, w.train.images[:images]
     times: dict[int, list[float]] = {b: [] for b in batches}
     for round_ in range(1 + repeats):
         for b in batches:
@@ -150,14 +138,14 @@ def embedding_batch_sweep(w: Workload, batches, repeats: int, images: int = 512)
 
 
 def profile_epoch(w: Workload, rows: int = 30) -> str:
-    """torch.profiler tables of one ClusTR epoch (``run_epoch``): operators by self time,
-    and the same grouped by the Python function that called them (the phases)."""
+    """torch.profiler tables of one ClusTR epoch: operators by self time, and the same
+    grouped by the Python frames that called them (the phases)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = w.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    with profile(activities=activities, with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda,
+                 with_stack=True) as prof:
         w.trainer.run_epoch()
     ops = prof.key_averages().table(sort_by=sort, row_limit=rows)
     stacks = prof.key_averages(group_by_stack_n=4).table(sort_by=sort, row_limit=rows)
@@ -165,20 +153,11 @@ def profile_epoch(w: Workload, rows: int = 30) -> str:
             f"# grouped by the 4 innermost Python frames\n{stacks}\n")
 
 
-def cluster_classifier(train: ImageData, weights, device: torch.device, K: int, L: int,
-                       seed: int) -> ClusterClassifier:
-    """The classifier the CLI evaluates: the network, per-class k-means (CIFAR-10 settings)
-    on its un-augmented, eval-mode training embeddings, the L nearest clusters voting."""
-    backbone = build_model(train.num_classes, weights, device, seed)
-    return fit_cluster_classifier(backbone, train, "cifar10", K, L, seed=seed,
-                                  batch=default_embed_batch(device), device=device).to(device)
-
-
 def measure_pgd(model: ClusterClassifier, test: ImageData, device: torch.device, attack: PGD,
                 batch: int, repeats: int, seed: int) -> dict:
-    """R3: the paper's PGD sweep (``attack`` at every eps of ``EPSILONS``) with the shrinking
-    active set and with masking, alternated, after a small warm-up of each; robust
-    accuracies and per-example disagreements."""
+    """R3: the paper's sweep (``attack`` at each eps of ``EPSILONS``) with the shrinking
+    active set and with masking, alternated after a small warm-up of each; the robust
+    accuracies and how many predictions differ."""
     def sweep(data, shrink, eps=EPSILONS, iterations=attack.iterations):
         return run_sweep(AttackContext(model, data, device, batch, seed),
                          replace(attack, shrink=shrink, iterations=iterations), batch, eps)
@@ -193,22 +172,17 @@ def measure_pgd(model: ClusterClassifier, test: ImageData, device: torch.device,
             seconds[name].append(s)
             log.info("PGD sweep (%s) %d/%d: %.2fs", name, r + 1, repeats, s)
     a, b = results["shrink"], results["mask"]
-    per_eps = [{"eps": ra.eps, "acc_shrink": ra.accuracy, "acc_mask": rb.accuracy,
-                "differ": int((ra.pred != rb.pred).sum())} for ra, rb in zip(a.per_eps, b.per_eps)]
+    per_eps = [{"eps": x.eps, "acc_shrink": x.accuracy, "acc_mask": y.accuracy,
+                "differ": int((x.pred != y.pred).sum())} for x, y in zip(a.per_eps, b.per_eps)]
     med = {name: median(s) for name, s in seconds.items()}
     differ = sum(e["differ"] for e in per_eps)
     return {"images": len(test), "clean_acc": a.clean_acc, "iterations": attack.iterations,
             "restarts": attack.restarts, "eps_count": len(EPSILONS), "batch": batch,
-            "attacked": int((a.clean_pred == a.labels).sum()),
-            "seconds": med, "samples": seconds,
-            "spread": {name: spread(s) for name, s in seconds.items()}, "per_eps": per_eps,
-            "differ": differ,
+            "attacked": int((a.clean_pred == a.labels).sum()), "seconds": med,
+            "samples": seconds, "spread": {n: spread(s) for n, s in seconds.items()},
+            "per_eps": per_eps, "differ": differ,
             # at most one example per thousand may differ (float noise between batch shapes)
-            "agree": differ * 1000 <= len(test) * len(per_eps),
-            "R3": med["shrink"] / med["mask"]}
-
-
-MULTIPLIERS = (1, 2, 4)
+            "agree": differ * 1000 <= len(test) * len(per_eps), "R3": med["shrink"] / med["mask"]}
 
 
 def scaling_row(kind: str, data_dir: Path | None, size: int, test_size: int, setup: Setup,
@@ -220,9 +194,9 @@ def scaling_row(kind: str, data_dir: Path | None, size: int, test_size: int, set
     setup_mib = peak_memory_mib(setup.device)
     reset_peak_memory(setup.device)
     times = [timed(w.trainer.run_epoch, setup.device)[1] for _ in range(1 + repeats)][1:]
-    return {"size": len(train), "steps": w.trainer.steps_per_epoch(),
-            "epoch_s": median(times), "samples": times,
-            "peak_mib": peak_memory_mib(setup.device), "setup_peak_mib": setup_mib,
+    return {"size": len(train), "steps": w.trainer.steps_per_epoch(), "epoch_s": median(times),
+            "samples": times, "peak_mib": peak_memory_mib(setup.device),
+            "setup_peak_mib": setup_mib,
             "data_mib": (train.images.numel() + test.images.numel()) / 2**20}
 
 

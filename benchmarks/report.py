@@ -9,12 +9,8 @@ SPREAD = ["min", "median", "mean", "max"]
 
 
 def _s(seconds: float) -> str:
-    return f"{seconds * 1e3:.2f} ms" if seconds < 1.0 else f"{seconds:.2f} s"
-
-
-def _hms(seconds: float) -> str:
     if seconds < 600:
-        return _s(seconds)
+        return f"{seconds * 1e3:.2f} ms" if seconds < 1.0 else f"{seconds:.2f} s"
     return f"{seconds / 60:.0f} min" if seconds < 3 * 3600 else f"{seconds / 3600:.1f} h"
 
 
@@ -64,8 +60,7 @@ def render(res: dict) -> str:
 def _ratios(res: dict) -> list[list]:
     rows = []
     if "epochs" in res:
-        e, step = res["epochs"], res["epochs"]["step_s"]
-        mean = e["step_spread"]
+        e, step, mean = res["epochs"], res["epochs"]["step_s"], res["epochs"]["step_spread"]
         rows.append(_ratio("R1", f"ClusTR training step / plain CE step, batch {e['batch']} "
                            f"(median {_s(step['clustr'])} / {_s(step['ce'])}; mean "
                            f"{_s(mean['clustr']['mean'])} / {_s(mean['ce']['mean'])})",
@@ -99,8 +94,8 @@ def _ratios(res: dict) -> list[list]:
         rows.append(["", f"the seed's command end to end: {s['epochs']} epochs on "
                      f"{s['train_images']:,} + {s['test_images']:,} images, then "
                      f"{s['iterations']} steps × {s['restarts']} restarts × 4 eps; {what} "
-                     f"(training {_hms(c['training_s'])}, sweep {_hms(c['sweep_s'])})",
-                     _hms(c["total_s"]), "", ""])
+                     f"(training {_s(c['training_s'])}, sweep {_s(c['sweep_s'])})",
+                     _s(c["total_s"]), "", ""])
     return rows
 
 
@@ -117,9 +112,8 @@ def _epochs(res: dict) -> list[str]:
         [f"{label} step", e["step_samples"][n], *map(_s, e["step_spread"][n].values())],
         [f"{label} epoch", len(e["epoch_samples"][n]),
          *map(_s, e["epoch_spread"][n].values())])], ["", "samples", *SPREAD])
-    out += [f"Step times: {e['step_samples']['clustr']} ClusTR and {e['step_samples']['ce']} "
-            "CE steps; epochs: " + ", ".join(f"{n} {', '.join(f'{t:.2f}' for t in ts)} s"
-                                             for n, ts in e["epoch_samples"].items()), "",
+    out += ["Epochs: " + ", ".join(f"{n} {', '.join(f'{t:.2f}' for t in ts)} s"
+                                   for n, ts in e["epoch_samples"].items()), "",
             "### What a ClusTR step adds (R4), and the data path both share", ""]
     parts = {**o["parts_s"], **{f"{n} (shared with CE)": s for n, s in o["shared_s"].items()}}
     out += _table([[n, _s(s), f"{100 * s / step:.2f}%"] for n, s in parts.items()],
@@ -143,7 +137,7 @@ def _seed_estimate(res: dict) -> list[str]:
             f"step), the embedding pass, k-means and metrics per image, and PGD at "
             f"{_s(c['pgd_pass_s'])} per image and pass without shrinking (every example "
             f"attacked at every step: a fully robust model's cost; a model that breaks costs "
-            f"less).", ""] + _table([[n, _hms(v)] for n, v in parts.items()],
+            f"less).", ""] + _table([[n, _s(v)] for n, v in parts.items()],
                                    ["part of one epoch", "estimate"])
 
 

@@ -4,9 +4,10 @@
     python -m benchmarks.run --quick         # smoke run of the harness
     python -m benchmarks.run --device cuda --amp --out docs/results/BENCHMARKS_cuda.md
 
-Measured in one process (the scaling sizes in one process each), on whatever device is
-present: R1 step ratio, R2 epoch ratio, R3 PGD shrinking ratio, R4 per-step overhead, and
-epoch time and peak memory at 1x, 2x and 4x the training-set size.
+Sections (``--only``), on whatever device is present: epochs (R1 step ratio, R2 epoch
+ratio, R4 per-step overhead, the epoch by phases), pgd (R3 shrinking ratio), scaling (epoch
+time and peak memory at 1x, 2x and 4x the training-set size, one process each) and seed (the
+seed's command end to end: measured whole on CUDA, estimated from epochs and pgd on a CPU).
 """
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ from base.device import resolve_device
 from base.errors import UsageError, exit_status
 from base.progress import set_quiet
 from utils.attacks.pgd import PGD
+from utils.train.clustering import fit_cluster_classifier
+from utils.train.embeddings import default_embed_batch
 
-from . import measures
+from . import measures, seed_command, workloads
 from .machine import collect_env, contention_warnings, load_average, machine_info
 from .report import render
-from .seed_command import estimate as seed_estimate
-from .seed_command import measure as seed_measure
-from .workloads import Setup, default_data_dir, load_data, make_workload, real_data_present
+from .workloads import Setup, load_data
 
 log = logging.getLogger("benchmarks")
 
@@ -49,46 +50,37 @@ SIZES = {  # flag: (full run, --quick, what it sizes); a flag given explicitly w
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def parse_args(argv=None) -> argparse.Namespace:
     p = ArgParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0],
                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke-test sizes: batch 4x8, 160 images, 1 repeat, short PGD")
+    p.add_argument("--quick", action="store_true", help="smoke-test sizes (see below)")
     p.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
-                   help="sections to run (epochs = R1, R2, R4 and the epoch phases; seed = "
-                        "the seed's command end to end: measured whole on CUDA, estimated "
-                        "from the epochs and pgd sections on a CPU)")
+                   help="sections to run, always in this order")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda[:N]")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
     p.add_argument("--kmeans-device", action="store_true",
                    help="the trainers' k-means on the device (as main_clustr.py's flag)")
     p.add_argument("--data", choices=("auto", "synthetic", "real"), default="auto",
-                   help="synthetic: CIFAR-shaped random images everywhere; real: the shared "
-                        "CIFAR-10 subset and weights everywhere; auto: synthetic for the "
-                        "training measurements, real for R3 when present")
-    p.add_argument("--data-dir", type=Path, default=default_data_dir(),
-                   help="folder with cifar10-subset/ and weights/ ($CLUSTR_DATA or "
-                        "../shared/data)")
+                   help="synthetic: CIFAR-shaped random images; real: the shared CIFAR-10 "
+                        "subset and weights; auto: real for R3 when present, else synthetic")
+    p.add_argument("--data-dir", type=Path, default=workloads.default_data_dir(),
+                   help="holds cifar10-subset/ and weights/ ($CLUSTR_DATA or ../shared/data)")
     p.add_argument("--seed", type=int, default=111)
     g = p.add_argument_group("sizes (defaults: full run; --quick: the smaller value)")
     for name, (full, quick, what) in SIZES.items():
-        g.add_argument("--" + name.replace("_", "-"), type=pos_int, default=None,
+        g.add_argument("--" + name.replace("_", "-"), type=pos_int,
                        help=f"{what} ({full}; --quick {quick})")
-    g.add_argument("--test-size", type=pos_int, default=None,
-                   help="test images per epoch (default: a fifth of the training images, "
-                        "CIFAR's proportion)")
+    g.add_argument("--test-size", type=pos_int, help="test images per epoch (default: a "
+                   "fifth of the training images, CIFAR's proportion)")
     g.add_argument("--test-batch", type=pos_int, default=64, help="batch of the PGD sweep")
     p.add_argument("--out", type=Path, default=Path("docs/results/BENCHMARKS.md"),
                    help="the Markdown report")
-    p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
-    p.add_argument("--profile", type=Path, default=None,
-                   help="also profile one more ClusTR epoch with torch.profiler and write "
-                        "its operator tables here (epochs section)")
-    return p
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    p.add_argument("--json", type=Path, help="also write the raw results here")
+    p.add_argument("--profile", type=Path, help="also write torch.profiler tables of one "
+                   "more ClusTR epoch here (epochs section)")
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    args.command = shlex.join(["python", "-m", "benchmarks.run", *argv])
     for name, (full, quick, _) in SIZES.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
@@ -98,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def data_for(section: str, args) -> str:
     """'real' or 'synthetic' for a section, refusing --data real without the files."""
-    present = real_data_present(args.data_dir)
+    present = workloads.real_data_present(args.data_dir)
     if args.data == "real" and not present:
         raise UsageError(f"--data real: no cifar10-subset/ and weights/resnet18_cifar10.pt "
                          f"under {args.data_dir}; pass --data-dir or use --data synthetic")
@@ -108,51 +100,51 @@ def data_for(section: str, args) -> str:
 
 
 def epochs_section(args, setup: Setup, res: dict) -> None:
-    """R1, R2 and R4, the epoch by phases, the residuals and the embedding batches."""
     kind = data_for("epochs", args)
     log.info("epochs: %s data, %d training images, batch %d x %d", kind, args.train_size,
              args.m, args.d)
-    w = make_workload(*load_data(kind, args.data_dir, args.train_size, args.test_size,
-                                 args.seed), setup)
+    w = workloads.make_workload(*load_data(kind, args.data_dir, args.train_size,
+                                           args.test_size, args.seed), setup)
     res["epochs"] = {**measures.measure_epochs(w, args.repeats), "data": kind}
-    phases = measures.epoch_phases(w)
-    res["overheads"] = measures.measure_overheads(w, phases.pop("embeddings"),
+    res["phases"] = measures.epoch_phases(w)
+    res["overheads"] = measures.measure_overheads(w, res["phases"].pop("embeddings"),
                                                   res["epochs"]["step_s"]["clustr"],
                                                   args.repeats)
-    res["phases"] = phases
-    res["residuals"] = measures.parts_residuals(res["epochs"], phases)
+    res["residuals"] = measures.parts_residuals(res["epochs"], res["phases"])
     res["embed_batches"] = measures.embedding_batch_sweep(w, (64, 128, 256, 512), args.repeats,
                                                           min(512, args.train_size))
     if args.profile:
         args.profile.write_text(measures.profile_epoch(w))
-        log.info("wrote %s", args.profile)
 
 
 def pgd_section(args, setup: Setup, res: dict) -> None:
-    """R3 on a cluster classifier fitted to ``--pgd-train`` images."""
-    kind = data_for("pgd", args)
+    """R3 on the classifier the CLI evaluates: the network, per-class k-means (CIFAR-10
+    settings) on ``--pgd-train`` images' embeddings, the L nearest clusters voting."""
+    kind, dev = data_for("pgd", args), setup.device
     log.info("PGD: %s data, %d test images", kind, args.pgd_images)
     train, test, weights = load_data(kind, args.data_dir, args.pgd_train, args.pgd_images,
                                      args.seed)
-    model = measures.cluster_classifier(train, weights, setup.device, K, L, args.seed)
-    res["pgd"] = {**measures.measure_pgd(model, test, setup.device,
-                                         PGD(iterations=args.iterations, restarts=RESTARTS),
+    backbone = workloads.build_model(train.num_classes, weights, dev, args.seed)
+    model = fit_cluster_classifier(backbone, train, "cifar10", K, L, seed=args.seed,
+                                   batch=default_embed_batch(dev), device=dev).to(dev)
+    res["pgd"] = {**measures.measure_pgd(model, test, dev, PGD(iterations=args.iterations,
+                                                               restarts=RESTARTS),
                                          args.test_batch, args.pgd_repeats, args.seed),
                   "data": kind}
 
 
 def scaling_section(args, setup: Setup, res: dict) -> None:
-    res["scaling"] = measures.measure_scaling(data_for("scaling", args), args.data_dir, args.scaling_base,
-                                 args.test_size, setup, args.scaling_repeats)
+    res["scaling"] = measures.measure_scaling(data_for("scaling", args), args.data_dir,
+                                              args.scaling_base, args.test_size, setup,
+                                              args.scaling_repeats)
 
 
 def seed_section(args, setup: Setup, res: dict) -> None:
-    """The seed's command: measured whole on CUDA, estimated from the other sections else."""
     if setup.device.type == "cuda":
-        res["seed_command"] = seed_measure(setup.device, setup.amp, args.seed,
-                                           kmeans_device=setup.kmeans_device)
+        res["seed_command"] = seed_command.measure(setup.device, setup.amp, args.seed,
+                                                   kmeans_device=setup.kmeans_device)
     elif "epochs" in res and "pgd" in res:
-        res["seed_command"] = seed_estimate(res)
+        res["seed_command"] = seed_command.estimate(res)
     else:
         res["warnings"].append("the seed's command is estimated on a CPU from the epochs "
                                "and pgd sections: run them too")
@@ -169,9 +161,10 @@ def run(args) -> dict:
     set_quiet(True)
     start = time.time()
     res = {"machine": machine_info(device),
-           "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+           "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                      if k != "command"},
            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-           "command": shlex.join(["python", "-m", "benchmarks.run", *sys.argv[1:]]),
+           "command": args.command,
            "load": {"start": load_average()}, "warnings": []}
     setup = Setup(args.m, args.d, K, args.seed, device, args.amp, args.kmeans_device)
     for name, section in SECTIONS.items():
@@ -189,9 +182,9 @@ def run_and_write(args) -> None:
     res = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(res))
-    log.info("wrote %s", args.out)
     if args.json:
         args.json.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    log.info("wrote %s", ", ".join(str(f) for f in (args.out, args.json, args.profile) if f))
     for w in res["warnings"]:
         log.warning("%s", w)
 

@@ -1,14 +1,11 @@
 """The seed's command end to end: 30 ClusTR epochs on 50,000 + 10,000 CIFAR-sized images,
 then the paper's default sweep (20 steps x 10 restarts at 4 eps on the 10,000 test images).
 
-* On CUDA it is **measured whole** (``measure``): synthetic images of CIFAR-10's size, the
-  project's trainer at the seed's settings (m 12, d 20, K 2), then ``run_sweep`` with the
-  attack batch ``utils.attacks.batch_size`` picks.
-* On a CPU that takes days; it is **estimated** (``estimate``) from the rates the
-  benchmark measured: the median ClusTR step, the embedding pass per image, k-means and
-  the metrics per training image, and PGD per image and step without shrinking (every
-  example attacked at every step: what a fully robust model costs; a model that breaks
-  costs less, as the shrinking set shows).
+On CUDA it is **measured whole** (``measure``) on synthetic images of that size. On a CPU,
+where it takes days, it is **estimated** (``estimate``) from the rates the benchmark
+measured: the median ClusTR step, the embedding pass, k-means and metrics per image, and
+PGD per image and step without shrinking (every example attacked at every step: what a
+fully robust model costs; a model that breaks costs less, as the shrinking set shows).
 """
 from __future__ import annotations
 
@@ -41,41 +38,35 @@ class SeedCommand:
     K: int = 2
 
 
-SEED = SeedCommand()
-
-
-def estimate(res: dict, seed: SeedCommand = SEED) -> dict:
-    """Seconds of the seed's command from the benchmark's own measurements (``res`` with
-    its epochs and pgd sections), part by part."""
-    e, ph, pgd = res["epochs"], res["phases"], res["pgd"]
-    per_train = seed.train_images / e["train_images"]
-    embed = res["embed_batches"]
-    kmeans = ph["kmeans_s"] * per_train
-    epoch = {
-        "training steps": max(1, seed.train_images // (seed.m * seed.d))
-        * e["step_s"]["clustr"] * (seed.m * seed.d) / e["batch"],  # steps of 240 images
-        "embedding passes (train + test)": embed["per_image_s"][embed["embed_batch"]]
-        * (seed.train_images + seed.test_images),
-        "k-means": kmeans,
-        "metrics": ph["phases_s"]["train metrics (loss, accuracy)"] * per_train
-        + ph["phases_s"]["test metrics"] / e["test_images"] * seed.test_images}
-    epoch_s = sum(epoch.values())
+def estimate(res: dict, seed: SeedCommand = SeedCommand()) -> dict:
+    """Seconds of the seed's command, part by part, from the benchmark's results ``res``
+    (its epochs and pgd sections)."""
+    e, ph, pgd, embed = res["epochs"], res["phases"], res["pgd"], res["embed_batches"]
+    per_train, batch = seed.train_images / e["train_images"], seed.m * seed.d
+    epoch = {"training steps": max(1, seed.train_images // batch)
+             * e["step_s"]["clustr"] * batch / e["batch"],
+             "embedding passes (train + test)": embed["per_image_s"][embed["embed_batch"]]
+             * (seed.train_images + seed.test_images),
+             "k-means": ph["kmeans_s"] * per_train,
+             "metrics": ph["phases_s"]["train metrics (loss, accuracy)"] * per_train
+             + ph["phases_s"]["test metrics"] / e["test_images"] * seed.test_images}
     # PGD: one forward+backward per attacked image and step, plus the no-grad pass that
     # scores each restart, at the rate of the masked (never shrinking) sweep
     passes = pgd["attacked"] * pgd["eps_count"] * pgd["restarts"] * (pgd["iterations"] + 1)
     per_pass = pgd["seconds"]["mask"] / max(passes, 1)
     sweep = seed.test_images * len(EPSILONS) * seed.restarts * (seed.iterations + 1) * per_pass
-    training = seed.epochs * epoch_s + epoch["embedding passes (train + test)"] + kmeans
-    return {"kind": "estimate", "epoch_parts_s": epoch, "epoch_s": epoch_s,
+    training = (seed.epochs * sum(epoch.values()) + epoch["embedding passes (train + test)"]
+                + epoch["k-means"])  # and the initial refresh
+    return {"kind": "estimate", "epoch_parts_s": epoch, "epoch_s": sum(epoch.values()),
             "training_s": training, "sweep_s": sweep, "total_s": training + sweep,
             "pgd_pass_s": per_pass, "batch_measured": e["batch"], "seed": vars(seed)}
 
 
 def measure(device: torch.device, amp: bool, seed_value: int = 111,
-            seed: SeedCommand = SEED, kmeans_device: bool = False) -> dict:
-    """The seed's command run whole on synthetic data of its size: seconds of the training
-    (including the initial cluster refresh) and of the sweep. ``kmeans_device``: the
-    refreshes after the first fit k-means on the device (``--kmeans-device``)."""
+            seed: SeedCommand = SeedCommand(), kmeans_device: bool = False) -> dict:
+    """The seed's command run whole: seconds of the training (with the initial cluster
+    refresh) and of the sweep, with the attack batch ``utils.attacks.batch_size`` picks.
+    ``kmeans_device``: the refreshes after the first fit k-means on the device."""
     train = synthetic_data(seed.train_images, seed_value)
     test = synthetic_data(seed.test_images, seed_value + 1)
     setup = Setup(seed.m, seed.d, seed.K, seed_value, device, amp, kmeans_device)
