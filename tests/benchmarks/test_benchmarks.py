@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import machine
+from benchmarks import machine, report
 from benchmarks import run as bench
 from benchmarks.measures import measure_scaling
 from benchmarks.workloads import Setup
@@ -90,6 +90,8 @@ def test_scaling_runs_each_size_in_its_own_process_and_reports_its_peak_memory()
     for r in rows:
         assert len(r["samples"]) == 1 and r["epoch_s"] > 0
         assert r["peak_mib"] >= r["setup_peak_mib"] > 0
+    table = "\n".join(report._scaling({"scaling": rows}))
+    assert "| 160 (4x)" in table and "peak memory" in table
 
 
 def test_bad_flags_exit_2_with_one_line(capsys):
