@@ -206,8 +206,8 @@ def measure_scaling(kind: str, data_dir: Path | None, base: int, test_size: int,
     whole process, so each size runs in a fresh interpreter (``spawn``)."""
     rows = []
     for mult in MULTIPLIERS:
-        with ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), set_quiet,
-                                 (True,)) as worker:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=set_quiet, initargs=(True,)) as worker:
             row = worker.submit(scaling_row, kind, data_dir, base * mult, test_size, setup,
                                 repeats).result()
         rows.append({**row, "multiplier": mult})
