@@ -5,59 +5,33 @@ import os
 import platform
 import resource
 import sys
+from pathlib import Path
 
 import torch
-
-
-def cpu_model() -> str:
-    """The processor's marketing name from /proc/cpuinfo, else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 # instruction-set extensions that decide which kernels torch and oneDNN pick
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
              "amx_tile", "amx_bf16", "neon", "asimd", "sve")
+REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
+
+
+def field(path, prefixes, sep: str = ":") -> str | None:
+    """What follows ``sep`` on the first line of a file that starts with one of
+    ``prefixes``; None where there is none."""
+    try:
+        with open(path) as f:
+            return next((line.split(sep, 1)[1].strip() for line in f
+                         if line.startswith(prefixes)), None)
+    except OSError:
+        return None
 
 
 def instruction_sets() -> str:
-    """The processor's relevant instruction-set flags (/proc/cpuinfo), and the kernel
-    level torch dispatches to on it (``torch.backends.cpu.get_cpu_capability``)."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    present = [f for f in ISA_FLAGS if f in flags] or ["unknown"]
-    try:
-        capability = torch.backends.cpu.get_cpu_capability()
-    except AttributeError:  # older torch
-        capability = "unknown"
-    return f"{' '.join(present)}; torch kernels: {capability}"
-
-
-def pinned_torch() -> str | None:
-    """The torch version requirements.txt pins, if it pins one."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "requirements.txt")
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.strip().startswith("torch=="):
-                    return line.strip().split("==", 1)[1]
-    except OSError:
-        pass
-    return None
+    """The relevant flags of /proc/cpuinfo, and the kernel level torch dispatches to."""
+    flags = (field("/proc/cpuinfo", ("flags", "Features")) or "").split()
+    present = " ".join(f for f in ISA_FLAGS if f in flags) or "unknown"
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    return f"{present}; torch kernels: {capability}"
 
 
 def collect_env() -> str:
@@ -71,52 +45,40 @@ def collect_env() -> str:
 
 
 def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def busy_loads(load: dict, threads: int) -> dict:
-    """The load averages in ``load`` (named points of a run) that show other work.
-
-    At ``start`` (before the run) the whole load average is other work; afterwards the run
-    itself accounts for up to ``threads`` (at most the cores). Other work above a quarter of
-    the cores (at least 1) counts, whatever their number, so a 16-core host with 4 busy
-    cores of other jobs counts too."""
-    cores = usable_cores()
-    own, limit = min(threads, cores), max(1.0, 0.25 * cores)
-    return {k: v for k, v in load.items()
-            if v is not None and v - (0 if k == "start" else own) > limit}
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def load_average() -> float | None:
     """One-minute load average (None where the system has none)."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    return "cpu"
+def contention_warnings(load: dict, threads: int) -> list[str]:
+    """A warning where the load averages at named points of a run show other work: all of it
+    at ``start``, afterwards all but the run's ``threads`` (at most the cores). Other work
+    above a quarter of the cores (at least 1) counts, on 2 cores as on 16."""
+    cores = usable_cores()
+    own, limit = min(threads, cores), max(1.0, 0.25 * cores)
+    busy = {k: v for k, v in load.items()
+            if v is not None and v - (0 if k == "start" else own) > limit}
+    if not busy:
+        return []
+    return [f"the machine was busy ({', '.join(f'{k} {v:.1f}' for k, v in busy.items())} "
+            f"load average on {cores} cores, of which this harness accounts for at most "
+            f"{own}): other processes shared the processor, so these times are not "
+            f"representative and the targets are not judged by them."]
 
 
 def machine_info(device: torch.device) -> dict:
-    return {
-        "cpu": cpu_model(),
-        "isa": instruction_sets(),
-        "torch_pinned": pinned_torch(),
-        "cores": os.cpu_count(),
-        "usable_cores": usable_cores(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "device": device_name(device),
-    }
+    cpu = field("/proc/cpuinfo", ("model name",)) or platform.processor() or platform.machine()
+    gpu = (f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+           if device.type == "cuda" else "cpu")
+    return {"cpu": cpu, "isa": instruction_sets(),
+            "torch_pinned": field(REQUIREMENTS, ("torch==",), sep="=="),  # as pinned there
+            "cores": os.cpu_count(), "usable_cores": usable_cores(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": sys.version.split()[0], "platform": platform.platform(), "device": gpu}
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -125,21 +87,13 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory_mib(device: torch.device) -> float:
-    """Peak memory of THIS process: torch's peak CUDA allocation on a GPU, else the peak
-    resident set size, which also sees torch's native allocations that tracemalloc misses.
-
-    On Linux the peak is ``VmHWM`` of /proc/self/status: ``ru_maxrss`` would do, but Linux
-    carries it over fork and exec, so a worker started by a large parent would report the
-    parent's size. Elsewhere ``ru_maxrss``. Measure one workload per process.
-    """
+    """Peak memory of this process: torch's peak CUDA allocation on a GPU, else the peak
+    resident set size (torch's native allocations included). On Linux ``VmHWM``, as
+    ``ru_maxrss`` survives fork and exec: a worker would report a larger parent's size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10  # KiB
-    except OSError:
-        pass
+    hwm = field("/proc/self/status", ("VmHWM:",))
+    if hwm is not None:
+        return int(hwm.split()[0]) / 2**10  # KiB
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes vs KiB

@@ -1,70 +1,66 @@
-"""The measurements: training steps and epochs (R1, R2, R4, epoch phases) and the PGD sweep
-with and without shrinking (R3). Each returns a plain dict for the report and the JSON."""
+"""The measurements, each a plain dict for the report and the JSON: training steps and
+epochs (R1, R2, R4, the epoch by phases), the PGD sweep with and without shrinking (R3),
+and the epoch at 1x, 2x and 4x the training-set size."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
+from base.progress import set_quiet
 from base.tensors import to_device
 from datasets.data import ImageData, augment
 from models.classifier import ClusterClassifier
-from utils.attacks.pgd import PGD
+from utils.attacks.pgd import EPSILONS, PGD
 from utils.attacks.sweep import AttackContext
 from utils.eval.evaluation import run_sweep
-from utils.train.clustering import fit_cluster_classifier, fit_clusters, kmeans_settings
+from utils.train.clustering import fit_clusters, kmeans_settings
 from utils.train.embeddings import compute_embeddings, default_embed_batch
 from utils.train.magnet_loss import magnet_loss
 
-from .timing import StepClock, median, median_call, spread, timed
-from .workloads import Workload, build_model
+from .machine import peak_memory_mib, reset_peak_memory
+from .timing import median, median_call, spread, step_times, timed
+from .workloads import Setup, Workload, load_data, make_workload
 
 log = logging.getLogger("benchmarks")
+METHODS = ("clustr", "ce")
+MULTIPLIERS = (1, 2, 4)
 
 
 def measure_epochs(w: Workload, repeats: int) -> dict:
-    """R1 and R2: ClusTR and CE epochs, alternated, one warm-up round then ``repeats`` timed.
-
-    Epoch times are whole ``run_epoch`` calls (ClusTR: steps, embedding pass, k-means,
-    metrics, test pass; CE: steps, test pass). Step times come from the same epochs, and
-    each epoch's steps are also summed, so that the rest of the epoch (``rest_s``: what is
-    not a step) is known epoch by epoch.
-    """
-    dev = w.device
-    clocks = {"clustr": StepClock(w.trainer.optimizer, dev),
-              "ce": StepClock(w.baseline.optimizer, dev)}
-    runs = {"clustr": w.trainer.run_epoch, "ce": w.baseline.run_epoch}
-    epochs: dict[str, list[float]] = {"clustr": [], "ce": []}
-    step_sums: dict[str, list[float]] = {"clustr": [], "ce": []}
+    """R1 and R2: ClusTR and CE epochs (whole ``run_epoch`` calls), alternated, one warm-up
+    round then ``repeats`` timed. The steps are timed within the same epochs and summed per
+    epoch, so that the rest of each epoch (``rest_s``: what is not a step) is known too."""
+    runs = dict(zip(METHODS, (w.trainer, w.baseline)))
+    epochs: dict[str, list[float]] = {name: [] for name in METHODS}
+    steps: dict[str, list[float]] = {name: [] for name in METHODS}  # every timed step
+    step_sums: dict[str, list[float]] = {name: [] for name in METHODS}  # per timed epoch
     for round_ in range(1 + repeats):
-        for name in ("clustr", "ce"):
-            clock = clocks[name]
-            clock.record = round_ > 0
-            before = len(clock.times)
-            clock.start()
-            _, seconds = timed(runs[name], dev)
+        for name, r in runs.items():
+            with step_times(r.optimizer, w.device) as times:
+                seconds = timed(r.run_epoch, w.device)[1]
             if round_ > 0:
                 epochs[name].append(seconds)
-                step_sums[name].append(sum(clock.times[before:]))
-            log.info("%s epoch %s: %.2fs", name, "warm-up" if round_ == 0 else round_, seconds)
-    for clock in clocks.values():
-        clock.close()
-    step = {name: median(clock.times) for name, clock in clocks.items()}
+                steps[name] += times
+                step_sums[name].append(sum(times))
+            log.info("%s epoch %s: %.2fs", name, round_ or "warm-up", seconds)
+    step = {name: median(times) for name, times in steps.items()}
     epoch = {name: median(times) for name, times in epochs.items()}
-    rest = {name: [e - s for e, s in zip(epochs[name], step_sums[name])] for name in epochs}
-    return {
-        "steps_per_epoch": w.trainer.sampler.steps_per_epoch(),
-        "batch": w.trainer.cfg.m * w.trainer.cfg.d,
-        "train_images": len(w.train), "test_images": len(w.test),
-        "repeats": repeats,
-        "step_s": step, "step_samples": {n: len(c.times) for n, c in clocks.items()},
-        "step_spread": {n: spread(c.times) for n, c in clocks.items()},
-        "epoch_s": epoch, "epoch_samples": epochs,
-        "epoch_spread": {n: spread(t) for n, t in epochs.items()},
-        "step_sum_s": {n: median(t) for n, t in step_sums.items()},
-        "rest_s": {n: median(t) for n, t in rest.items()},
-        "R1": step["clustr"] / step["ce"], "R2": epoch["clustr"] / epoch["ce"],
-    }
+    return {"steps_per_epoch": w.trainer.steps_per_epoch(),
+            "batch": w.trainer.cfg.m * w.trainer.cfg.d,
+            "train_images": len(w.train), "test_images": len(w.test), "repeats": repeats,
+            "step_s": step, "step_samples": {n: len(t) for n, t in steps.items()},
+            "step_spread": {n: spread(t) for n, t in steps.items()},
+            "epoch_s": epoch, "epoch_samples": epochs,
+            "epoch_spread": {n: spread(t) for n, t in epochs.items()},
+            "step_sum_s": {n: median(t) for n, t in step_sums.items()},
+            "rest_s": {n: median(e - s for e, s in zip(epochs[n], step_sums[n]))
+                       for n in METHODS},
+            "R1": step["clustr"] / step["ce"], "R2": epoch["clustr"] / epoch["ce"]}
 
 
 def epoch_phases(w: Workload) -> dict:
@@ -74,44 +70,39 @@ def epoch_phases(w: Workload) -> dict:
     phases = {}
     _, phases["training steps"] = timed(t.train_epoch, dev)
     emb, phases["refresh: embedding pass + k-means"] = timed(t.refresh_clusters, dev)
-    n_init, max_iter = kmeans_settings(cfg.dataset)
-    _, kmeans = timed(lambda: fit_clusters(emb, w.train.labels, w.train.num_classes, cfg.K,
-                                           n_init, max_iter, cfg.kmeans_seed,
-                                           dev if cfg.kmeans_device else None), dev)
+    _, kmeans = timed(lambda: fit_clusters(
+        emb, w.train.labels, w.train.num_classes, cfg.K, *kmeans_settings(cfg.dataset),
+        cfg.kmeans_seed, dev if cfg.kmeans_device else None), dev)
     _, phases["train metrics (loss, accuracy)"] = timed(
         lambda: t.metrics(emb, w.train.labels), dev)
     test_emb, phases["test embedding pass"] = timed(
         lambda: t.embed(w.test.images, cfg.test_batch, "embed test"), dev)
     _, phases["test metrics"] = timed(lambda: t.metrics(test_emb, w.test.labels), dev)
-    ce_test = [timed(w.baseline.test_accuracy, dev)[1] for _ in range(3)]
-    return {"phases_s": phases, "kmeans_s": kmeans, "embeddings": emb,
-            "ce_test_s": median(ce_test)}
+    ce_test = median(timed(w.baseline.test_accuracy, dev)[1] for _ in range(3))
+    return {"phases_s": phases, "kmeans_s": kmeans, "embeddings": emb, "ce_test_s": ce_test}
 
 
 def parts_residuals(epochs: dict, phases: dict) -> dict:
-    """"Epoch - sum of its parts" for both epochs: the median of (epoch - its own steps)
-    less the other parts timed apart (ClusTR: refresh, metrics, test pass; CE: test
-    pass). Near zero when the parts add up; large when an epoch holds time no part
-    shows (waits for the device, allocator, other processes)."""
-    other = {"clustr": sum(s for name, s in phases["phases_s"].items()
-                           if name != "training steps"),
+    """"Epoch - sum of its parts": the median of (epoch - its own steps) less the other
+    parts timed apart (ClusTR: refresh, metrics, test pass; CE: test pass). Near zero when
+    the parts add up; large when an epoch holds time that no part shows (waits for the
+    device, the allocator, other processes)."""
+    other = {"clustr": sum(phases["phases_s"].values()) - phases["phases_s"]["training steps"],
              "ce": phases["ce_test_s"]}
     return {name: {"residual_s": epochs["rest_s"][name] - other[name],
                    "parts_s": epochs["step_sum_s"][name] + other[name],
-                   "epoch_s": epochs["epoch_s"][name]} for name in other}
+                   "epoch_s": epochs["epoch_s"][name]} for name in METHODS}
 
 
 def measure_overheads(w: Workload, embeddings: torch.Tensor, clustr_step: float,
                       repeats: int) -> dict:
-    """R4: what a ClusTR step adds to a plain step, timed part by part on the trainer's live
+    """R4: what a ClusTR step adds to a plain step, part by part on the trainer's live
     state: drawing the batch, the Magnet loss forward and backward, recording the losses.
     The data path shared with CE training (indexing, augmentation, copy) is listed apart."""
     t, dev, cfg = w.trainer, w.device, w.trainer.cfg
-    reps = max(20, 10 * repeats)
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # leaves the trainer's draws alone
     indices, cluster_ids = t.sampler.sample(gen)
-    emb = embeddings[indices].to(dev)
-    classes = t.clusters.classes
+    emb, classes = embeddings[indices].to(dev), t.clusters.classes
 
     def loss_step():
         e = emb.clone().requires_grad_(True)
@@ -120,92 +111,21 @@ def measure_overheads(w: Workload, embeddings: torch.Tensor, clustr_step: float,
         return per_example
 
     losses = loss_step().detach()
-    parts = {
-        "sampler.sample": median_call(lambda: t.sampler.sample(gen), dev, reps),
-        "magnet_loss forward + backward": median_call(loss_step, dev, reps),
-        "sampler.record_losses": median_call(lambda: t.sampler.record_losses(indices, losses),
-                                             dev, reps),
-    }
-    shared = {
-        "index + augment": median_call(
-            lambda: augment(w.train.images[indices], cfg.dataset, gen), dev, reps),
-        "to_device": median_call(lambda: to_device(w.train.images[indices], dev), dev, reps),
-    }
+    parts = {"sampler.sample": lambda: t.sampler.sample(gen),
+             "magnet_loss forward + backward": loss_step,
+             "sampler.record_losses": lambda: t.sampler.record_losses(indices, losses)}
+    shared = {"index + augment": lambda: augment(w.train.images[indices], cfg.dataset, gen),
+              "to_device": lambda: to_device(w.train.images[indices], dev)}
+    parts, shared = ({name: median_call(fn, dev, max(20, 10 * repeats))
+                      for name, fn in calls.items()} for calls in (parts, shared))
     added = sum(parts.values())
-    return {"parts_s": parts, "shared_s": shared, "added_s": added,
-            "R4": added / clustr_step}
-
-
-def cluster_classifier(train: ImageData, weights, device: torch.device, K: int, L: int,
-                       seed: int) -> ClusterClassifier:
-    """The classifier the CLI evaluates: the network, per-class k-means (CIFAR-10 settings)
-    on its un-augmented, eval-mode training embeddings, the L nearest clusters voting."""
-    backbone = build_model(train.num_classes, weights, device, seed)
-    return fit_cluster_classifier(backbone, train, "cifar10", K, L, seed=seed,
-                                  batch=default_embed_batch(device), device=device).to(device)
-
-
-def measure_pgd(model: ClusterClassifier, test: ImageData, device: torch.device,
-                iterations: int, restarts: int, epsilons, batch: int, repeats: int,
-                seed: int) -> dict:
-    """R3: the paper's PGD sweep with the shrinking active set and with masking, alternated,
-    after a small warm-up of each; robust accuracies and per-example disagreements."""
-    def sweep(data, shrink, its=iterations, eps=epsilons):
-        return run_sweep(AttackContext(model, data, device, batch, seed),
-                         PGD(iterations=its, restarts=restarts, shrink=shrink), batch, eps)
-
-    warm = test.take(slice(batch))
-    for shrink in (True, False):
-        sweep(warm, shrink, its=1, eps=epsilons[:1])
-    seconds: dict[str, list[float]] = {"shrink": [], "mask": []}
-    results = {}
-    for r in range(repeats):
-        for name, shrink in (("shrink", True), ("mask", False)):
-            results[name], s = timed(lambda sh=shrink: sweep(test, sh), device)
-            seconds[name].append(s)
-            log.info("PGD sweep (%s) %d/%d: %.2fs", name, r + 1, repeats, s)
-    a, b = results["shrink"], results["mask"]
-    per_eps = []
-    for ra, rb in zip(a.per_eps, b.per_eps):
-        per_eps.append({"eps": ra.eps, "acc_shrink": ra.accuracy, "acc_mask": rb.accuracy,
-                        "differ": int((ra.pred != rb.pred).sum())})
-    med = {name: median(s) for name, s in seconds.items()}
-    differ = sum(e["differ"] for e in per_eps)
-    return {"images": len(test), "clean_acc": a.clean_acc, "iterations": iterations,
-            "restarts": restarts, "eps_count": len(epsilons), "batch": batch,
-            "attacked": int((a.clean_pred == a.labels).sum()),
-            "seconds": med, "samples": seconds,
-            "spread": {name: spread(s) for name, s in seconds.items()}, "per_eps": per_eps,
-            "differ": differ,
-            # at most one example per thousand may differ (float noise between batch shapes)
-            "agree": differ * 1000 <= len(test) * len(per_eps),
-            "R3": med["shrink"] / med["mask"]}
-
-
-def profile_epoch(w: Workload, rows: int = 30) -> str:
-    """torch.profiler tables of one ClusTR epoch (``run_epoch``): operators by self time,
-    and the same grouped by the Python function that called them (the phases)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU]
-    sort = "self_cpu_time_total"
-    if w.device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-        sort = "self_cuda_time_total"
-    with profile(activities=activities, with_stack=True) as prof:
-        w.trainer.run_epoch()
-    ops = prof.key_averages().table(sort_by=sort, row_limit=rows)
-    stacks = prof.key_averages(group_by_stack_n=4).table(sort_by=sort, row_limit=rows)
-    return (f"# one ClusTR epoch: operators by self time\n{ops}\n\n"
-            f"# grouped by the 4 innermost Python frames\n{stacks}\n")
+    return {"parts_s": parts, "shared_s": shared, "added_s": added, "R4": added / clustr_step}
 
 
 def embedding_batch_sweep(w: Workload, batches, repeats: int, images: int = 512) -> dict:
-    """Seconds per image of the no-grad embedding pass (``compute_embeddings``) at several
-    batch sizes, alternated, on the first ``images`` training images: the pass's batch size
-    (``--embed-batch``, and ``--test-batch`` for the test pass) is a free choice."""
-    t, dev = w.trainer, w.device
-    x = w.train.images[:images]
+    """Seconds per image of the no-grad embedding pass at several batch sizes (a free
+    choice: ``--embed-batch``, ``--test-batch``), alternated, on ``images`` training images."""
+    t, dev, x = w.trainer, w.device, w.train.images[:images]
     times: dict[int, list[float]] = {b: [] for b in batches}
     for round_ in range(1 + repeats):
         for b in batches:
@@ -215,3 +135,82 @@ def embedding_batch_sweep(w: Workload, batches, repeats: int, images: int = 512)
     return {"images": len(x), "per_image_s": {b: median(v) for b, v in times.items()},
             "embed_batch": t.cfg.embed_batch or default_embed_batch(dev),
             "test_batch": t.cfg.test_batch}
+
+
+def profile_epoch(w: Workload, rows: int = 30) -> str:
+    """torch.profiler tables of one ClusTR epoch: operators by self time, and the same
+    grouped by the Python frames that called them (the phases)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = w.device.type == "cuda"
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda,
+                 with_stack=True) as prof:
+        w.trainer.run_epoch()
+    ops = prof.key_averages().table(sort_by=sort, row_limit=rows)
+    stacks = prof.key_averages(group_by_stack_n=4).table(sort_by=sort, row_limit=rows)
+    return (f"# one ClusTR epoch: operators by self time\n{ops}\n\n"
+            f"# grouped by the 4 innermost Python frames\n{stacks}\n")
+
+
+def measure_pgd(model: ClusterClassifier, test: ImageData, device: torch.device, attack: PGD,
+                batch: int, repeats: int, seed: int) -> dict:
+    """R3: the paper's sweep (``attack`` at each eps of ``EPSILONS``) with the shrinking
+    active set and with masking, alternated after a small warm-up of each; the robust
+    accuracies and how many predictions differ."""
+    def sweep(data, shrink, eps=EPSILONS, iterations=attack.iterations):
+        return run_sweep(AttackContext(model, data, device, batch, seed),
+                         replace(attack, shrink=shrink, iterations=iterations), batch, eps)
+
+    for shrink in (True, False):
+        sweep(test.take(slice(batch)), shrink, eps=EPSILONS[:1], iterations=1)
+    seconds: dict[str, list[float]] = {"shrink": [], "mask": []}
+    results = {}
+    for r in range(repeats):
+        for name in seconds:
+            results[name], s = timed(lambda: sweep(test, name == "shrink"), device)
+            seconds[name].append(s)
+            log.info("PGD sweep (%s) %d/%d: %.2fs", name, r + 1, repeats, s)
+    a, b = results["shrink"], results["mask"]
+    per_eps = [{"eps": x.eps, "acc_shrink": x.accuracy, "acc_mask": y.accuracy,
+                "differ": int((x.pred != y.pred).sum())} for x, y in zip(a.per_eps, b.per_eps)]
+    med = {name: median(s) for name, s in seconds.items()}
+    differ = sum(e["differ"] for e in per_eps)
+    return {"images": len(test), "clean_acc": a.clean_acc, "iterations": attack.iterations,
+            "restarts": attack.restarts, "eps_count": len(EPSILONS), "batch": batch,
+            "attacked": int((a.clean_pred == a.labels).sum()), "seconds": med,
+            "samples": seconds, "spread": {n: spread(s) for n, s in seconds.items()},
+            "per_eps": per_eps, "differ": differ,
+            # at most one example per thousand may differ (float noise between batch shapes)
+            "agree": differ * 1000 <= len(test) * len(per_eps), "R3": med["shrink"] / med["mask"]}
+
+
+def scaling_row(kind: str, data_dir: Path | None, size: int, test_size: int, setup: Setup,
+                repeats: int) -> dict:
+    """ClusTR epochs on ``size`` training images in this process: the median of ``repeats``
+    after a warm-up epoch, the peak memory after the setup and over the epochs."""
+    train, test, weights = load_data(kind, data_dir, size, test_size, setup.seed)
+    w = make_workload(train, test, weights, setup)
+    setup_mib = peak_memory_mib(setup.device)
+    reset_peak_memory(setup.device)
+    times = [timed(w.trainer.run_epoch, setup.device)[1] for _ in range(1 + repeats)][1:]
+    return {"size": len(train), "steps": w.trainer.steps_per_epoch(), "epoch_s": median(times),
+            "samples": times, "peak_mib": peak_memory_mib(setup.device),
+            "setup_peak_mib": setup_mib,
+            "data_mib": (train.images.numel() + test.images.numel()) / 2**20}
+
+
+def measure_scaling(kind: str, data_dir: Path | None, base: int, test_size: int, setup: Setup,
+                    repeats: int) -> list[dict]:
+    """``scaling_row`` at each multiple of ``base``, in order. Peak memory is a figure of a
+    whole process, so each size runs in a fresh interpreter (``spawn``)."""
+    rows = []
+    for mult in MULTIPLIERS:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=set_quiet, initargs=(True,)) as worker:
+            row = worker.submit(scaling_row, kind, data_dir, base * mult, test_size, setup,
+                                repeats).result()
+        rows.append({**row, "multiplier": mult})
+        log.info("scaling %dx: %.2fs per epoch, peak %.0f MiB", mult, row["epoch_s"],
+                 row["peak_mib"])
+    return rows

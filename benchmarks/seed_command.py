@@ -1,19 +1,15 @@
 """The seed's command end to end: 30 ClusTR epochs on 50,000 + 10,000 CIFAR-sized images,
 then the paper's default sweep (20 steps x 10 restarts at 4 eps on the 10,000 test images).
 
-* On CUDA it is **measured whole** (``measure``): synthetic images of CIFAR-10's size, the
-  project's trainer at the seed's settings (m 12, d 20, K 2), then ``run_sweep`` with the
-  attack batch ``utils.attacks.batch_size`` picks.
-* On a CPU that takes days; it is **estimated** (``estimate``) from the rates the
-  benchmark measured: the median ClusTR step, the embedding pass per image, k-means and
-  the metrics per training image, and PGD per image and step without shrinking (every
-  example attacked at every step: what a fully robust model costs; a model that breaks
-  costs less, as the shrinking set shows).
+On CUDA it is **measured whole** (``measure``) on synthetic images of that size. On a CPU,
+where it takes days, it is **estimated** (``estimate``) from the rates the benchmark
+measured: the median ClusTR step, the embedding pass, k-means and metrics per image, and
+PGD per image and step without shrinking (every example attacked at every step: what a
+fully robust model costs; a model that breaks costs less, as the shrinking set shows).
 """
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +20,8 @@ from utils.attacks.pgd import EPSILONS, PGD
 from utils.attacks.sweep import AttackContext
 from utils.eval.evaluation import run_sweep
 
-from .timing import sync
-from .workloads import make_workload, synthetic_data
+from .timing import timed
+from .workloads import Setup, make_workload, synthetic_data
 
 log = logging.getLogger("benchmarks")
 
@@ -41,68 +37,54 @@ class SeedCommand:
     d: int = 20
     K: int = 2
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, self.train_images // (self.m * self.d))
 
-
-SEED = SeedCommand()
-
-
-def estimate(res: dict, seed: SeedCommand = SEED) -> dict:
-    """Seconds of the seed's command from the benchmark's own measurements (``res`` with
-    its epochs and pgd sections), part by part."""
-    e, ph, pgd = res["epochs"], res["phases"], res["pgd"]
-    per_train = 1.0 / e["train_images"]
-    embed_batch = res["embed_batches"]["embed_batch"]
-    embed_rate = res["embed_batches"]["per_image_s"][embed_batch]
-    kmeans = ph["kmeans_s"] * per_train * seed.train_images
-    metrics = (ph["phases_s"]["train metrics (loss, accuracy)"] * per_train * seed.train_images
-               + ph["phases_s"]["test metrics"] / e["test_images"] * seed.test_images)
-    step = e["step_s"]["clustr"] * (seed.m * seed.d) / e["batch"]  # per image, at 240
-    epoch = {"training steps": seed.steps_per_epoch * step,
-             "embedding passes (train + test)": embed_rate * (seed.train_images
-                                                            + seed.test_images),
-             "k-means": kmeans, "metrics": metrics}
-    epoch_s = sum(epoch.values())
+def estimate(res: dict, seed: SeedCommand = SeedCommand()) -> dict:
+    """Seconds of the seed's command, part by part, from the benchmark's results ``res``
+    (its epochs and pgd sections)."""
+    e, ph, pgd, embed = res["epochs"], res["phases"], res["pgd"], res["embed_batches"]
+    per_train, batch = seed.train_images / e["train_images"], seed.m * seed.d
+    epoch = {"training steps": max(1, seed.train_images // batch)
+             * e["step_s"]["clustr"] * batch / e["batch"],
+             "embedding passes (train + test)": embed["per_image_s"][embed["embed_batch"]]
+             * (seed.train_images + seed.test_images),
+             "k-means": ph["kmeans_s"] * per_train,
+             "metrics": ph["phases_s"]["train metrics (loss, accuracy)"] * per_train
+             + ph["phases_s"]["test metrics"] / e["test_images"] * seed.test_images}
     # PGD: one forward+backward per attacked image and step, plus the no-grad pass that
     # scores each restart, at the rate of the masked (never shrinking) sweep
     passes = pgd["attacked"] * pgd["eps_count"] * pgd["restarts"] * (pgd["iterations"] + 1)
     per_pass = pgd["seconds"]["mask"] / max(passes, 1)
-    sweep = (seed.test_images * len(EPSILONS) * seed.restarts * (seed.iterations + 1)
-             * per_pass)
-    training = seed.epochs * epoch_s + epoch["embedding passes (train + test)"] + kmeans
-    return {"kind": "estimate", "epoch_parts_s": epoch, "epoch_s": epoch_s,
+    sweep = seed.test_images * len(EPSILONS) * seed.restarts * (seed.iterations + 1) * per_pass
+    training = (seed.epochs * sum(epoch.values()) + epoch["embedding passes (train + test)"]
+                + epoch["k-means"])  # and the initial refresh
+    return {"kind": "estimate", "epoch_parts_s": epoch, "epoch_s": sum(epoch.values()),
             "training_s": training, "sweep_s": sweep, "total_s": training + sweep,
             "pgd_pass_s": per_pass, "batch_measured": e["batch"], "seed": vars(seed)}
 
 
 def measure(device: torch.device, amp: bool, seed_value: int = 111,
-            seed: SeedCommand = SEED, kmeans_device: bool = False) -> dict:
-    """The seed's command run whole on synthetic data of its size: seconds of the training
-    (including the initial cluster refresh) and of the sweep. ``kmeans_device``: the
-    refreshes after the first fit k-means on the device (``--kmeans-device``)."""
+            seed: SeedCommand = SeedCommand(), kmeans_device: bool = False) -> dict:
+    """The seed's command run whole: seconds of the training (with the initial cluster
+    refresh) and of the sweep, with the attack batch ``utils.attacks.batch_size`` picks.
+    ``kmeans_device``: the refreshes after the first fit k-means on the device."""
     train = synthetic_data(seed.train_images, seed_value)
     test = synthetic_data(seed.test_images, seed_value + 1)
-    sync(device)
-    start = time.perf_counter()
-    w = make_workload(train, test, None, seed.m, seed.d, seed.K, seed_value, device, amp)
-    w.trainer.cfg.kmeans_device = kmeans_device
+    setup = Setup(seed.m, seed.d, seed.K, seed_value, device, amp, kmeans_device)
     epochs = []
-    for epoch in range(seed.epochs):
-        begin = time.perf_counter()
-        w.trainer.run_epoch()
-        sync(device)
-        epochs.append(time.perf_counter() - begin)
-        log.info("seed command: epoch %d/%d %.1fs", epoch + 1, seed.epochs, epochs[-1])
-    training = time.perf_counter() - start
+
+    def training_run():
+        w = make_workload(train, test, None, setup)
+        for epoch in range(seed.epochs):
+            epochs.append(timed(w.trainer.run_epoch, device)[1])
+            log.info("seed command: epoch %d/%d %.1fs", epoch + 1, seed.epochs, epochs[-1])
+        return w
+
+    w, training = timed(training_run, device)
     model = ClusterClassifier(w.trainer.model, w.trainer.head()).to(device)
     batch = attack_batch(None, model, device, seed.test_images)
-    begin = time.perf_counter()
-    result = run_sweep(AttackContext(model, test, device, batch, seed_value),
-                       PGD(iterations=seed.iterations, restarts=seed.restarts), 64)
-    sync(device)
-    sweep = time.perf_counter() - begin
+    result, sweep = timed(lambda: run_sweep(
+        AttackContext(model, test, device, batch, seed_value),
+        PGD(iterations=seed.iterations, restarts=seed.restarts), 64), device)
     return {"kind": "measured", "epoch_samples": epochs, "training_s": training,
             "sweep_s": sweep, "total_s": training + sweep, "attack_batch": batch,
             "clean_acc": result.clean_acc, "seed": vars(seed)}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -29,47 +30,38 @@ def median(values) -> float:
 
 def spread(values) -> dict:
     """min, median, mean and max of a sample (NaN for an empty one)."""
-    values = sorted(values)
-    if not values:
-        return {k: float("nan") for k in ("min", "median", "mean", "max")}
-    return {"min": values[0], "median": median(values),
-            "mean": statistics.fmean(values), "max": values[-1]}
+    values = sorted(values) or [float("nan")]
+    return {"min": values[0], "median": median(values), "mean": statistics.fmean(values),
+            "max": values[-1]}
 
 
-def median_call(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
+def median_call(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after one untimed call."""
+    fn()
     return median(timed(fn, device)[1] for _ in range(repeats))
 
 
-class StepClock:
-    """Per-step wall times of any loop that calls ``optimizer.step()`` once per batch.
+@contextmanager
+def step_times(optimizer: torch.optim.Optimizer, device: torch.device):
+    """The list of the wall times of the ``optimizer.step()`` calls made inside the block.
 
-    An optimizer post-step hook stamps the clock, so the loop's own code is measured
-    unchanged: a step's time runs from the previous step's end (or from ``start()``) to its
-    own end and so covers sampling, augmentation, copies, forward, loss, backward, update and
-    the bookkeeping after the update. ``record`` switches collection on and off (warm-up).
+    A post-step hook stamps the clock, so the loop's own code runs unchanged: a step runs
+    from the previous step's end (the first from entering the block) to its own end, and so
+    covers sampling, augmentation, copies, forward, loss, backward, update and bookkeeping.
     """
+    times: list[float] = []
+    sync(device)
+    last = time.perf_counter()
 
-    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
-        self.device = device
-        self.times: list[float] = []
-        self.record = False
-        self._last: float | None = None
-        self._handle = optimizer.register_step_post_hook(self._stamp)
-
-    def start(self) -> None:
-        """Mark the start of a loop: its first step is timed from here."""
-        sync(self.device)
-        self._last = time.perf_counter()
-
-    def _stamp(self, *_) -> None:
-        sync(self.device)
+    def stamp(*_):
+        nonlocal last
+        sync(device)
         now = time.perf_counter()
-        if self.record and self._last is not None:
-            self.times.append(now - self._last)
-        self._last = now
+        times.append(now - last)
+        last = now
 
-    def close(self) -> None:
-        self._handle.remove()
+    handle = optimizer.register_step_post_hook(stamp)
+    try:
+        yield times
+    finally:
+        handle.remove()

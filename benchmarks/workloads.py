@@ -1,11 +1,9 @@
 """The workloads the benchmarks time: data, a ClusTR trainer, and a plain CE baseline.
 
-The ClusTR side is the project's own ``ClusTRTrainer``, built as ``main_clustr.py`` builds it
-(Adam, channels_last, an initial cluster refresh). The baseline is the plain cross-entropy
-epoch of a CIFAR training script (kuangliu/pytorch-cifar ``train(); test()``) written with the
-same data path (in-memory uint8 batches, the same augmentation and device copies), so the
-ratios isolate what ClusTR adds: the sampler, the Magnet loss, the embedding pass, k-means
-and the cluster metrics.
+The ClusTR side is the project's ``ClusTRTrainer``, built as ``main_clustr.py`` builds it.
+The baseline is the cross-entropy epoch of a CIFAR training script (kuangliu/pytorch-cifar
+``train(); test()``) with the same data path, so the ratios isolate what ClusTR adds: the
+sampler, the Magnet loss, the embedding pass, k-means and the cluster metrics.
 """
 from __future__ import annotations
 
@@ -27,26 +25,39 @@ from utils.train.training import ClusTRTrainer, TrainConfig
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
+WEIGHTS = Path("weights") / "resnet18_cifar10.pt"  # under the data folder
+LR = 1e-4  # Adam, both networks
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Batches of ``m`` clusters x ``d`` examples, ``K`` clusters per class; ``amp``:
+    bfloat16 autocast; ``kmeans_device``: the refreshes after the first run k-means on
+    ``device``."""
+
+    m: int
+    d: int
+    K: int
+    seed: int
+    device: torch.device
+    amp: bool = False
+    kmeans_device: bool = False
 
 
 def default_data_dir() -> Path:
     """``$CLUSTR_DATA``, else ``../shared/data`` next to the repository."""
-    root = Path(__file__).resolve().parents[1]
-    return Path(os.environ.get("CLUSTR_DATA", root.parent / "shared" / "data"))
+    return Path(os.environ.get("CLUSTR_DATA", Path(__file__).resolve().parents[2] / "shared"
+                               / "data"))
 
 
 def real_data_present(data_dir: Path) -> bool:
-    return ((data_dir / "cifar10-subset" / "train").is_dir()
-            and (data_dir / "weights" / "resnet18_cifar10.pt").is_file())
+    return (data_dir / "cifar10-subset" / "train").is_dir() and (data_dir / WEIGHTS).is_file()
 
 
 def synthetic_data(n: int, seed: int, num_classes: int = 10, modes: int = 2) -> ImageData:
-    """``n`` CIFAR-shaped uint8 images (N, 3, 32, 32), classes balanced, no download.
-
-    Each class has ``modes`` looks (a mean colour and a coarse 8x8 pattern) under pixel
-    noise, so every class splits into well-populated groups and per-class k-means finds
-    clusters the way it does on real embeddings instead of isolating outliers.
-    """
+    """``n`` CIFAR-shaped uint8 images (N, 3, 32, 32), classes balanced, no download. Each
+    class has ``modes`` looks (a mean colour and a coarse 8x8 pattern) under pixel noise, so
+    per-class k-means finds clusters as on real embeddings instead of isolating outliers."""
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen)
     labels = (torch.arange(n) % num_classes)[order]
@@ -60,17 +71,20 @@ def synthetic_data(n: int, seed: int, num_classes: int = 10, modes: int = 2) -> 
     return ImageData(images, labels, list(CIFAR10_CLASSES[:num_classes]))
 
 
-def real_data(data_dir: Path, n_train: int | None, n_test: int | None, seed: int
-              ) -> tuple[ImageData, ImageData]:
-    """Seeded, class-balanced subsets of the shared CIFAR-10 images (train, test)."""
-    root = str(data_dir / "cifar10-subset")
-    train = load_dataset("imagefolder", root, "train", workers=2)
-    test = load_dataset("imagefolder", root, "test", workers=2)
-    for name, n, data in (("training", n_train, train), ("test", n_test, test)):
-        if n and n > len(data):
-            raise UsageError(f"{n} {name} images asked for but the real subset in {root} has "
+def load_data(kind: str, data_dir: Path | None, n_train: int, n_test: int, seed: int
+              ) -> tuple[ImageData, ImageData, Path | None]:
+    """(train, test, weights): seeded, class-balanced subsets of the shared CIFAR-10 images
+    and its weights for ``kind`` "real"; synthetic images and no weights otherwise."""
+    if kind != "real":
+        return synthetic_data(n_train, seed), synthetic_data(n_test, seed + 1), None
+    root, subsets = str(data_dir / "cifar10-subset"), []
+    for split, n in (("train", n_train), ("test", n_test)):
+        data = load_dataset("imagefolder", root, split, workers=2)
+        if n > len(data):
+            raise UsageError(f"{n} {split} images asked for but the real subset in {root} has "
                              f"{len(data)}: lower the size or use --data synthetic")
-    return balanced_subset(train, n_train, seed), balanced_subset(test, n_test, seed)
+        subsets.append(balanced_subset(data, n, seed))
+    return subsets[0], subsets[1], data_dir / WEIGHTS
 
 
 def build_model(num_classes: int, weights: Path | None, device: torch.device,
@@ -85,47 +99,42 @@ def build_model(num_classes: int, weights: Path | None, device: torch.device,
 
 
 class CrossEntropyBaseline:
-    """Plain CE training of the same network: ``steps`` shuffled batches of ``batch`` images,
-    then the test set evaluated through the linear head, each epoch."""
+    """Plain CE training with ClusTR's batch size, augmentation, device copies and test
+    pass: ``steps`` shuffled batches, then the test set through the linear head."""
 
-    def __init__(self, model: ResNet18, optimizer: torch.optim.Optimizer, train: ImageData,
-                 test: ImageData, batch: int, steps: int, test_batch: int, dataset: str,
-                 seed: int, device: torch.device, amp: bool):
-        self.model, self.optimizer, self.train, self.test = model, optimizer, train, test
-        self.batch, self.steps, self.test_batch = batch, steps, test_batch
-        self.dataset, self.device, self.amp = dataset, device, amp
-        self.generator = torch.Generator().manual_seed(seed)
+    def __init__(self, model: ResNet18, train: ImageData, test: ImageData, cfg: TrainConfig,
+                 steps: int, device: torch.device):
+        self.model, self.train, self.test, self.cfg = model, train, test, cfg
+        self.steps, self.device = steps, device
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
 
-    def train_epoch(self) -> float:
-        """Mean training loss over the epoch's steps."""
+    def run_epoch(self) -> tuple[float, float]:
+        """(mean training loss, test accuracy %)."""
         self.model.train()
+        batch, total = self.cfg.m * self.cfg.d, 0.0
         order = torch.randperm(len(self.train), generator=self.generator)
-        total = 0.0
         for step in range(self.steps):
-            indices = order[step * self.batch:(step + 1) * self.batch]
-            images = augment(self.train.images[indices], self.dataset, self.generator)
+            indices = order[step * batch:(step + 1) * batch]
+            images = augment(self.train.images[indices], self.cfg.dataset, self.generator)
             x = to_device(images, self.device)
             y = self.train.labels[indices].to(self.device, non_blocking=True)
-            with autocast(self.device, self.amp):
+            with autocast(self.device, self.cfg.amp):
                 logits = self.model.classify(x).float()
             loss = F.cross_entropy(logits, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             total += loss.item()
-        return total / self.steps
+        return total / self.steps, self.test_accuracy()
 
     @torch.no_grad()
     def test_accuracy(self) -> float:
-        """Top-1 accuracy (%) of the linear head: the same no-grad embedding pass as
-        ClusTR's test pass, then the linear layer."""
-        emb = compute_embeddings(self.model, self.test.images, self.test_batch, self.device,
-                                 desc="embed test", amp=self.amp)
+        """The same no-grad embedding pass as ClusTR's test pass, then the linear layer."""
+        emb = compute_embeddings(self.model, self.test.images, self.cfg.test_batch,
+                                 self.device, desc="embed test", amp=self.cfg.amp)
         pred = self.model.linear(emb.to(self.device)).argmax(1).cpu()
         return (pred == self.test.labels).float().mean().item() * 100.0
-
-    def run_epoch(self) -> tuple[float, float]:
-        return self.train_epoch(), self.test_accuracy()
 
 
 @dataclass
@@ -139,22 +148,19 @@ class Workload:
     device: torch.device
 
 
-def make_workload(train: ImageData, test: ImageData, weights: Path | None, m: int, d: int,
-                  K: int, seed: int, device: torch.device, amp: bool,
-                  lr: float = 1e-4) -> Workload:
-    """Trainer (with its initial cluster refresh done) and baseline, ready for epochs."""
-    model = build_model(train.num_classes, weights, device, seed)
+def make_workload(train: ImageData, test: ImageData, weights: Path | None,
+                  setup: Setup) -> Workload:
+    """Trainer (Adam, channels_last, its initial cluster refresh done) and baseline."""
+    model = build_model(train.num_classes, weights, setup.device, setup.seed)
     ce_model = copy.deepcopy(model)
     # "imagefolder" = CIFAR-10's augmentation and k-means settings, for any CIFAR-shaped data
-    cfg = TrainConfig(dataset="imagefolder", K=K, m=m, d=d, L=min(10, train.num_classes * K),
-                      seed=seed, amp=amp)
-    trainer = ClusTRTrainer(model, torch.optim.Adam(model.parameters(), lr=lr), train, test,
-                            cfg, device)
+    cfg = TrainConfig(dataset="imagefolder", K=setup.K, m=setup.m, d=setup.d,
+                      L=min(10, train.num_classes * setup.K), seed=setup.seed, amp=setup.amp)
+    trainer = ClusTRTrainer(model, torch.optim.Adam(model.parameters(), lr=LR), train, test,
+                            cfg, setup.device)
     trainer.check_batch_shape()
     trainer.refresh_clusters()
-    steps = trainer.sampler.steps_per_epoch()
-    baseline = CrossEntropyBaseline(ce_model, torch.optim.Adam(ce_model.parameters(), lr=lr),
-                                    train, test, batch=m * d, steps=steps,
-                                    test_batch=cfg.test_batch, dataset=cfg.dataset, seed=seed,
-                                    device=device, amp=amp)
-    return Workload(train, test, trainer, baseline, device)
+    cfg.kmeans_device = setup.kmeans_device  # the refreshes after this first one
+    baseline = CrossEntropyBaseline(ce_model, train, test, cfg, trainer.steps_per_epoch(),
+                                    setup.device)
+    return Workload(train, test, trainer, baseline, setup.device)
