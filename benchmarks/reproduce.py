@@ -12,6 +12,8 @@ import sys
 import time
 from dataclasses import asdict, replace
 
+import pandas as pd
+
 from base.errors import UsageError, exit_status
 from base.io import file_sha256, write_text_atomic
 from benchmarks.reproduce_plan import (
@@ -131,19 +133,24 @@ def continue_flags(step: Step) -> list[str]:
 
 # -- the cpu budget, from measured costs ---------------------------------------------------------
 def predicted_minutes(costs: dict, b: Budget, train_count: int) -> float:
-    """Minutes of the report at budget ``b`` from the costs ``--measure`` wrote: training
-    seconds per epoch (ClusTR+Free: per epoch of the others' cost) and evaluation seconds per
-    image, per row; every curve point costs what an evaluated image does."""
+    """Minutes of the report at budget ``b`` from the costs ``--measure`` wrote, per row:
+    training seconds per epoch (ClusTR+Free: per epoch of the others' cost); per evaluation
+    call a fixed cost (start-up, data) plus seconds per attacked image, AutoAttack's apart,
+    since the curves run every attack but AutoAttack."""
     total = 0.0
     for row, c in ((r, c) for r, c in costs["rows"].items() if r in rows_of(b)):
-        per_image = c["eval_s"] / costs["images"]
-        total += per_image * max(b.test_images or 0, b.strong_images)
+        autoattack = c.get("autoattack_s", 0.0) / costs["images"]
+        attacks = c.get("attacks_s", c["eval_s"]) / costs["images"]
+        fixed = c["eval_s"] - (autoattack + attacks) * costs["images"]
+        total += fixed + attacks * max(b.test_images or 0, b.strong_images) \
+            + autoattack * b.strong_images
+        curve_point = fixed + attacks * b.curve_images
         if row in TRAINING or row == "fgsm":
             epochs = b.epochs if row == "free" else row_epochs(b, row, train_count)[0]
             points = 1 if row == "fgsm" else row_epochs(b, row, train_count)[0]
-            total += c["train_s"] * epochs + per_image * b.curve_images * points
+            total += c["train_s"] * epochs + curve_point * points
         else:  # the pretrained clusters, the plain network: the curves' epoch 0
-            total += c["train_s"] + per_image * b.curve_images
+            total += c["train_s"] + curve_point
     return total / 60
 
 
@@ -153,27 +160,46 @@ def cpu_budget(costs: dict, train_count: int) -> Budget:
     def minutes(epochs):
         return predicted_minutes(costs, replace(CPU_BASE, epochs=epochs), train_count)
 
-    epochs = max([e for e in range(1, CPU_MAX_EPOCHS + 1) if minutes(e) <= CPU_MINUTES] or [1])
+    fits = [e for e in range(1, CPU_MAX_EPOCHS + 1) if minutes(e) <= CPU_MINUTES]
+    epochs = max(fits or [1])
+    measured = (f"costs measured by `{costs['command']}` on {costs['date']}, load average "
+                f"{costs['load']:.1f}")
+    if not fits:
+        return replace(CPU_BASE, epochs=1, chosen=(
+            f"no budget with this evaluation fits in {CPU_MINUTES:g} min on this machine: one "
+            f"epoch is predicted at {minutes(1):.0f} min, so the report trains one epoch "
+            f"({measured})"))
     return replace(CPU_BASE, epochs=epochs, chosen=(
         f"the most epochs whose predicted time is at most {CPU_MINUTES:g} min: "
         f"{minutes(epochs):.0f} min for {epochs} epoch(s), {minutes(epochs + 1):.0f} min for "
-        f"{epochs + 1} (costs measured by `{costs['command']}` on {costs['date']}, load "
-        f"average {costs['load']:.1f})"))
+        f"{epochs + 1} ({measured})"))
 
 
-def write_costs(run: Run, images: int, path: str) -> None:
+def write_costs(run: Run, paths: Paths, images: int, path: str) -> None:
     """Seconds of training and of evaluation per row, for ``--budget cpu``."""
     rows = {}
     for key, rec in run.steps.items():
         if rec["status"] == "done":
             row, part = key.split("/")[:2]
             rows.setdefault(row, {"train_s": 0.0, "eval_s": 0.0})[f"{part}_s"] += rec["seconds"]
+            if part == "eval":
+                rows[row].update(attack_seconds(paths(key)))
     costs = {"command": "python -m benchmarks.reproduce " + " ".join(run.state["argv"]),
              "date": time.strftime("%Y-%m-%d %H:%M"), "load": run.state["sittings"][0]["load"],
              "images": images, "cores": os.cpu_count(), "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_text_atomic(path, json.dumps(costs, indent=1) + "\n")
     print(f"[reproduce] wrote {path}")
+
+
+def attack_seconds(folder: str) -> dict:
+    """Seconds an evaluation spent in AutoAttack and in the other attacks (its
+    ``attack_results_strong.csv``)."""
+    frame = pd.read_csv(os.path.join(REPO, folder, "attack_results_strong.csv"))
+    seconds = frame["seconds"].fillna(0.0)
+    autoattack = float(seconds[frame["attack"] == "autoattack"].sum())
+    return {"autoattack_s": round(autoattack, 1),
+            "attacks_s": round(float(seconds.sum()) - autoattack, 1)}
 
 
 def resolve_budget(args, train_count: int) -> Budget:
@@ -211,7 +237,7 @@ def report(args, argv: list[str]) -> int:
             run_step(step, run, paths, args.threads)
         run.save(ended=True)
     if args.measure:
-        write_costs(run, args.measure_images, args.costs)
+        write_costs(run, paths, args.measure_images, args.costs)
     write_report(run, budget, steps, paths, train_count)
     return 0 if all(run.steps.get(s.key, {}).get("status") == "done" for s in steps) else 1
 

@@ -121,6 +121,24 @@ def test_cpu_budget_is_the_most_epochs_the_measured_costs_fit(data, tmp_path, ca
     assert "--measure" in capsys.readouterr().err
 
 
+def test_the_curves_cost_no_autoattack_and_a_budget_that_cannot_fit_says_so():
+    rows = {r: {"train_s": 30.0, "eval_s": 50.0, "autoattack_s": 40.0, "attacks_s": 8.0}
+            for r in reproduce_plan.ROWS}
+    costs = {"command": "python -m benchmarks.reproduce --measure", "date": "d", "load": 0.1,
+             "images": 40, "rows": rows}
+    cheap = {**costs, "rows": {r: {**c, "eval_s": 10.0, "autoattack_s": 0.0}
+                               for r, c in rows.items()}}
+    budget = reproduce.replace(reproduce.CPU_BASE, epochs=3)
+    # AutoAttack runs once per row, on the strong images; every curve point runs without it
+    aa = sum(40.0 / 40 * budget.strong_images for r in reproduce_plan.rows_of(budget)) / 60
+    assert reproduce.predicted_minutes(costs, budget, 5000) == pytest.approx(
+        reproduce.predicted_minutes(cheap, budget, 5000) + aa)
+    slow = {**costs, "rows": {r: {**c, "eval_s": 9e4, "autoattack_s": 9e4 - 10}
+                              for r, c in rows.items()}}
+    too_slow = reproduce.cpu_budget(slow, 5000)
+    assert too_slow.epochs == 1 and too_slow.chosen.startswith("no budget")
+
+
 class FakeCalls:
     """Stands in for ``reproduce.launch``: writes what each call leaves; ``die`` names a
     call during which the report is killed (after the call saved its resume state)."""
