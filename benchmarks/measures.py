@@ -1,17 +1,12 @@
 """The measurements, each a plain dict for the report and the JSON: training steps and
-epochs (R1, R2, R4, the epoch by phases), the PGD sweep with and without shrinking (R3),
-and the epoch at 1x, 2x and 4x the training-set size."""
+epochs (R1, R2, R4, the epoch by phases) and the PGD sweep with and without shrinking (R3)."""
 from __future__ import annotations
 
 import logging
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-from base.progress import set_quiet
 from base.tensors import to_device
 from datasets.data import ImageData, augment
 from models.classifier import ClusterClassifier
@@ -22,13 +17,11 @@ from utils.train.clustering import fit_clusters, kmeans_settings
 from utils.train.embeddings import compute_embeddings, default_embed_batch
 from utils.train.magnet_loss import magnet_loss
 
-from .machine import peak_memory_mib, reset_peak_memory
 from .timing import median, median_call, spread, step_times, timed
-from .workloads import Setup, Workload, load_data, make_workload
+from .workloads import Workload
 
 log = logging.getLogger("benchmarks")
 METHODS = ("clustr", "ce")
-MULTIPLIERS = (1, 2, 4)
 
 
 def measure_epochs(w: Workload, repeats: int) -> dict:
@@ -184,33 +177,3 @@ def measure_pgd(model: ClusterClassifier, test: ImageData, device: torch.device,
             # at most one example per thousand may differ (float noise between batch shapes)
             "agree": differ * 1000 <= len(test) * len(per_eps), "R3": med["shrink"] / med["mask"]}
 
-
-def scaling_row(kind: str, data_dir: Path | None, size: int, test_size: int, setup: Setup,
-                repeats: int) -> dict:
-    """ClusTR epochs on ``size`` training images in this process: the median of ``repeats``
-    after a warm-up epoch, the peak memory after the setup and over the epochs."""
-    train, test, weights = load_data(kind, data_dir, size, test_size, setup.seed)
-    w = make_workload(train, test, weights, setup)
-    setup_mib = peak_memory_mib(setup.device)
-    reset_peak_memory(setup.device)
-    times = [timed(w.trainer.run_epoch, setup.device)[1] for _ in range(1 + repeats)][1:]
-    return {"size": len(train), "steps": w.trainer.steps_per_epoch(), "epoch_s": median(times),
-            "samples": times, "peak_mib": peak_memory_mib(setup.device),
-            "setup_peak_mib": setup_mib,
-            "data_mib": (train.images.numel() + test.images.numel()) / 2**20}
-
-
-def measure_scaling(kind: str, data_dir: Path | None, base: int, test_size: int, setup: Setup,
-                    repeats: int) -> list[dict]:
-    """``scaling_row`` at each multiple of ``base``, in order. Peak memory is a figure of a
-    whole process, so each size runs in a fresh interpreter (``spawn``)."""
-    rows = []
-    for mult in MULTIPLIERS:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=set_quiet, initargs=(True,)) as worker:
-            row = worker.submit(scaling_row, kind, data_dir, base * mult, test_size, setup,
-                                repeats).result()
-        rows.append({**row, "multiplier": mult})
-        log.info("scaling %dx: %.2fs per epoch, peak %.0f MiB", mult, row["epoch_s"],
-                 row["peak_mib"])
-    return rows
