@@ -14,7 +14,6 @@ from utils.attacks.pgd import EPSILONS, PGD
 from utils.attacks.sweep import AttackContext
 from utils.eval.evaluation import run_sweep
 from utils.train.clustering import fit_clusters, kmeans_settings
-from utils.train.embeddings import compute_embeddings, default_embed_batch
 from utils.train.magnet_loss import magnet_loss
 
 from .timing import median, median_call, spread, step_times, timed
@@ -113,37 +112,6 @@ def measure_overheads(w: Workload, embeddings: torch.Tensor, clustr_step: float,
                       for name, fn in calls.items()} for calls in (parts, shared))
     added = sum(parts.values())
     return {"parts_s": parts, "shared_s": shared, "added_s": added, "R4": added / clustr_step}
-
-
-def embedding_batch_sweep(w: Workload, batches, repeats: int, images: int = 512) -> dict:
-    """Seconds per image of the no-grad embedding pass at several batch sizes (a free
-    choice: ``--embed-batch``, ``--test-batch``), alternated, on ``images`` training images."""
-    t, dev, x = w.trainer, w.device, w.train.images[:images]
-    times: dict[int, list[float]] = {b: [] for b in batches}
-    for round_ in range(1 + repeats):
-        for b in batches:
-            _, s = timed(lambda b=b: compute_embeddings(t.model, x, b, dev), dev)
-            if round_ > 0:
-                times[b].append(s / len(x))
-    return {"images": len(x), "per_image_s": {b: median(v) for b, v in times.items()},
-            "embed_batch": t.cfg.embed_batch or default_embed_batch(dev),
-            "test_batch": t.cfg.test_batch}
-
-
-def profile_epoch(w: Workload, rows: int = 30) -> str:
-    """torch.profiler tables of one ClusTR epoch: operators by self time, and the same
-    grouped by the Python frames that called them (the phases)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = w.device.type == "cuda"
-    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda,
-                 with_stack=True) as prof:
-        w.trainer.run_epoch()
-    ops = prof.key_averages().table(sort_by=sort, row_limit=rows)
-    stacks = prof.key_averages(group_by_stack_n=4).table(sort_by=sort, row_limit=rows)
-    return (f"# one ClusTR epoch: operators by self time\n{ops}\n\n"
-            f"# grouped by the 4 innermost Python frames\n{stacks}\n")
 
 
 def measure_pgd(model: ClusterClassifier, test: ImageData, device: torch.device, attack: PGD,

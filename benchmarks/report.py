@@ -116,13 +116,8 @@ def _epochs(res: dict) -> list[str]:
                                    for n, ts in e["epoch_samples"].items()), "",
             "### What a ClusTR step adds (R4), and the data path both share", ""]
     parts = {**o["parts_s"], **{f"{n} (shared with CE)": s for n, s in o["shared_s"].items()}}
-    out += _table([[n, _s(s), f"{100 * s / step:.2f}%"] for n, s in parts.items()],
-                  ["part", "per step", "share of the ClusTR step"])
-    b = res["embed_batches"]
-    out += [f"### Embedding pass by batch size ({b['images']} images; the epoch uses "
-            f"{b['embed_batch']} for the training set, {b['test_batch']} for the test set)", ""]
-    return out + _table([[k, _s(v)] for k, v in b["per_image_s"].items()],
-                        ["batch", "per image"])
+    return out + _table([[n, _s(s), f"{100 * s / step:.2f}%"] for n, s in parts.items()],
+                        ["part", "per step", "share of the ClusTR step"])
 
 
 def _seed_estimate(res: dict) -> list[str]:

@@ -73,8 +73,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("docs/results/BENCHMARKS.md"),
                    help="the Markdown report")
     p.add_argument("--json", type=Path, help="also write the raw results here")
-    p.add_argument("--profile", type=Path, help="also write torch.profiler tables of one "
-                   "more ClusTR epoch here (epochs section)")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     args.command = shlex.join(["python", "-m", "benchmarks.run", *argv])
@@ -108,10 +106,6 @@ def epochs_section(args, setup: Setup, res: dict) -> None:
                                                   res["epochs"]["step_s"]["clustr"],
                                                   args.repeats)
     res["residuals"] = measures.parts_residuals(res["epochs"], res["phases"])
-    res["embed_batches"] = measures.embedding_batch_sweep(w, (64, 128, 256, 512), args.repeats,
-                                                          min(512, args.train_size))
-    if args.profile:
-        args.profile.write_text(measures.profile_epoch(w))
 
 
 def pgd_section(args, setup: Setup, res: dict) -> None:
@@ -174,7 +168,7 @@ def run_and_write(args) -> None:
     args.out.write_text(render(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1, default=str) + "\n")
-    log.info("wrote %s", ", ".join(str(f) for f in (args.out, args.json, args.profile) if f))
+    log.info("wrote %s", ", ".join(str(f) for f in (args.out, args.json) if f))
     for w in res["warnings"]:
         log.warning("%s", w)
 

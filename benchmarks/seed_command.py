@@ -41,15 +41,18 @@ class SeedCommand:
 def estimate(res: dict, seed: SeedCommand = SeedCommand()) -> dict:
     """Seconds of the seed's command, part by part, from the benchmark's results ``res``
     (its epochs and pgd sections)."""
-    e, ph, pgd, embed = res["epochs"], res["phases"], res["pgd"], res["embed_batches"]
-    per_train, batch = seed.train_images / e["train_images"], seed.m * seed.d
+    e, ph, pgd = res["epochs"], res["phases"], res["pgd"]
+    per_train = seed.train_images / e["train_images"]
+    per_test = seed.test_images / e["test_images"]
+    batch, parts = seed.m * seed.d, ph["phases_s"]
     epoch = {"training steps": max(1, seed.train_images // batch)
              * e["step_s"]["clustr"] * batch / e["batch"],
-             "embedding passes (train + test)": embed["per_image_s"][embed["embed_batch"]]
-             * (seed.train_images + seed.test_images),
+             # the refresh less its k-means is the training set's embedding pass
+             "embedding passes (train + test)": per_test * parts["test embedding pass"]
+             + per_train * max(0.0, parts["refresh: embedding pass + k-means"] - ph["kmeans_s"]),
              "k-means": ph["kmeans_s"] * per_train,
-             "metrics": ph["phases_s"]["train metrics (loss, accuracy)"] * per_train
-             + ph["phases_s"]["test metrics"] / e["test_images"] * seed.test_images}
+             "metrics": parts["train metrics (loss, accuracy)"] * per_train
+             + parts["test metrics"] * per_test}
     # PGD: one forward+backward per attacked image and step, plus the no-grad pass that
     # scores each restart, at the rate of the masked (never shrinking) sweep
     passes = pgd["attacked"] * pgd["eps_count"] * pgd["restarts"] * (pgd["iterations"] + 1)
