@@ -28,9 +28,8 @@ def measure_epochs(w: Workload, repeats: int) -> dict:
     round then ``repeats`` timed. The steps are timed within the same epochs and summed per
     epoch, so that the rest of each epoch (``rest_s``: what is not a step) is known too."""
     runs = dict(zip(METHODS, (w.trainer, w.baseline)))
-    epochs: dict[str, list[float]] = {name: [] for name in METHODS}
-    steps: dict[str, list[float]] = {name: [] for name in METHODS}  # every timed step
-    step_sums: dict[str, list[float]] = {name: [] for name in METHODS}  # per timed epoch
+    # per method: each timed epoch, each of its steps, and the sum of its steps
+    epochs, steps, step_sums = ({name: [] for name in METHODS} for _ in range(3))
     for round_ in range(1 + repeats):
         for name, r in runs.items():
             with step_times(r.optimizer, w.device) as times:
@@ -125,8 +124,7 @@ def measure_pgd(model: ClusterClassifier, test: ImageData, device: torch.device,
 
     for shrink in (True, False):
         sweep(test.take(slice(batch)), shrink, eps=EPSILONS[:1], iterations=1)
-    seconds: dict[str, list[float]] = {"shrink": [], "mask": []}
-    results = {}
+    seconds, results = {"shrink": [], "mask": []}, {}
     for r in range(repeats):
         for name in seconds:
             results[name], s = timed(lambda: sweep(test, name == "shrink"), device)
