@@ -1,12 +1,7 @@
 """The seed's command end to end: 30 ClusTR epochs on 50,000 + 10,000 CIFAR-sized images,
 then the paper's default sweep (20 steps x 10 restarts at 4 eps on the 10,000 test images).
-
-On CUDA it is **measured whole** (``measure``) on synthetic images of that size. On a CPU,
-where it takes days, it is **estimated** (``estimate``) from the rates the benchmark
-measured: the median ClusTR step, the embedding pass, k-means and metrics per image, and
-PGD per image and step without shrinking (every example attacked at every step: what a
-fully robust model costs; a model that breaks costs less, as the shrinking set shows).
-"""
+On CUDA it is measured whole (``measure``) on synthetic images of that size; on a CPU, where
+it takes days, ``estimate`` scales the rates the benchmark measured."""
 from __future__ import annotations
 
 import logging
@@ -39,8 +34,10 @@ class SeedCommand:
 
 
 def estimate(res: dict, seed: SeedCommand = SeedCommand()) -> dict:
-    """Seconds of the seed's command, part by part, from the benchmark's results ``res``
-    (its epochs and pgd sections)."""
+    """Seconds of the seed's command, part by part, from the benchmark's epochs and pgd
+    sections: the median ClusTR step; the epoch's embedding passes, k-means and metrics per
+    image; PGD per image and step without shrinking (every example attacked at every step: a
+    fully robust model's cost; a model that breaks costs less)."""
     e, ph, pgd = res["epochs"], res["phases"], res["pgd"]
     per_train = seed.train_images / e["train_images"]
     per_test = seed.test_images / e["test_images"]
