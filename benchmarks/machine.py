@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import sys
 from pathlib import Path
 
@@ -80,20 +79,3 @@ def machine_info(device: torch.device) -> dict:
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": sys.version.split()[0], "platform": platform.platform(), "device": gpu}
 
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak memory of this process: torch's peak CUDA allocation on a GPU, else the peak
-    resident set size (torch's native allocations included). On Linux ``VmHWM``, as
-    ``ru_maxrss`` survives fork and exec: a worker would report a larger parent's size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    hwm = field("/proc/self/status", ("VmHWM:",))
-    if hwm is not None:
-        return int(hwm.split()[0]) / 2**10  # KiB
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes vs KiB

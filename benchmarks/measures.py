@@ -1,17 +1,12 @@
 """The measurements, each a plain dict for the report and the JSON: training steps and
-epochs (R1, R2, R4, the epoch by phases), the PGD sweep with and without shrinking (R3),
-and the epoch at 1x, 2x and 4x the training-set size."""
+epochs (R1, R2, R4, the epoch by phases) and the PGD sweep with and without shrinking (R3)."""
 from __future__ import annotations
 
 import logging
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-from base.progress import set_quiet
 from base.tensors import to_device
 from datasets.data import ImageData, augment
 from models.classifier import ClusterClassifier
@@ -19,16 +14,13 @@ from utils.attacks.pgd import EPSILONS, PGD
 from utils.attacks.sweep import AttackContext
 from utils.eval.evaluation import run_sweep
 from utils.train.clustering import fit_clusters, kmeans_settings
-from utils.train.embeddings import compute_embeddings, default_embed_batch
 from utils.train.magnet_loss import magnet_loss
 
-from .machine import peak_memory_mib, reset_peak_memory
 from .timing import median, median_call, spread, step_times, timed
-from .workloads import Setup, Workload, load_data, make_workload
+from .workloads import Workload
 
 log = logging.getLogger("benchmarks")
 METHODS = ("clustr", "ce")
-MULTIPLIERS = (1, 2, 4)
 
 
 def measure_epochs(w: Workload, repeats: int) -> dict:
@@ -36,9 +28,8 @@ def measure_epochs(w: Workload, repeats: int) -> dict:
     round then ``repeats`` timed. The steps are timed within the same epochs and summed per
     epoch, so that the rest of each epoch (``rest_s``: what is not a step) is known too."""
     runs = dict(zip(METHODS, (w.trainer, w.baseline)))
-    epochs: dict[str, list[float]] = {name: [] for name in METHODS}
-    steps: dict[str, list[float]] = {name: [] for name in METHODS}  # every timed step
-    step_sums: dict[str, list[float]] = {name: [] for name in METHODS}  # per timed epoch
+    # per method: each timed epoch, each of its steps, and the sum of its steps
+    epochs, steps, step_sums = ({name: [] for name in METHODS} for _ in range(3))
     for round_ in range(1 + repeats):
         for name, r in runs.items():
             with step_times(r.optimizer, w.device) as times:
@@ -122,37 +113,6 @@ def measure_overheads(w: Workload, embeddings: torch.Tensor, clustr_step: float,
     return {"parts_s": parts, "shared_s": shared, "added_s": added, "R4": added / clustr_step}
 
 
-def embedding_batch_sweep(w: Workload, batches, repeats: int, images: int = 512) -> dict:
-    """Seconds per image of the no-grad embedding pass at several batch sizes (a free
-    choice: ``--embed-batch``, ``--test-batch``), alternated, on ``images`` training images."""
-    t, dev, x = w.trainer, w.device, w.train.images[:images]
-    times: dict[int, list[float]] = {b: [] for b in batches}
-    for round_ in range(1 + repeats):
-        for b in batches:
-            _, s = timed(lambda b=b: compute_embeddings(t.model, x, b, dev), dev)
-            if round_ > 0:
-                times[b].append(s / len(x))
-    return {"images": len(x), "per_image_s": {b: median(v) for b, v in times.items()},
-            "embed_batch": t.cfg.embed_batch or default_embed_batch(dev),
-            "test_batch": t.cfg.test_batch}
-
-
-def profile_epoch(w: Workload, rows: int = 30) -> str:
-    """torch.profiler tables of one ClusTR epoch: operators by self time, and the same
-    grouped by the Python frames that called them (the phases)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = w.device.type == "cuda"
-    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda,
-                 with_stack=True) as prof:
-        w.trainer.run_epoch()
-    ops = prof.key_averages().table(sort_by=sort, row_limit=rows)
-    stacks = prof.key_averages(group_by_stack_n=4).table(sort_by=sort, row_limit=rows)
-    return (f"# one ClusTR epoch: operators by self time\n{ops}\n\n"
-            f"# grouped by the 4 innermost Python frames\n{stacks}\n")
-
-
 def measure_pgd(model: ClusterClassifier, test: ImageData, device: torch.device, attack: PGD,
                 batch: int, repeats: int, seed: int) -> dict:
     """R3: the paper's sweep (``attack`` at each eps of ``EPSILONS``) with the shrinking
@@ -164,8 +124,7 @@ def measure_pgd(model: ClusterClassifier, test: ImageData, device: torch.device,
 
     for shrink in (True, False):
         sweep(test.take(slice(batch)), shrink, eps=EPSILONS[:1], iterations=1)
-    seconds: dict[str, list[float]] = {"shrink": [], "mask": []}
-    results = {}
+    seconds, results = {"shrink": [], "mask": []}, {}
     for r in range(repeats):
         for name in seconds:
             results[name], s = timed(lambda: sweep(test, name == "shrink"), device)
@@ -184,33 +143,3 @@ def measure_pgd(model: ClusterClassifier, test: ImageData, device: torch.device,
             # at most one example per thousand may differ (float noise between batch shapes)
             "agree": differ * 1000 <= len(test) * len(per_eps), "R3": med["shrink"] / med["mask"]}
 
-
-def scaling_row(kind: str, data_dir: Path | None, size: int, test_size: int, setup: Setup,
-                repeats: int) -> dict:
-    """ClusTR epochs on ``size`` training images in this process: the median of ``repeats``
-    after a warm-up epoch, the peak memory after the setup and over the epochs."""
-    train, test, weights = load_data(kind, data_dir, size, test_size, setup.seed)
-    w = make_workload(train, test, weights, setup)
-    setup_mib = peak_memory_mib(setup.device)
-    reset_peak_memory(setup.device)
-    times = [timed(w.trainer.run_epoch, setup.device)[1] for _ in range(1 + repeats)][1:]
-    return {"size": len(train), "steps": w.trainer.steps_per_epoch(), "epoch_s": median(times),
-            "samples": times, "peak_mib": peak_memory_mib(setup.device),
-            "setup_peak_mib": setup_mib,
-            "data_mib": (train.images.numel() + test.images.numel()) / 2**20}
-
-
-def measure_scaling(kind: str, data_dir: Path | None, base: int, test_size: int, setup: Setup,
-                    repeats: int) -> list[dict]:
-    """``scaling_row`` at each multiple of ``base``, in order. Peak memory is a figure of a
-    whole process, so each size runs in a fresh interpreter (``spawn``)."""
-    rows = []
-    for mult in MULTIPLIERS:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=set_quiet, initargs=(True,)) as worker:
-            row = worker.submit(scaling_row, kind, data_dir, base * mult, test_size, setup,
-                                repeats).result()
-        rows.append({**row, "multiplier": mult})
-        log.info("scaling %dx: %.2fs per epoch, peak %.0f MiB", mult, row["epoch_s"],
-                 row["peak_mib"])
-    return rows

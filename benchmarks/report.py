@@ -49,7 +49,7 @@ def render(res: dict) -> str:
         ["command", f"`{res['command']}`"]], ["", ""])
     out += ["## Ratios", ""] + _table(_ratios(res), ["", "what", "value", "target", ""])
     for key, section in (("epochs", _epochs), ("seed_command", _seed_estimate),
-                         ("pgd", _pgd), ("scaling", _scaling)):
+                         ("pgd", _pgd)):
         if key in res:
             out += section(res)
     if "collect_env" in res:
@@ -116,13 +116,8 @@ def _epochs(res: dict) -> list[str]:
                                    for n, ts in e["epoch_samples"].items()), "",
             "### What a ClusTR step adds (R4), and the data path both share", ""]
     parts = {**o["parts_s"], **{f"{n} (shared with CE)": s for n, s in o["shared_s"].items()}}
-    out += _table([[n, _s(s), f"{100 * s / step:.2f}%"] for n, s in parts.items()],
-                  ["part", "per step", "share of the ClusTR step"])
-    b = res["embed_batches"]
-    out += [f"### Embedding pass by batch size ({b['images']} images; the epoch uses "
-            f"{b['embed_batch']} for the training set, {b['test_batch']} for the test set)", ""]
-    return out + _table([[k, _s(v)] for k, v in b["per_image_s"].items()],
-                        ["batch", "per image"])
+    return out + _table([[n, _s(s), f"{100 * s / step:.2f}%"] for n, s in parts.items()],
+                        ["part", "per step", "share of the ClusTR step"])
 
 
 def _seed_estimate(res: dict) -> list[str]:
@@ -155,16 +150,3 @@ def _pgd(res: dict) -> list[str]:
     return out + [f"Seconds per sweep: shrinking {p['samples']['shrink']}, masking "
                   f"{p['samples']['mask']}.", ""]
 
-
-def _scaling(res: dict) -> list[str]:
-    base = res["scaling"][0]["epoch_s"]
-    rows = [[f"{r['size']} ({r['multiplier']}x)", r["steps"], _s(r["epoch_s"]),
-             f"{r['epoch_s'] / base:.2f}x", _s(1000 * r["epoch_s"] / r["size"]),
-             f"{r['peak_mib']:.0f} MiB", f"{r['setup_peak_mib']:.0f} MiB",
-             f"{r['data_mib']:.1f} MiB"] for r in res["scaling"]]
-    return ["## Scaling (ClusTR epoch, one process per size)", ""] + _table(
-        rows, ["training images", "steps", "epoch", "vs 1x", "per 1000 images",
-               "peak memory", "after setup", "data"]) + [
-        "Peak memory: peak resident set size of the worker process on a CPU (`VmHWM` on "
-        "Linux, `ru_maxrss` elsewhere), torch's peak allocation on a GPU; \"after setup\" is "
-        "that peak before the first epoch. The test set is the same at every size.", ""]

@@ -16,20 +16,8 @@ import pandas as pd
 
 from base.errors import UsageError, exit_status
 from base.io import file_sha256, write_text_atomic
-from benchmarks.reproduce_plan import (
-    BUDGETS,
-    CPU_BASE,
-    REPO,
-    TRAINING,
-    Budget,
-    Paths,
-    Step,
-    build_parser,
-    plan,
-    row_epochs,
-    rows_of,
-    training_count,
-)
+from benchmarks import reproduce_plan
+from benchmarks.reproduce_plan import BUDGETS, CPU_BASE, TRAINING, Budget, Paths, Step, at
 from benchmarks.reproduce_report import write_report
 
 CPU_MINUTES, CPU_MAX_EPOCHS = 90.0, 30  # the cpu budget: on 2 idle cores, at most the paper's
@@ -41,7 +29,7 @@ class Run:
     """``WORK/report.json``: the budget, the command, the sittings and every call."""
 
     def __init__(self, paths: Paths, budget: Budget, argv: list[str], args):
-        self.path, resume = os.path.join(REPO, paths(STATE)), args.resume or args.render_only
+        self.path, resume = at(paths(STATE)), args.resume or args.render_only
         if os.path.isfile(self.path) and not resume:
             raise UsageError(f"{paths.work} already holds a report: continue it with the same "
                              "command and --resume, or pass a new --work")
@@ -77,7 +65,7 @@ def launch(argv: list[str], log_path: str, threads: int | None) -> tuple[int, fl
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     start = time.time()
     with open(log_path, "a") as log:
-        rc = subprocess.run([sys.executable, *argv], cwd=REPO, stdout=log,
+        rc = subprocess.run([sys.executable, *argv], cwd=reproduce_plan.REPO, stdout=log,
                             stderr=subprocess.STDOUT, env=env).returncode
     return rc, time.time() - start
 
@@ -90,13 +78,12 @@ def run_step(step: Step, run: Run, paths: Paths, threads: int | None) -> None:
                          f"`python {' '.join(step.argv)}`: a changed setting; pass a new --work")
     if old.get("status") == "done":  # reused, once its files are the ones it wrote
         for f, sha in old["files"].items():
-            if not os.path.isfile(os.path.join(REPO, f)) or file_sha256(
-                    os.path.join(REPO, f)) != sha:
+            if not os.path.isfile(at(f)) or file_sha256(at(f)) != sha:
                 raise UsageError(f"{f} is not the file {step.key} wrote (changed or removed "
                                  "since): pass a new --work")
         return
     weights = dict(zip(step.argv, step.argv[1:])).get("--evaluate-ckpt")  # the flag's value
-    if weights and not os.path.isfile(os.path.join(REPO, weights)):
+    if weights and not os.path.isfile(at(weights)):
         run.steps[step.key] = {"argv": step.argv, "status": "skipped", "seconds": 0.0,
                                "why": f"{weights} was not written"}
         return
@@ -106,13 +93,11 @@ def run_step(step: Step, run: Run, paths: Paths, threads: int | None) -> None:
                                  "command": step.argv + extra}
     run.save()
     print(f"[reproduce] {step.key}: python {' '.join(rec['command'])}", flush=True)
-    rc, seconds = launch(rec["command"], os.path.join(REPO, paths("logs", step.key + ".log")),
-                         threads)
+    rc, seconds = launch(rec["command"], at(paths("logs", step.key + ".log")), threads)
     rec.update(rc=rc, seconds=rec["seconds"] + seconds, runs=rec["runs"] + bool(extra),
                status="failed")
-    if rc == 0 and all(os.path.isfile(os.path.join(REPO, f)) for f in step.outputs):
-        rec.update(status="done", files={f: file_sha256(os.path.join(REPO, f))
-                                         for f in step.outputs})
+    if rc == 0 and all(os.path.isfile(at(f)) for f in step.outputs):
+        rec.update(status="done", files={f: file_sha256(at(f)) for f in step.outputs})
     run.save()
     if rc in STOPPED:
         raise SystemExit(rc)
@@ -122,13 +107,13 @@ def continue_flags(step: Step) -> list[str]:
     """How a call that started before continues: its own ``--resume`` where it saved a state,
     ``--overwrite`` (``--force``) where it left files without one, nothing otherwise."""
     if step.kind == "pretrain":
-        return ["--force"] if os.path.exists(os.path.join(REPO, step.outputs[0])) else []
-    if step.folder is None or not os.path.isdir(os.path.join(REPO, step.folder)):
+        return ["--force"] if os.path.exists(at(step.outputs[0])) else []
+    if step.folder is None or not os.path.isdir(at(step.folder)):
         return []
     state = "eval_resume.pth" if "--evaluate-ckpt" in step.argv else "resume.pth"
-    if os.path.isfile(os.path.join(REPO, step.folder, state)):
+    if os.path.isfile(at(os.path.join(step.folder, state))):
         return ["--resume"]
-    return ["--overwrite"] if os.listdir(os.path.join(REPO, step.folder)) else []
+    return ["--overwrite"] if os.listdir(at(step.folder)) else []
 
 
 # -- the cpu budget, from measured costs ---------------------------------------------------------
@@ -138,7 +123,7 @@ def predicted_minutes(costs: dict, b: Budget, train_count: int) -> float:
     call a fixed cost (start-up, data) plus seconds per attacked image, AutoAttack's apart,
     since the curves run every attack but AutoAttack."""
     total = 0.0
-    for row, c in ((r, c) for r, c in costs["rows"].items() if r in rows_of(b)):
+    for row, c in ((r, c) for r, c in costs["rows"].items() if r in reproduce_plan.rows_of(b)):
         autoattack = c.get("autoattack_s", 0.0) / costs["images"]
         attacks = c.get("attacks_s", c["eval_s"]) / costs["images"]
         fixed = c["eval_s"] - (autoattack + attacks) * costs["images"]
@@ -146,8 +131,9 @@ def predicted_minutes(costs: dict, b: Budget, train_count: int) -> float:
             + autoattack * b.strong_images
         curve_point = fixed + attacks * b.curve_images
         if row in TRAINING or row == "fgsm":
-            epochs = b.epochs if row == "free" else row_epochs(b, row, train_count)[0]
-            points = 1 if row == "fgsm" else row_epochs(b, row, train_count)[0]
+            trained = reproduce_plan.row_epochs(b, row, train_count)[0]
+            epochs = b.epochs if row == "free" else trained
+            points = 1 if row == "fgsm" else trained
             total += c["train_s"] * epochs + curve_point * points
         else:  # the pretrained clusters, the plain network: the curves' epoch 0
             total += c["train_s"] + curve_point
@@ -195,7 +181,7 @@ def write_costs(run: Run, paths: Paths, images: int, path: str) -> None:
 def attack_seconds(folder: str) -> dict:
     """Seconds an evaluation spent in AutoAttack and in the other attacks (its
     ``attack_results_strong.csv``)."""
-    frame = pd.read_csv(os.path.join(REPO, folder, "attack_results_strong.csv"))
+    frame = pd.read_csv(at(folder, "attack_results_strong.csv"))
     seconds = frame["seconds"].fillna(0.0)
     autoattack = float(seconds[frame["attack"] == "autoattack"].sum())
     return {"autoattack_s": round(autoattack, 1),
@@ -219,17 +205,17 @@ def resolve_budget(args, train_count: int) -> Budget:
 # -- the command -----------------------------------------------------------------------------
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = reproduce_plan.build_parser().parse_args(argv)
     return exit_status(lambda: report(args, argv))
 
 
 def report(args, argv: list[str]) -> int:
     paths = Paths(args)
-    if not os.path.isdir(os.path.join(REPO, paths.data_root)):
+    if not os.path.isdir(at(paths.data_root)):
         raise UsageError(f"{paths.data_root}: no such folder (pass --data or --data-root)")
-    train_count = training_count(args, paths)
+    train_count = reproduce_plan.training_count(args, paths)
     budget = resolve_budget(args, train_count)
-    steps = [s for s in plan(args, budget, paths, train_count)
+    steps = [s for s in reproduce_plan.plan(args, budget, paths, train_count)
              if not args.measure or "/curve/" not in s.key]  # --measure: no curves
     run = Run(paths, budget, argv, args)
     if not args.render_only:

@@ -129,6 +129,11 @@ def rel(path: str) -> str:
     return path if os.path.isabs(path) else os.path.relpath(os.path.abspath(path), REPO)
 
 
+def at(path: str) -> str:
+    """A path relative to the repository root, from any working folder."""
+    return os.path.join(REPO, path)
+
+
 def training_count(args, paths: Paths) -> int:
     """Training images of the data set, as the loader lists them."""
     known = {"cifar10": 50000, "cifar100": 50000, "svhn": 73257}

@@ -13,7 +13,7 @@ import torch
 
 from base.errors import UsageError
 from base.io import write_text_atomic
-from benchmarks.reproduce_plan import REPO, ROWS, TRAINING, Budget, Paths, Step, row_epochs
+from benchmarks.reproduce_plan import ROWS, TRAINING, Budget, Paths, Step, at, row_epochs
 from utils import experiments, tables
 from utils.plots import save_figure
 
@@ -39,7 +39,7 @@ CALLS = ("Run from the repository root; a call stopped in one sitting continued 
 def load(paths: Paths, key: str, label: str | None = None) -> experiments.Experiment | None:
     """The results of a call, or None where it has not (yet) written them."""
     try:
-        return experiments.load_experiment(os.path.join(REPO, paths(key)), label)
+        return experiments.load_experiment(at(paths(key)), label)
     except UsageError:
         return None
 
@@ -154,7 +154,7 @@ def render(run, b: Budget, steps: list[Step], paths: Paths, train_count: int,
 
 
 def write_report(run, b: Budget, steps: list[Step], paths: Paths, train_count: int) -> None:
-    out = os.path.join(REPO, paths.out)
+    out = at(paths.out)
     png = os.path.splitext(out)[0] + "_curves.png"
     os.makedirs(os.path.dirname(out), exist_ok=True)
     frame = curve_frame(steps, paths)

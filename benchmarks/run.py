@@ -5,8 +5,7 @@
     python -m benchmarks.run --device cuda --amp --out docs/results/BENCHMARKS_cuda.md
 
 Sections (``--only``), on whatever device is present: epochs (R1 step ratio, R2 epoch
-ratio, R4 per-step overhead, the epoch by phases), pgd (R3 shrinking ratio), scaling (epoch
-time and peak memory at 1x, 2x and 4x the training-set size, one process each) and seed (the
+ratio, R4 per-step overhead, the epoch by phases), pgd (R3 shrinking ratio) and seed (the
 seed's command end to end: measured whole on CUDA, estimated from epochs and pgd on a CPU).
 """
 from __future__ import annotations
@@ -41,8 +40,6 @@ SIZES = {  # flag: (full run, --quick, what it sizes); a flag given explicitly w
     "d": (20, 8, "examples per cluster (batch = m*d)"),
     "train_size": (2400, 160, "training images of the R1/R2/R4 epochs"),
     "repeats": (7, 1, "timed epochs per method after one warm-up round"),
-    "scaling_base": (1200, 80, "training images at 1x (2x and 4x follow)"),
-    "scaling_repeats": (2, 1, "timed epochs per size after one warm-up epoch"),
     "pgd_images": (200, 20, "test images attacked in R3"),
     "pgd_train": (5000, 600, "training images whose embeddings give R3's clusters"),
     "iterations": (10, 2, "PGD steps in R3"),
@@ -76,8 +73,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("docs/results/BENCHMARKS.md"),
                    help="the Markdown report")
     p.add_argument("--json", type=Path, help="also write the raw results here")
-    p.add_argument("--profile", type=Path, help="also write torch.profiler tables of one "
-                   "more ClusTR epoch here (epochs section)")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     args.command = shlex.join(["python", "-m", "benchmarks.run", *argv])
@@ -111,10 +106,6 @@ def epochs_section(args, setup: Setup, res: dict) -> None:
                                                   res["epochs"]["step_s"]["clustr"],
                                                   args.repeats)
     res["residuals"] = measures.parts_residuals(res["epochs"], res["phases"])
-    res["embed_batches"] = measures.embedding_batch_sweep(w, (64, 128, 256, 512), args.repeats,
-                                                          min(512, args.train_size))
-    if args.profile:
-        args.profile.write_text(measures.profile_epoch(w))
 
 
 def pgd_section(args, setup: Setup, res: dict) -> None:
@@ -133,12 +124,6 @@ def pgd_section(args, setup: Setup, res: dict) -> None:
                   "data": kind}
 
 
-def scaling_section(args, setup: Setup, res: dict) -> None:
-    res["scaling"] = measures.measure_scaling(data_for("scaling", args), args.data_dir,
-                                              args.scaling_base, args.test_size, setup,
-                                              args.scaling_repeats)
-
-
 def seed_section(args, setup: Setup, res: dict) -> None:
     if setup.device.type == "cuda":
         res["seed_command"] = seed_command.measure(setup.device, setup.amp, args.seed,
@@ -150,8 +135,7 @@ def seed_section(args, setup: Setup, res: dict) -> None:
                                "and pgd sections: run them too")
 
 
-SECTIONS = {"epochs": epochs_section, "pgd": pgd_section, "scaling": scaling_section,
-            "seed": seed_section}
+SECTIONS = {"epochs": epochs_section, "pgd": pgd_section, "seed": seed_section}
 
 
 def run(args) -> dict:
@@ -184,7 +168,7 @@ def run_and_write(args) -> None:
     args.out.write_text(render(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1, default=str) + "\n")
-    log.info("wrote %s", ", ".join(str(f) for f in (args.out, args.json, args.profile) if f))
+    log.info("wrote %s", ", ".join(str(f) for f in (args.out, args.json) if f))
     for w in res["warnings"]:
         log.warning("%s", w)
 

@@ -1,12 +1,7 @@
 """The seed's command end to end: 30 ClusTR epochs on 50,000 + 10,000 CIFAR-sized images,
 then the paper's default sweep (20 steps x 10 restarts at 4 eps on the 10,000 test images).
-
-On CUDA it is **measured whole** (``measure``) on synthetic images of that size. On a CPU,
-where it takes days, it is **estimated** (``estimate``) from the rates the benchmark
-measured: the median ClusTR step, the embedding pass, k-means and metrics per image, and
-PGD per image and step without shrinking (every example attacked at every step: what a
-fully robust model costs; a model that breaks costs less, as the shrinking set shows).
-"""
+On CUDA it is measured whole (``measure``) on synthetic images of that size; on a CPU, where
+it takes days, ``estimate`` scales the rates the benchmark measured."""
 from __future__ import annotations
 
 import logging
@@ -39,17 +34,22 @@ class SeedCommand:
 
 
 def estimate(res: dict, seed: SeedCommand = SeedCommand()) -> dict:
-    """Seconds of the seed's command, part by part, from the benchmark's results ``res``
-    (its epochs and pgd sections)."""
-    e, ph, pgd, embed = res["epochs"], res["phases"], res["pgd"], res["embed_batches"]
-    per_train, batch = seed.train_images / e["train_images"], seed.m * seed.d
+    """Seconds of the seed's command, part by part, from the benchmark's epochs and pgd
+    sections: the median ClusTR step; the epoch's embedding passes, k-means and metrics per
+    image; PGD per image and step without shrinking (every example attacked at every step: a
+    fully robust model's cost; a model that breaks costs less)."""
+    e, ph, pgd = res["epochs"], res["phases"], res["pgd"]
+    per_train = seed.train_images / e["train_images"]
+    per_test = seed.test_images / e["test_images"]
+    batch, parts = seed.m * seed.d, ph["phases_s"]
     epoch = {"training steps": max(1, seed.train_images // batch)
              * e["step_s"]["clustr"] * batch / e["batch"],
-             "embedding passes (train + test)": embed["per_image_s"][embed["embed_batch"]]
-             * (seed.train_images + seed.test_images),
+             # the refresh less its k-means is the training set's embedding pass
+             "embedding passes (train + test)": per_test * parts["test embedding pass"]
+             + per_train * max(0.0, parts["refresh: embedding pass + k-means"] - ph["kmeans_s"]),
              "k-means": ph["kmeans_s"] * per_train,
-             "metrics": ph["phases_s"]["train metrics (loss, accuracy)"] * per_train
-             + ph["phases_s"]["test metrics"] / e["test_images"] * seed.test_images}
+             "metrics": parts["train metrics (loss, accuracy)"] * per_train
+             + parts["test metrics"] * per_test}
     # PGD: one forward+backward per attacked image and step, plus the no-grad pass that
     # scores each restart, at the rate of the masked (never shrinking) sweep
     passes = pgd["attacked"] * pgd["eps_count"] * pgd["restarts"] * (pgd["iterations"] + 1)

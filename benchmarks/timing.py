@@ -43,12 +43,9 @@ def median_call(fn, device: torch.device, repeats: int) -> float:
 
 @contextmanager
 def step_times(optimizer: torch.optim.Optimizer, device: torch.device):
-    """The list of the wall times of the ``optimizer.step()`` calls made inside the block.
-
-    A post-step hook stamps the clock, so the loop's own code runs unchanged: a step runs
-    from the previous step's end (the first from entering the block) to its own end, and so
-    covers sampling, augmentation, copies, forward, loss, backward, update and bookkeeping.
-    """
+    """The wall times of the ``optimizer.step()`` calls made inside the block, stamped by a
+    post-step hook so that the loop runs unchanged: a step runs from the previous step's end
+    (the first from entering the block) to its own, sampling to bookkeeping included."""
     times: list[float] = []
     sync(device)
     last = time.perf_counter()

@@ -10,10 +10,8 @@ import math
 import pytest
 import torch
 
-from benchmarks import machine, report
+from benchmarks import machine
 from benchmarks import run as bench
-from benchmarks.measures import measure_scaling
-from benchmarks.workloads import Setup
 
 TINY = ["--data", "synthetic", "--m", "2", "--d", "4", "--train-size", "40", "--test-size",
         "10", "--repeats", "1", "--pgd-images", "8", "--pgd-train", "40", "--iterations", "2",
@@ -80,18 +78,6 @@ def test_seed_command_measured_whole_on_tiny_sizes():
     assert res["kind"] == "measured" and len(res["epoch_samples"]) == 2
     assert res["attack_batch"] == 64 and 0 <= res["clean_acc"] <= 100
     assert res["total_s"] == res["training_s"] + res["sweep_s"] > sum(res["epoch_samples"])
-
-
-def test_scaling_runs_each_size_in_its_own_process_and_reports_its_peak_memory():
-    setup = Setup(m=2, d=4, K=2, seed=1, device=torch.device("cpu"))
-    rows = measure_scaling("synthetic", None, 40, 10, setup, repeats=1)
-    assert [(r["size"], r["multiplier"], r["steps"]) for r in rows] == [
-        (40, 1, 5), (80, 2, 10), (160, 4, 20)]
-    for r in rows:
-        assert len(r["samples"]) == 1 and r["epoch_s"] > 0
-        assert r["peak_mib"] >= r["setup_peak_mib"] > 0
-    table = "\n".join(report._scaling({"scaling": rows}))
-    assert "| 160 (4x)" in table and "peak memory" in table
 
 
 def test_bad_flags_exit_2_with_one_line(capsys):
