@@ -12,7 +12,7 @@ from models.classifier import ClusterClassifier
 from utils.attacks.pgd import PGD
 from utils.attacks.sweep import AttackContext
 from utils.eval.evaluation import run_sweep
-from utils.train.clustering import fit_cluster_classifier, fit_clusters, kmeans_settings
+from utils.train.clustering import KMeansSettings, fit_cluster_classifier, fit_clusters
 from utils.train.embeddings import compute_embeddings, default_embed_batch
 from utils.train.magnet_loss import magnet_loss
 
@@ -74,10 +74,8 @@ def epoch_phases(w: Workload) -> dict:
     phases = {}
     _, phases["training steps"] = timed(t.train_epoch, dev)
     emb, phases["refresh: embedding pass + k-means"] = timed(t.refresh_clusters, dev)
-    n_init, max_iter = kmeans_settings(cfg.dataset)
-    _, kmeans = timed(lambda: fit_clusters(emb, w.train.labels, w.train.num_classes, cfg.K,
-                                           n_init, max_iter, cfg.kmeans_seed,
-                                           dev if cfg.kmeans_device else None), dev)
+    _, kmeans = timed(lambda: fit_clusters(emb, w.train.labels, w.train.num_classes, t.kmeans),
+                      dev)
     _, phases["train metrics (loss, accuracy)"] = timed(
         lambda: t.metrics(emb, w.train.labels), dev)
     test_emb, phases["test embedding pass"] = timed(
@@ -141,8 +139,8 @@ def cluster_classifier(train: ImageData, weights, device: torch.device, K: int, 
     """The classifier the CLI evaluates: the network, per-class k-means (CIFAR-10 settings)
     on its un-augmented, eval-mode training embeddings, the L nearest clusters voting."""
     backbone = build_model(train.num_classes, weights, device, seed)
-    return fit_cluster_classifier(backbone, train, "cifar10", K, L, seed=seed,
-                                  batch=default_embed_batch(device), device=device).to(device)
+    return fit_cluster_classifier(backbone, train, KMeansSettings.for_dataset("cifar10", K, seed),
+                                  L, batch=default_embed_batch(device), device=device).to(device)
 
 
 def measure_pgd(model: ClusterClassifier, test: ImageData, device: torch.device,

@@ -24,7 +24,7 @@ from datasets.magnet_sampler import MagnetSampler
 from models.cluster_head import ClusterHead
 from models.resnet import ResNet18, normalization_for
 from utils.train import as_original
-from utils.train.clustering import Clusters, fit_clusters, kmeans_settings
+from utils.train.clustering import Clusters, KMeansSettings, fit_clusters
 from utils.train.consistency import Adversary, ExtraTerms
 from utils.train.embeddings import compute_embeddings_split, default_embed_batch
 from utils.train.free_adversarial import FreePerturbation
@@ -88,6 +88,8 @@ class ClusTRTrainer:
         # single-process one
         self.generator = torch.Generator().manual_seed(rank_seed(cfg.seed, self.dist.rank))
         self.train_model = self._wrap_ddp(model)
+        self.kmeans = KMeansSettings.for_dataset(cfg.dataset, cfg.K, cfg.kmeans_seed,
+                                                 device if cfg.kmeans_device else None)
         self.clusters: Clusters | None = None
         self.train_embeddings: torch.Tensor | None = None
         self.extras = ExtraTerms(cfg.consistency_lambda, cfg.xent_lambda, cfg.mse_consistency,
@@ -170,13 +172,10 @@ class ClusTRTrainer:
     def _fit_once(self, emb: torch.Tensor) -> Clusters:
         """k-means on the main process, its result broadcast, so every process holds the
         very same clusters and sigma^2. A failure there fails every process alike."""
-        n_init, max_iter = kmeans_settings(self.cfg.dataset)
         fit, error = None, None
         if self.dist.is_main:
             try:
-                fit = fit_clusters(emb, self.train.labels, self.num_classes, self.cfg.K,
-                                   n_init, max_iter, self.cfg.kmeans_seed,
-                                   self.device if self.cfg.kmeans_device else None)
+                fit = fit_clusters(emb, self.train.labels, self.num_classes, self.kmeans)
             except (UsageError, FloatingPointError) as exc:
                 error = exc
         if not self.dist.all_agree(error is None):
