@@ -98,11 +98,11 @@ def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist | None 
     elif resume is None:
         log.warning("no --pretrained-path: ClusTR starts from random weights")
     model.to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    if not args.milestones:
-        log.info("no --milestones: the learning rate stays %g", args.lr)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
     cfg = config(TrainConfig, args, K=args.k, normalize=not args.not_normalize)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if not cfg.milestones:
+        log.info("no --milestones: the learning rate stays %g", cfg.lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, gamma=0.1)
     trainer = ClusTRTrainer(model, optimizer, train_set, test_set, cfg, device, dist)
     trainer.check_batch_shape()
     state = RunState(out.file(files.RESUME), run_args, model, optimizer, scheduler, trainer)

@@ -34,7 +34,10 @@ log = logging.getLogger("clustr")
 
 
 # Fields declared with resume_field change the results: an evaluation continued with
-# --resume must repeat them (``eval_state.fingerprint``); the others may change.
+# --resume must repeat them (``eval_state.fingerprint``); the others may change. A training
+# run continued with --resume repeats them as well (``utils.train.resume``), but those
+# declared training=False: its evaluation checks them itself (``eval_state.check_arguments``)
+# or, after more epochs, starts afresh on the new checkpoint.
 @dataclass
 class EvalConfig:
     """What is evaluated: the test data and the classifier's inference settings."""
@@ -43,11 +46,12 @@ class EvalConfig:
     data_root: str = "./data"
     workers: int = 4
     test_subset: int | None = resume_field(None)  # a seeded, class-balanced subset
-    test_batch: int = resume_field(64)
+    test_batch: int = resume_field(64, training=False)
     seed: int = resume_field(111)                 # the subset's draw
     L: int | None = resume_field(None)            # None: the checkpoint's own value
     # None: the checkpoint's own normalize_probs
-    normalize: bool | None = resume_field(None, "normalize (--not-normalize)")
+    normalize: bool | None = resume_field(None, "normalize (--not-normalize)",
+                                          argument="not_normalize")
     # a file without cluster keys: "raw" or "normalized" inputs
     baseline_input: str | None = resume_field(None)
 
@@ -56,10 +60,10 @@ class EvalConfig:
 class AttackConfig:
     """How it is attacked: the paper's PGD sweep and, optionally, the strong evaluation."""
 
-    iterations: int = resume_field(20)
-    restarts: int = resume_field(10)
+    iterations: int = resume_field(20, training=False)
+    restarts: int = resume_field(10, training=False)
     seed: int = resume_field(111)                 # the per-example random starts
-    test_batch: int = resume_field(64)            # the clean predictions
+    test_batch: int = resume_field(64, training=False)  # the clean predictions
     attack_batch: int | None = None  # the attacks; None: utils.attacks.batch_size decides
     strong: bool = resume_field(False)            # PGD-CE and PGD-DLR on the logit
     autoattack: bool = resume_field(False)        # AutoAttack, standard version

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from base.cli import resume_field
 from base.distributed import Dist, own_rank, per_rank, rank_seed
 from base.errors import UsageError
 from base.progress import progress
@@ -34,29 +35,43 @@ BAR_EVERY = 10  # steps between progress-bar loss updates
 log = logging.getLogger("clustr")
 
 
+# Fields declared with resume_field change what is trained: a training run continued with
+# --resume must repeat them (``utils.train.resume``, with the evaluation's); the others may
+# change.
 @dataclass
 class TrainConfig:
-    dataset: str
-    K: int = 2
-    m: int = 12
-    d: int = 20
-    L: int = 10
-    normalize: bool = True
-    alpha: float = 12.5
-    seed: int = 111
+    """What is trained, and how: the data, the Magnet batches and loss, the optimiser, the
+    clusters and the variants."""
+
+    dataset: str = resume_field()
+    K: int = resume_field(2, argument="k")
+    m: int = resume_field(12)
+    d: int = resume_field(20)
+    L: int = resume_field(10)
+    normalize: bool = resume_field(True, argument="not_normalize")  # L nearest (else all)
+    alpha: float = resume_field(12.5)
+    seed: int = resume_field(111)
+    train_subset: int | None = resume_field(None)  # a seeded, class-balanced subset
+    lr: float = resume_field(1e-4)  # Adam's
+    milestones: tuple[int, ...] = resume_field((30, 60))  # MultiStepLR's (gamma 0.1)
     test_batch: int = 64
     embed_batch: int | None = None  # None: default_embed_batch(device)
-    amp: bool = False
-    consistency_lambda: float = 0.0  # QTRADES (0 = plain ClusTR)
-    xent_lambda: float = 0.0
-    mse_consistency: bool = False
-    actual_trades: bool = False
-    minibatch_replays: int = 0  # free adversarial training (0 = off)
-    kmeans_seed: int = 1  # random_state of every k-means fit, as the original
-    kmeans_device: bool = False  # k-means on the training device (utils/train/kmeans_device.py)
-    as_original: bool = False  # the original's rules (utils/train/as_original.py)
-    consistency_attack: str = "paper"  # what the QTRADES adversary attacks (or "logit")
-    consistency_steps: int = 1  # its steps: 1 of 10/255 (the original) or N of 2/255
+    amp: bool = resume_field(False)
+    consistency_lambda: float = resume_field(0.0)  # QTRADES (0 = plain ClusTR)
+    xent_lambda: float = resume_field(0.0)
+    mse_consistency: bool = resume_field(False)
+    actual_trades: bool = resume_field(False)
+    minibatch_replays: int = resume_field(0)  # free adversarial training (0 = off)
+    kmeans_seed: int = resume_field(1)  # random_state of every k-means fit, as the original
+    # k-means on the training device (utils/train/kmeans_device.py)
+    kmeans_device: bool = resume_field(False)
+    as_original: bool = resume_field(False)  # the original's rules (utils/train/as_original.py)
+    consistency_attack: str = resume_field("paper")  # what QTRADES attacks (or "logit")
+    consistency_steps: int = resume_field(1)  # its steps: 1 of 10/255 (the original) or N of 2/255
+    # the original's --batch-size and --arch, accepted and ignored (a Magnet batch holds m x d
+    # examples; the network is the CIFAR ResNet18): a resume repeats them with the command
+    batch_size: int = resume_field(256)
+    arch: str = resume_field("resnet18")
 
 
 @dataclass
