@@ -258,7 +258,8 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
         check_weights_file(args.pretrained_path)
     check_available(args.dataset, args.data_root, ("test",) if evaluate_only else
                     ("train", "test"))
-    if not evaluate_only:  # training fixes L and the rule, which the evaluation then uses
+    # training fixes L and the normalisation rule, which the evaluation then uses
+    if not evaluate_only:
         args.L = 10 if args.L is None else args.L
         args.not_normalize = bool(args.not_normalize)
     normalize = None if args.not_normalize is None else not args.not_normalize

@@ -48,7 +48,8 @@ class TrainConfig:
     m: int = resume_field(12)
     d: int = resume_field(20)
     L: int = resume_field(10)
-    normalize: bool = resume_field(True, argument="not_normalize")  # L nearest (else all)
+    # the normalisation rule: the L nearest clusters count (False: all of them)
+    normalize: bool = resume_field(True, argument="not_normalize")
     alpha: float = resume_field(12.5)
     seed: int = resume_field(111)
     train_subset: int | None = resume_field(None)  # a seeded, class-balanced subset
