@@ -98,11 +98,11 @@ def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist | None 
     elif resume is None:
         log.warning("no --pretrained-path: ClusTR starts from random weights")
     model.to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    if not args.milestones:
-        log.info("no --milestones: the learning rate stays %g", args.lr)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
     cfg = config(TrainConfig, args, K=args.k, normalize=not args.not_normalize)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if not cfg.milestones:
+        log.info("no --milestones: the learning rate stays %g", cfg.lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, gamma=0.1)
     trainer = ClusTRTrainer(model, optimizer, train_set, test_set, cfg, device, dist)
     trainer.check_batch_shape()
     state = RunState(out.file(files.RESUME), run_args, model, optimizer, scheduler, trainer)
@@ -121,8 +121,39 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
     dist = dist or Dist.single()
     with preemption.immediate():  # loading and first clustering: a signal stops at once
         state, start = build_run(args, out, device, dist)
-    model, optimizer, scheduler, trainer = (state.model, state.optimizer, state.scheduler,
-                                            state.trainer)
+    epoch_log, metrics_csv = open_outputs(args, out, state, start, dist)
+    extra = {"args": {k: v for k, v in vars(args).items()}, "dataset": args.dataset,
+             "classes": list(state.trainer.train.classes)}
+    ckpt_path = out.file(files.CHECKPOINT)
+    log_batches(args, state.trainer, dist)
+    first = time.time()
+    for epoch in range(start.epoch + 1, args.epochs + 1):
+        begin = time.time()
+        lr = state.optimizer.param_groups[0]["lr"]
+        resumed = start if epoch == start.epoch + 1 else Position(epoch - 1)
+        state.trainer.after_step = stop_or_save(state, args.checkpoint_every, epoch, dist)
+        metrics = run_epoch(state.trainer, epoch, resumed, ckpt_path)
+        state.scheduler.step()
+        if dist.is_main:
+            epoch_log.append(epoch, lr, metrics.train_loss, metrics.train_acc,
+                             metrics.test_loss, metrics.test_acc)
+            metrics_csv.append(epoch, lr, metrics, time.time() - begin)
+            save_checkpoint(state, epoch, metrics.test_acc, extra, out, args.save_all)
+        state.save(Position(epoch))
+        log.info("epoch %d/%d  lr %.2g  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%  "
+                 "(%.0fs; about %.0f min left)", epoch, args.epochs, lr, metrics.train_loss,
+                 metrics.train_acc, metrics.test_loss, metrics.test_acc, time.time() - begin,
+                 (time.time() - first) / (epoch - start.epoch) / 60 * (args.epochs - epoch))
+        preemption.point(f"train-epoch-{epoch}", dist.rank)
+        if preemption.should_stop(dist):
+            raise preemption.stop(f"after epoch {epoch}")
+    return ckpt_path
+
+
+def open_outputs(args, out: ExperimentDir, state: RunState, start: Position, dist: Dist):
+    """Once every process has checked its inputs: the experiment directory prepared, the
+    first resume state, run.log and the arguments. Returns the epoch log and the metrics
+    table, which keep a resumed run's completed epochs."""
     kept = start.epoch if args.resume else None
     epoch_log = EpochLog(out.file(files.LOG), keep_epochs=kept, write=False)
     metrics_csv = MetricsCSV(out.file(files.METRICS), keep_epochs=kept)
@@ -134,13 +165,21 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
     if not args.resume:
         state.save(start)  # from the first result on, --resume has a state to continue from
     if dist.is_main:
-        run_log.attach(out.path)
-        write_text_atomic(out.file(files.PARAMS), params_line(args) + "\n")
-        run_log.write_args_json(out.path, args)
+        record_arguments(args, out)
         epoch_log.flush()
-    extra = {"args": {k: v for k, v in vars(args).items()}, "dataset": args.dataset,
-             "classes": list(trainer.train.classes)}
-    ckpt_path = out.file(files.CHECKPOINT)
+    return epoch_log, metrics_csv
+
+
+def record_arguments(args, out: ExperimentDir) -> None:
+    """run.log from here on, and the run's arguments: params.txt (the original's) and
+    args.json."""
+    run_log.attach(out.path)
+    write_text_atomic(out.file(files.PARAMS), params_line(args) + "\n")
+    run_log.write_args_json(out.path, args)
+
+
+def log_batches(args, trainer: ClusTRTrainer, dist: Dist) -> None:
+    """The epoch's steps and batch shape, which the clusters' sizes may cut."""
     most = int(torch.bincount(trainer.clusters.assignments.cpu()).max())  # a cluster's size
     log.info("%d steps of %d x %d examples per epoch%s", trainer.steps_per_epoch(), args.m,
              min(args.d, most), f" (--d {args.d}: no cluster holds more than {most} now)"
@@ -149,34 +188,18 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
         log.info("%d processes: effective batch %d x %d x %d = %d examples per step (the "
                  "learning rate is not rescaled)", dist.world_size, dist.world_size, args.m,
                  args.d, dist.world_size * args.m * args.d)
-    first = time.time()
-    for epoch in range(start.epoch + 1, args.epochs + 1):
-        begin = time.time()
-        lr = optimizer.param_groups[0]["lr"]
-        resumed = start if epoch == start.epoch + 1 else Position(epoch - 1)
-        trainer.after_step = stop_or_save(state, args.checkpoint_every, epoch, dist)
-        metrics = run_epoch(trainer, epoch, resumed, ckpt_path)
-        scheduler.step()
-        if dist.is_main:
-            epoch_log.append(epoch, lr, metrics.train_loss, metrics.train_acc,
-                             metrics.test_loss, metrics.test_acc)
-            metrics_csv.append(epoch, lr, metrics, time.time() - begin)
-            # the original's checkpoints count epochs from 0 (its log.txt rows from 1)
-            ckpt = build_checkpoint(model, trainer.head(), args.k, epoch - 1,
-                                    metrics.test_acc, extra,
-                                    assignments=trainer.clusters.assignments)
-            save_atomic(ckpt, ckpt_path)
-            if args.save_all:
-                save_atomic(ckpt, out.file(files.EPOCH_CHECKPOINT.format(epoch=epoch - 1)))
-        state.save(Position(epoch))
-        log.info("epoch %d/%d  lr %.2g  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%%  "
-                 "(%.0fs; about %.0f min left)", epoch, args.epochs, lr, metrics.train_loss,
-                 metrics.train_acc, metrics.test_loss, metrics.test_acc, time.time() - begin,
-                 (time.time() - first) / (epoch - start.epoch) / 60 * (args.epochs - epoch))
-        preemption.point(f"train-epoch-{epoch}", dist.rank)
-        if preemption.should_stop(dist):
-            raise preemption.stop(f"after epoch {epoch}")
-    return ckpt_path
+
+
+def save_checkpoint(state: RunState, epoch: int, test_acc: float, extra: dict,
+                    out: ExperimentDir, save_all: bool) -> None:
+    """``checkpoint.pth`` after epoch ``epoch`` (1-based), and with --save-all a copy of
+    its own. The original's checkpoints count epochs from 0 (its log.txt rows from 1)."""
+    trainer = state.trainer
+    ckpt = build_checkpoint(state.model, trainer.head(), trainer.cfg.K, epoch - 1, test_acc,
+                            extra, assignments=trainer.clusters.assignments)
+    save_atomic(ckpt, out.file(files.CHECKPOINT))
+    if save_all:
+        save_atomic(ckpt, out.file(files.EPOCH_CHECKPOINT.format(epoch=epoch - 1)))
 
 
 def stop_or_save(state: RunState, every: int, epoch: int, dist: Dist):
@@ -235,7 +258,8 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
         check_weights_file(args.pretrained_path)
     check_available(args.dataset, args.data_root, ("test",) if evaluate_only else
                     ("train", "test"))
-    if not evaluate_only:  # training fixes L and the rule, which the evaluation then uses
+    # training fixes L and the normalisation rule, which the evaluation then uses
+    if not evaluate_only:
         args.L = 10 if args.L is None else args.L
         args.not_normalize = bool(args.not_normalize)
     normalize = None if args.not_normalize is None else not args.not_normalize
@@ -254,9 +278,7 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
     dist.barrier()  # every process checked its inputs before anything is written
     if dist.is_main:
         out.prepare(evaluate_only=True, overwrite=args.overwrite, inputs=[args.evaluate_ckpt])
-        run_log.attach(out.path)
-        write_text_atomic(out.file(files.PARAMS), params_line(args) + "\n")
-        run_log.write_args_json(out.path, args)
+        record_arguments(args, out)
     evaluate(model, test, attack, out.path, device, about(args.evaluate_ckpt, eval_cfg), dist,
              state)
     return 0

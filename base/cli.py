@@ -4,6 +4,9 @@
 input; the ``pos_*``, ``nonneg_*`` and ``seed_int`` types refuse out-of-range values at
 parse time, naming the value. ``config`` builds a stage's configuration dataclass from the
 parsed arguments, field by field, so no code below a command's ``main`` sees the Namespace.
+``resume_field`` declares, on a config's fields, what a resumed run must repeat: an
+evaluation's resume reads it through ``resume_settings``, a training run's through
+``resume_arguments``.
 """
 from __future__ import annotations
 
@@ -88,20 +91,40 @@ def config(cls, args: argparse.Namespace, **values):
     return cls(**out)
 
 
-def resume_field(default, flag: str | None = None):
+def resume_field(default=dataclasses.MISSING, flag: str | None = None, *,
+                 argument: str | None = None, training: bool = True):
     """A config field whose value changes what is computed: a resumed run must repeat it.
-    ``flag`` names it in the refusal (default ``--field-name``)."""
-    return dataclasses.field(default=default, metadata={"resume": flag})
+
+    ``argument`` is the parsed argument that sets it, where named otherwise (``k`` sets
+    ``K``); ``flag`` names it in an evaluation's refusal (default ``--argument-name``). A
+    training run continued with --resume repeats it too (``resume_arguments``), unless
+    ``training`` is False: a setting of the evaluation alone, which the evaluation's own
+    resume checks (a run that trains further makes a new checkpoint, evaluated afresh)."""
+    return dataclasses.field(default=default, metadata={
+        "resume": flag, "argument": argument, "training": training})
 
 
 def resume_settings(*configs) -> dict:
-    """What a resumed run must repeat: the ``resume_field`` values of ``configs``, keyed by
-    their flags, as plain types (lists for tuples)."""
+    """What a resumed evaluation must repeat: the ``resume_field`` values of ``configs``,
+    keyed by their flags, as plain types (lists for tuples)."""
     out = {}
     for cfg in configs:
         for f in dataclasses.fields(cfg):
             if "resume" in f.metadata:
                 value = getattr(cfg, f.name)
-                out[f.metadata["resume"] or "--" + f.name.replace("_", "-")] = (
+                out[f.metadata["resume"] or _flag(f)] = (
                     list(value) if isinstance(value, tuple) else value)
     return out
+
+
+def resume_arguments(*classes) -> frozenset[str]:
+    """What a resumed training run must repeat: the parsed arguments (names without dashes,
+    as ``resume.pth`` records them) behind the ``resume_field``s of the config dataclasses
+    ``classes``, but those declared ``training=False``."""
+    return frozenset(f.metadata["argument"] or f.name for cls in classes
+                     for f in dataclasses.fields(cls)
+                     if "resume" in f.metadata and f.metadata["training"])
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return "--" + (f.metadata["argument"] or f.name).replace("_", "-")

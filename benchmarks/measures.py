@@ -13,7 +13,7 @@ from models.classifier import ClusterClassifier
 from utils.attacks.pgd import EPSILONS, PGD
 from utils.attacks.sweep import AttackContext
 from utils.eval.evaluation import run_sweep
-from utils.train.clustering import fit_clusters, kmeans_settings
+from utils.train.clustering import fit_clusters
 from utils.train.magnet_loss import magnet_loss
 
 from .timing import median, median_call, spread, step_times, timed
@@ -61,9 +61,8 @@ def epoch_phases(w: Workload) -> dict:
     phases = {}
     _, phases["training steps"] = timed(t.train_epoch, dev)
     emb, phases["refresh: embedding pass + k-means"] = timed(t.refresh_clusters, dev)
-    _, kmeans = timed(lambda: fit_clusters(
-        emb, w.train.labels, w.train.num_classes, cfg.K, *kmeans_settings(cfg.dataset),
-        cfg.kmeans_seed, dev if cfg.kmeans_device else None), dev)
+    _, kmeans = timed(lambda: fit_clusters(emb, w.train.labels, w.train.num_classes, t.kmeans),
+                      dev)
     _, phases["train metrics (loss, accuracy)"] = timed(
         lambda: t.metrics(emb, w.train.labels), dev)
     test_emb, phases["test embedding pass"] = timed(

@@ -181,7 +181,7 @@ def write_costs(run: Run, paths: Paths, images: int, path: str) -> None:
 def attack_seconds(folder: str) -> dict:
     """Seconds an evaluation spent in AutoAttack and in the other attacks (its
     ``attack_results_strong.csv``)."""
-    frame = pd.read_csv(at(folder, "attack_results_strong.csv"))
+    frame = pd.read_csv(at(os.path.join(folder, "attack_results_strong.csv")))
     seconds = frame["seconds"].fillna(0.0)
     autoattack = float(seconds[frame["attack"] == "autoattack"].sum())
     return {"autoattack_s": round(autoattack, 1),

@@ -24,7 +24,7 @@ from base.device import resolve_device
 from base.errors import UsageError, exit_status
 from base.progress import set_quiet
 from utils.attacks.pgd import PGD
-from utils.train.clustering import fit_cluster_classifier
+from utils.train.clustering import KMeansSettings, fit_cluster_classifier
 from utils.train.embeddings import default_embed_batch
 
 from . import measures, seed_command, workloads
@@ -116,8 +116,9 @@ def pgd_section(args, setup: Setup, res: dict) -> None:
     train, test, weights = load_data(kind, args.data_dir, args.pgd_train, args.pgd_images,
                                      args.seed)
     backbone = workloads.build_model(train.num_classes, weights, dev, args.seed)
-    model = fit_cluster_classifier(backbone, train, "cifar10", K, L, seed=args.seed,
-                                   batch=default_embed_batch(dev), device=dev).to(dev)
+    kmeans = KMeansSettings.for_dataset("cifar10", K, args.seed)
+    model = fit_cluster_classifier(backbone, train, kmeans, L, batch=default_embed_batch(dev),
+                                   device=dev).to(dev)
     res["pgd"] = {**measures.measure_pgd(model, test, dev, PGD(iterations=args.iterations,
                                                                restarts=RESTARTS),
                                          args.test_batch, args.pgd_repeats, args.seed),

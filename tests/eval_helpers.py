@@ -18,7 +18,7 @@ from datasets.data import ImageData, balanced_subset, load_dataset, to_float
 from models.checkpoint import load_weights
 from models.resnet import ResNet18
 from utils.attacks.pgd import PGD, AttackResult, kept, paper_loss, pgd_restart
-from utils.train.clustering import fit_cluster_classifier
+from utils.train.clustering import KMeansSettings, fit_cluster_classifier
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 TRAIN_SLICE = 200  # training images the test cluster classifier is fitted on
@@ -81,8 +81,9 @@ def real_backbone(weights: str) -> ResNet18:
 def real_cluster_classifier(subset_dir: str, weights: str):
     train = load_dataset("imagefolder", subset_dir, "train", workers=2)
     train = balanced_subset(train, TRAIN_SLICE, 0)
-    return fit_cluster_classifier(real_backbone(weights), train, "imagefolder", K=2, L=20,
-                                  seed=111, batch=100)
+    return fit_cluster_classifier(real_backbone(weights), train,
+                                  KMeansSettings.for_dataset("imagefolder", 2, seed=111), L=20,
+                                  batch=100)
 
 
 def images_of(data: ImageData) -> torch.Tensor:

@@ -227,12 +227,12 @@ def test_kmeans_on_the_gpu_matches_scikit_learns_inertia(real_subset, real_weigh
     either algorithm varies by a few percent from seed to seed: tests/train/
     test_kmeans_device.py)."""
     from tests.train.test_kmeans_device import inertia
-    from utils.train.clustering import fit_clusters
+    from utils.train.clustering import KMeansSettings, fit_clusters
 
     data = real_test_data(str(real_subset), 300, 0)
     emb = compute_embeddings(real_backbone(str(real_weights)), data.images, 100, CPU)
-    ours = fit_clusters(emb, data.labels, 10, 2, 10, 40, 1, GPU)
-    theirs = fit_clusters(emb, data.labels, 10, 2, 10, 40, 1)
+    ours = fit_clusters(emb, data.labels, 10, KMeansSettings(2, 10, 40, 1, GPU))
+    theirs = fit_clusters(emb, data.labels, 10, KMeansSettings(2, 10, 40, 1))
     totals = [sum(inertia(emb[data.labels == c], fit.centers[2 * c:2 * c + 2])
                   for c in range(10)) for fit in (ours, theirs)]
     assert ours.centers.device.type == "cpu"

@@ -57,12 +57,13 @@ def ckpt(four_classes, tmp_path_factory) -> Path:
     from datasets.data import load_dataset
     from models.checkpoint import build_checkpoint
     from models.resnet import ResNet18, normalization_for
-    from utils.train.clustering import fit_cluster_classifier
+    from utils.train.clustering import KMeansSettings, fit_cluster_classifier
 
     torch.manual_seed(0)
     backbone = ResNet18(4, *normalization_for("imagefolder")).eval()
     train = load_dataset("imagefolder", str(four_classes), "train", workers=0)
-    model = fit_cluster_classifier(backbone, train, "imagefolder", K=1, L=4, batch=12)
+    model = fit_cluster_classifier(backbone, train, KMeansSettings.for_dataset("imagefolder", 1),
+                                   L=4, batch=12)
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pth"
     save_atomic(build_checkpoint(backbone, model.head, 1, 1, 0.0), str(path))
     return path

@@ -15,7 +15,7 @@ from datasets.data import balanced_subset, load_dataset, to_float
 from models import ClusterClassifier, ClusterHead, ResNet18
 from models.checkpoint import load_weights
 from utils import inspect_ckpt
-from utils.train.clustering import fit_clusters
+from utils.train.clustering import KMeansSettings, fit_clusters
 from utils.train.embeddings import compute_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def original_ckpt(tmp_path_factory, real_subset, real_weights) -> Path:
     train = balanced_subset(load_dataset("imagefolder", str(real_subset), "train", workers=2),
                             200, 0)
     emb = compute_embeddings(backbone, train.images, 100, CPU)
-    clusters = fit_clusters(emb, train.labels, 10, 2, 1, 20, 111)
+    clusters = fit_clusters(emb, train.labels, 10, KMeansSettings(2, 1, 20, 111))
     ckpt = {"state_dict": backbone.state_dict(), "epoch": 29, "test_acc": 90.0,
             "cluster_centers": clusters.centers, "cluster_classes": clusters.classes,
             "variance": clusters.variance[:1].expand(20), "K": 2, "L": 20,

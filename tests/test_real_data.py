@@ -10,7 +10,7 @@ from models.checkpoint import load_weights
 from models.cluster_head import ClusterHead
 from models.resnet import ResNet18
 from tests.conftest import ROOT
-from utils.train.clustering import fit_clusters
+from utils.train.clustering import KMeansSettings, fit_clusters
 from utils.train.embeddings import compute_embeddings
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,8 @@ def test_pretrained_clusters_score_at_least_90(real_subset, real_weights):
     test = load_dataset("imagefolder", str(real_subset), "test")
     assert len(test) == 1017
     train_emb = compute_embeddings(model, train.images, 256, cpu)
-    clusters = fit_clusters(train_emb, train.labels, 10, 2, n_init=1, max_iter=20, seed=111)
+    clusters = fit_clusters(train_emb, train.labels, 10,
+                            KMeansSettings(2, n_init=1, max_iter=20, seed=111))
     head = ClusterHead(clusters.centers, clusters.classes, clusters.variance, 10, L=20)
     test_emb = compute_embeddings(model, test.images, 256, cpu)
     acc = (head.predict(test_emb) == test.labels).float().mean().item()

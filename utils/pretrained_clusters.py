@@ -26,7 +26,7 @@ from base.progress import set_quiet
 from datasets.data import DATASETS, balanced_subset, load_dataset
 from models.checkpoint import build_checkpoint, load_weights
 from models.resnet import ResNet18, normalization_for
-from utils.train.clustering import fit_cluster_classifier
+from utils.train.clustering import KMeansSettings, fit_cluster_classifier
 from utils.train.embeddings import compute_embeddings
 
 log = logging.getLogger("clustr")
@@ -68,8 +68,8 @@ def cluster_checkpoint(args) -> dict:
     if args.L > train.num_classes * args.k:
         raise UsageError(f"--L {args.L} is larger than the {train.num_classes * args.k} "
                          f"clusters ({train.num_classes} classes x --k {args.k})")
-    head = fit_cluster_classifier(model, train, args.dataset, args.k, args.L, seed=args.seed,
-                                  batch=args.embed_batch, device=device).head
+    head = fit_cluster_classifier(model, train, KMeansSettings.for_dataset(
+        args.dataset, args.k, args.seed), args.L, batch=args.embed_batch, device=device).head
     test_emb = compute_embeddings(model, test.images, args.embed_batch, device,
                                   desc="embed test")
     test_acc = (head.predict(test_emb) == test.labels).float().mean()  # on the CPU

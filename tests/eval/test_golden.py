@@ -21,7 +21,7 @@ import main_clustr
 from datasets.data import load_dataset
 from models.resnet import ResNet18, normalization_for
 from utils.outputs import files
-from utils.train.clustering import fit_cluster_classifier
+from utils.train.clustering import KMeansSettings, fit_cluster_classifier
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden_eval"
 WRITTEN_ON = GOLDEN / "written_on.json"  # float results are exact only on the same build
@@ -55,7 +55,8 @@ def tiny_ckpt(tmp_path_factory, close_folder):
     with torch.random.fork_rng():
         torch.manual_seed(5)
         backbone = ResNet18(train.num_classes, mean, std).eval()
-    model = fit_cluster_classifier(backbone, train, "imagefolder", K=2, L=4, seed=1, batch=72)
+    model = fit_cluster_classifier(backbone, train, KMeansSettings.for_dataset("imagefolder", 2),
+                                   L=4, batch=72)
     head = model.head
     ckpt = {"state_dict": backbone.state_dict(), "epoch": 0, "test_acc": 0.0,
             "cluster_centers": head.centers, "cluster_classes": head.classes,

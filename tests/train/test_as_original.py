@@ -20,7 +20,7 @@ from models.cluster_head import ClusterHead, squared_distances
 from tests.test_cli import run_cli
 from tests.train.test_variants import CPU, a_batch, make_trainer
 from utils.train import as_original
-from utils.train.clustering import fit_clusters
+from utils.train.clustering import KMeansSettings, fit_clusters
 from utils.train.consistency import EPS
 from utils.train.embeddings import compute_embeddings
 from utils.train.magnet_loss import magnet_loss, magnet_loss_full
@@ -249,7 +249,7 @@ def plain_project_epoch(t) -> tuple[float, float, float, float]:
         t.optimizer.step()
         t.sampler.record_losses(idx, per.detach())
     emb = compute_embeddings(t.model, t.train.images, 64, CPU)
-    c = fit_clusters(emb, t.train.labels, 3, 2, 1, 20, 1)
+    c = fit_clusters(emb, t.train.labels, 3, KMeansSettings(2, 1, 20, 1))
     head = ClusterHead(c.centers, c.classes, c.variance, 3, t.cfg.L, True)
     out = []
     for data, e in ((t.train, emb), (t.test, compute_embeddings(t.model, t.test.images, 64, CPU))):

@@ -19,7 +19,7 @@ from datasets.data import augment, crop_flip, crop_flip_draws
 from datasets.magnet_sampler import MagnetSampler
 from models.cluster_head import ClusterHead
 from models.resnet import ResNet18
-from utils.train.clustering import fit_clusters
+from utils.train.clustering import KMeansSettings, fit_clusters
 from utils.train.embeddings import compute_embeddings
 from utils.train.magnet_loss import EPS, magnet_loss, magnet_loss_full
 
@@ -208,8 +208,8 @@ def test_embedding_pass_clusters_and_predictions_do_not_depend_on_the_batch_size
         model.eval()
         single = torch.cat([model(images[i:i + 1].float() / 255) for i in range(24)])
     torch.testing.assert_close(big, single, rtol=1e-4, atol=1e-4)
-    a = fit_clusters(big, labels, 3, 2, 1, 20, 111)
-    b = fit_clusters(small, labels, 3, 2, 1, 20, 111)
+    a = fit_clusters(big, labels, 3, KMeansSettings(2, 1, 20, 111))
+    b = fit_clusters(small, labels, 3, KMeansSettings(2, 1, 20, 111))
     assert torch.equal(a.assignments, b.assignments)
     head = ClusterHead(a.centers, a.classes, a.variance, 3, L=4)
     assert torch.equal(head.predict(big), head.predict(small))
@@ -231,7 +231,7 @@ def test_single_threaded_kmeans_gives_the_centroids_of_scikit_learns_default():
     which = torch.arange(classes * per_class) // (per_class // K)  # K blobs per class
     emb = centres[which] + torch.randn(classes * per_class, 512, generator=gen)
     labels = torch.arange(classes).repeat_interleave(per_class)
-    fit = fit_clusters(emb, labels, classes, K, n_init=1, max_iter=20, seed=1)
+    fit = fit_clusters(emb, labels, classes, KMeansSettings(K, n_init=1, max_iter=20, seed=1))
     x = emb.numpy().astype(np.float64)
     for c in range(classes):
         members = (labels == c).nonzero().flatten().numpy()

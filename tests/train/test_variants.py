@@ -13,7 +13,7 @@ import torch
 
 from datasets.data import ImageData
 from models.resnet import CIFAR_MEAN, CIFAR_STD
-from utils.train.clustering import fit_clusters
+from utils.train.clustering import KMeansSettings, fit_clusters
 from utils.train.consistency import (
     EPS,
     TRADES_STEP,
@@ -465,7 +465,7 @@ def test_a_cluster_left_with_one_example_takes_the_nearest_of_its_class(caplog):
                      torch.randn(10, 4, generator=gen) + 5])
     labels = torch.tensor([0] * 10 + [1] * 10)
     with caplog.at_level("WARNING", logger="clustr"):
-        c = fit_clusters(emb, labels, 2, 2, 1, 20, 1)
+        c = fit_clusters(emb, labels, 2, KMeansSettings(2, 1, 20, 1))
     sizes = torch.bincount(c.assignments, minlength=4)
     assert (sizes >= 2).all()
     assert "fewer than 2 examples" in caplog.text

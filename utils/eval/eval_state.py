@@ -27,11 +27,9 @@ import torch
 from base.errors import UsageError
 from base.io import file_sha256, load_checkpoint, save_atomic
 from base.tensors import tensor_sha256
-from utils.outputs import files
 
 log = logging.getLogger("clustr")
 
-EVAL_RESUME_FILE = files.EVAL_RESUME
 FORMAT = "clustr-eval-resume-2"
 
 

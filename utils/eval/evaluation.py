@@ -4,8 +4,8 @@
 is never what gets evaluated) and loads the test set, both as ``EvalConfig`` says;
 ``evaluate_model`` attacks it as ``AttackConfig`` says and writes ``attack_results_ext.csv``
 (the original's schema), ``predictions_eps<E>.csv`` per eps, ``robustness.png`` and
-``eval_summary.json`` (what was attacked: classifier, L, rule, attack settings, accuracies,
-seconds per eps). The file names come from ``utils.outputs.files``.
+``eval_summary.json`` (what was attacked: classifier, L, normalisation rule, attack
+settings, accuracies, seconds per eps). The file names come from ``utils.outputs.files``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from models.classifier import LinearClassifier, classifier_from_checkpoint
 from utils.attacks.batch_size import attack_batch
 from utils.attacks.pgd import EPSILONS, PGD, STEP
 from utils.attacks.sweep import AttackContext, Outcome, percent, predictions, sweep
-from utils.eval.eval_state import EVAL_RESUME_FILE, EvalState, fingerprint
+from utils.eval.eval_state import EvalState, fingerprint
 from utils.outputs import files
 from utils.outputs.results import write_csv
 
@@ -34,7 +34,10 @@ log = logging.getLogger("clustr")
 
 
 # Fields declared with resume_field change the results: an evaluation continued with
-# --resume must repeat them (``eval_state.fingerprint``); the others may change.
+# --resume must repeat them (``eval_state.fingerprint``); the others may change. A training
+# run continued with --resume repeats them as well (``utils.train.resume``), but those
+# declared training=False: its evaluation checks them itself (``eval_state.check_arguments``)
+# or, after more epochs, starts afresh on the new checkpoint.
 @dataclass
 class EvalConfig:
     """What is evaluated: the test data and the classifier's inference settings."""
@@ -43,11 +46,12 @@ class EvalConfig:
     data_root: str = "./data"
     workers: int = 4
     test_subset: int | None = resume_field(None)  # a seeded, class-balanced subset
-    test_batch: int = resume_field(64)
+    test_batch: int = resume_field(64, training=False)
     seed: int = resume_field(111)                 # the subset's draw
     L: int | None = resume_field(None)            # None: the checkpoint's own value
-    # None: the checkpoint's own normalize_probs
-    normalize: bool | None = resume_field(None, "normalize (--not-normalize)")
+    # the normalisation rule; None: the checkpoint's own (normalize_probs)
+    normalize: bool | None = resume_field(None, "normalize (--not-normalize)",
+                                          argument="not_normalize")
     # a file without cluster keys: "raw" or "normalized" inputs
     baseline_input: str | None = resume_field(None)
 
@@ -56,10 +60,10 @@ class EvalConfig:
 class AttackConfig:
     """How it is attacked: the paper's PGD sweep and, optionally, the strong evaluation."""
 
-    iterations: int = resume_field(20)
-    restarts: int = resume_field(10)
+    iterations: int = resume_field(20, training=False)
+    restarts: int = resume_field(10, training=False)
     seed: int = resume_field(111)                 # the per-example random starts
-    test_batch: int = resume_field(64)            # the clean predictions
+    test_batch: int = resume_field(64, training=False)  # the clean predictions
     attack_batch: int | None = None  # the attacks; None: utils.attacks.batch_size decides
     strong: bool = resume_field(False)            # PGD-CE and PGD-DLR on the logit
     autoattack: bool = resume_field(False)        # AutoAttack, standard version
@@ -139,7 +143,8 @@ def load_eval_model(cfg: EvalConfig, ckpt_path: str):
 
 
 def attacked_setup(model) -> dict:
-    """What was attacked: the classifier kind and, for clusters, the L and rule used."""
+    """What was attacked: the classifier kind and, for clusters, the L and the normalisation
+    rule used."""
     if isinstance(model, LinearClassifier):
         raw = bool((model.backbone.std == 1).all() and (model.backbone.mean == 0).all())
         return {"classifier": "linear head", "attack": "PGD, cross-entropy on the logits",
@@ -173,7 +178,7 @@ def open_eval_state(cfg: EvalConfig, attack: AttackConfig, ckpt_path: str, test:
     the saved one unless it evaluated another checkpoint ("unless-retrained": the sweep
     after a resumed training run, which may have trained further)."""
     dist = dist or Dist.single()
-    return EvalState.open(os.path.join(out_dir, EVAL_RESUME_FILE),
+    return EvalState.open(os.path.join(out_dir, files.EVAL_RESUME),
                           fingerprint(resume_settings(cfg, attack), ckpt_path, test.images,
                                       test.labels, device, dist.world_size),
                           resume is not None, write=dist.is_main,
@@ -226,8 +231,8 @@ def write_results(result: SweepResult, out_dir: str, curve: str = "paper PGD") -
 
 
 def write_summary(path: str, result: SweepResult, setup: dict) -> None:
-    """``eval_summary.json``: what was evaluated and how (L and rule included), the
-    accuracies and the seconds per eps."""
+    """``eval_summary.json``: what was evaluated and how (L and normalisation rule
+    included), the accuracies and the seconds per eps."""
     summary = dict(setup, clean_acc=result.clean_acc,
                    robust_acc={f"{r.eps:g}": r.accuracy for r in result.per_eps},
                    seconds={f"{r.eps:g}": round(r.seconds, 2) for r in result.per_eps})

@@ -44,9 +44,23 @@ class Clusters:
     variance: torch.Tensor     # (C*K,) float32, sigma^2 (one value, repeated per cluster)
 
 
-def kmeans_settings(dataset: str) -> tuple[int, int]:
-    """(n_init, max_iter) as the original: 1 and 20 for CIFAR-10, 10 and 40 otherwise."""
-    return (1, 20) if dataset in ("cifar10", "imagefolder") else (10, 40)
+@dataclass(frozen=True)
+class KMeansSettings:
+    """How every per-class k-means fit of a run goes: the same for every class and refresh."""
+
+    K: int                                # clusters per class
+    n_init: int                           # k-means++ starts
+    max_iter: int                         # Lloyd iterations of each start
+    seed: int = 1                         # random_state of every fit (--kmeans-seed)
+    device: torch.device | None = None    # fit there (kmeans_device); None: scikit-learn
+    threads: int | None = KMEANS_THREADS  # of each scikit-learn fit; None: its own pools
+
+    @classmethod
+    def for_dataset(cls, dataset: str, K: int, seed: int = 1,
+                    device: torch.device | None = None) -> KMeansSettings:
+        """The original's starts and iterations: 1 and 20 for CIFAR-10, 10 and 40 otherwise."""
+        n_init, max_iter = (1, 20) if dataset in ("cifar10", "imagefolder") else (10, 40)
+        return cls(K, n_init, max_iter, seed, device)
 
 
 def check_class_sizes(labels: torch.Tensor, class_names: list[str], K: int) -> None:
@@ -64,15 +78,14 @@ def check_class_sizes(labels: torch.Tensor, class_names: list[str], K: int) -> N
                          f"more data")
 
 
-def fit_clusters(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, K: int,
-                 n_init: int, max_iter: int, seed: int,
-                 kmeans_device: torch.device | None = None,
-                 threads: int | None = KMEANS_THREADS) -> Clusters:
+def fit_clusters(emb: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 kmeans: KMeansSettings) -> Clusters:
     """k-means (k-means++ init, fixed random state) on each class's embeddings separately:
-    scikit-learn's, each fit on ``threads`` threads (None: scikit-learn's own pools), or
-    ``utils.train.kmeans_device``'s on ``kmeans_device`` when given."""
+    scikit-learn's, each fit on ``kmeans.threads`` threads, or ``utils.train.kmeans_device``'s
+    on ``kmeans.device`` when given."""
     from sklearn.cluster import KMeans
 
+    K = kmeans.K
     emb = emb.detach().float().cpu()
     if not torch.isfinite(emb).all():
         raise FloatingPointError("the network gives non-finite embeddings, so k-means cannot "
@@ -85,13 +98,13 @@ def fit_clusters(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, K: i
         if len(members) < K:
             raise UsageError(f"class {c} has {len(members)} training examples, fewer than "
                              f"--k {K}: lower --k or use more data")
-        if kmeans_device is not None:
-            centers[c * K:(c + 1) * K] = kmeans_on(kmeans_device, emb[members], K, n_init,
-                                                   max_iter, seed)
+        if kmeans.device is not None:
+            centers[c * K:(c + 1) * K] = kmeans_on(kmeans.device, emb[members], K,
+                                                   kmeans.n_init, kmeans.max_iter, kmeans.seed)
             continue
-        with threadpool_limits(limits=threads):  # no oversubscription (see the module's doc)
-            km = KMeans(n_clusters=K, init="k-means++", n_init=n_init, max_iter=max_iter,
-                        random_state=seed).fit(x[members])
+        with threadpool_limits(limits=kmeans.threads):  # no oversubscription (module doc)
+            km = KMeans(n_clusters=K, init="k-means++", n_init=kmeans.n_init,
+                        max_iter=kmeans.max_iter, random_state=kmeans.seed).fit(x[members])
         centers[c * K:(c + 1) * K] = torch.from_numpy(km.cluster_centers_).float()
     classes = torch.arange(num_classes).repeat_interleave(K)
     assignments = nearest_own_cluster(emb, labels, centers, classes)
@@ -148,19 +161,18 @@ def fill_small_clusters(emb: torch.Tensor, labels: torch.Tensor, centers: torch.
     return assignments
 
 
-def fit_cluster_classifier(backbone, train, dataset: str, K: int, L: int,
-                           normalize: bool = True, seed: int = 1, batch: int = 256,
-                           device="cpu"):
+def fit_cluster_classifier(backbone, train, kmeans: KMeansSettings, L: int,
+                           normalize: bool = True, batch: int = 256, device="cpu"):
     """The cluster classifier of a trained ResNet18, with no further training.
 
     What training does after each epoch: embed the un-augmented training set in eval mode,
-    per-class k-means with the data set's settings, sigma^2. Used to evaluate pretrained
-    weights (benchmarks, tests) exactly as a ClusTR checkpoint would be: this is the one
-    place that builds "pretrained network + k-means clusters".
+    per-class k-means as ``kmeans`` says (``KMeansSettings.for_dataset``: the data set's
+    settings), sigma^2. Used to evaluate pretrained weights (benchmarks, tests) exactly as a
+    ClusTR checkpoint would be: this is the one place that builds "pretrained network +
+    k-means clusters".
     """
     emb = compute_embeddings(backbone, train.images, batch, torch.device(device),
                              desc="embed train")  # (N, 512)
-    n_init, max_iter = kmeans_settings(dataset)
-    c = fit_clusters(emb, train.labels, train.num_classes, K, n_init, max_iter, seed)
+    c = fit_clusters(emb, train.labels, train.num_classes, kmeans)
     head = ClusterHead(c.centers, c.classes, c.variance, train.num_classes, L, normalize)
     return ClusterClassifier(backbone, head)

@@ -22,24 +22,28 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from base.cli import resume_arguments
 from base.errors import UsageError
 from base.io import load_checkpoint, save_atomic
 from base.tensors import tensor_sha256
+from utils.eval.evaluation import AttackConfig, EvalConfig
+from utils.train.training import TrainConfig
 
 log = logging.getLogger("clustr")
 
 FORMAT = "clustr-resume-1"
 REQUIRED = ("format", "epoch", "step", "totals", "args", "model", "optimizer", "scheduler",
             "trainer", "rng")
-# Arguments a resumed run may change: where things are, how they are shown, how long to go
-# on and what to evaluate afterwards. Any other difference would change what is computed.
-MAY_DIFFER = frozenset({
-    "checkpoint", "data_root", "pretrained_path", "device", "workers", "quiet", "resume",
-    "overwrite", "checkpoint_every", "save_all", "epochs", "iterations", "restarts",
-    "test_batch", "attack_batch", "embed_batch", "evaluate_ckpt", "dist_timeout",
-})
 # Arguments added after resume files were first written, with the value an older file means.
 ADDED_LATER = {"as_original": False}
+
+
+def must_repeat() -> frozenset[str]:
+    """The arguments a resumed training run must repeat, as its configs declare them
+    (``base.cli.resume_field``): the training's, and the evaluation's that follows (but those
+    it checks itself). The others may change: where things are, how they are shown, how long
+    to go on."""
+    return resume_arguments(TrainConfig, EvalConfig, AttackConfig)
 
 
 @dataclass
@@ -107,7 +111,8 @@ def data_change(saved: dict | None, now: dict) -> str | None:
 
 # -- the file -------------------------------------------------------------------------------
 def read_resume(path: str, run_args: dict, epochs: int) -> dict:
-    """Load and check ``resume.pth``: this project's format, and the same run's arguments.
+    """Load and check ``resume.pth``: this project's format, and the same run's arguments
+    (those ``must_repeat`` names).
 
     ``run_args`` are this run's arguments as plain types (flag name without dashes ->
     value), ``epochs`` the number of epochs it is to complete."""
@@ -118,7 +123,8 @@ def read_resume(path: str, run_args: dict, epochs: int) -> dict:
                          f"{', '.join(missing) or 'format ' + FORMAT}): start afresh with "
                          f"--overwrite")
     saved, now = {**ADDED_LATER, **state["args"]}, run_args
-    differ = [k for k in saved if k in now and k not in MAY_DIFFER and saved[k] != now[k]]
+    repeat = must_repeat()
+    differ = [k for k in saved if k in now and k in repeat and saved[k] != now[k]]
     if differ:
         shown = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {now[k]!r})"
                           for k in differ[:3])

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from base.cli import resume_field
 from base.distributed import Dist, own_rank, per_rank, rank_seed
 from base.errors import UsageError
 from base.progress import progress
@@ -24,7 +25,7 @@ from datasets.magnet_sampler import MagnetSampler
 from models.cluster_head import ClusterHead
 from models.resnet import ResNet18, normalization_for
 from utils.train import as_original
-from utils.train.clustering import Clusters, fit_clusters, kmeans_settings
+from utils.train.clustering import Clusters, KMeansSettings, fit_clusters
 from utils.train.consistency import Adversary, ExtraTerms
 from utils.train.embeddings import compute_embeddings_split, default_embed_batch
 from utils.train.free_adversarial import FreePerturbation
@@ -34,29 +35,44 @@ BAR_EVERY = 10  # steps between progress-bar loss updates
 log = logging.getLogger("clustr")
 
 
+# Fields declared with resume_field change what is trained: a training run continued with
+# --resume must repeat them (``utils.train.resume``, with the evaluation's); the others may
+# change.
 @dataclass
 class TrainConfig:
-    dataset: str
-    K: int = 2
-    m: int = 12
-    d: int = 20
-    L: int = 10
-    normalize: bool = True
-    alpha: float = 12.5
-    seed: int = 111
+    """What is trained, and how: the data, the Magnet batches and loss, the optimiser, the
+    clusters and the variants."""
+
+    dataset: str = resume_field()
+    K: int = resume_field(2, argument="k")
+    m: int = resume_field(12)
+    d: int = resume_field(20)
+    L: int = resume_field(10)
+    # the normalisation rule: the L nearest clusters count (False: all of them)
+    normalize: bool = resume_field(True, argument="not_normalize")
+    alpha: float = resume_field(12.5)
+    seed: int = resume_field(111)
+    train_subset: int | None = resume_field(None)  # a seeded, class-balanced subset
+    lr: float = resume_field(1e-4)  # Adam's
+    milestones: tuple[int, ...] = resume_field((30, 60))  # MultiStepLR's (gamma 0.1)
     test_batch: int = 64
     embed_batch: int | None = None  # None: default_embed_batch(device)
-    amp: bool = False
-    consistency_lambda: float = 0.0  # QTRADES (0 = plain ClusTR)
-    xent_lambda: float = 0.0
-    mse_consistency: bool = False
-    actual_trades: bool = False
-    minibatch_replays: int = 0  # free adversarial training (0 = off)
-    kmeans_seed: int = 1  # random_state of every k-means fit, as the original
-    kmeans_device: bool = False  # k-means on the training device (utils/train/kmeans_device.py)
-    as_original: bool = False  # the original's rules (utils/train/as_original.py)
-    consistency_attack: str = "paper"  # what the QTRADES adversary attacks (or "logit")
-    consistency_steps: int = 1  # its steps: 1 of 10/255 (the original) or N of 2/255
+    amp: bool = resume_field(False)
+    consistency_lambda: float = resume_field(0.0)  # QTRADES (0 = plain ClusTR)
+    xent_lambda: float = resume_field(0.0)
+    mse_consistency: bool = resume_field(False)
+    actual_trades: bool = resume_field(False)
+    minibatch_replays: int = resume_field(0)  # free adversarial training (0 = off)
+    kmeans_seed: int = resume_field(1)  # random_state of every k-means fit, as the original
+    # k-means on the training device (utils/train/kmeans_device.py)
+    kmeans_device: bool = resume_field(False)
+    as_original: bool = resume_field(False)  # the original's rules (utils/train/as_original.py)
+    consistency_attack: str = resume_field("paper")  # what QTRADES attacks (or "logit")
+    consistency_steps: int = resume_field(1)  # its steps: 1 of 10/255 (the original) or N of 2/255
+    # the original's --batch-size and --arch, accepted and ignored (a Magnet batch holds m x d
+    # examples; the network is the CIFAR ResNet18): a resume repeats them with the command
+    batch_size: int = resume_field(256)
+    arch: str = resume_field("resnet18")
 
 
 @dataclass
@@ -88,6 +104,8 @@ class ClusTRTrainer:
         # single-process one
         self.generator = torch.Generator().manual_seed(rank_seed(cfg.seed, self.dist.rank))
         self.train_model = self._wrap_ddp(model)
+        self.kmeans = KMeansSettings.for_dataset(cfg.dataset, cfg.K, cfg.kmeans_seed,
+                                                 device if cfg.kmeans_device else None)
         self.clusters: Clusters | None = None
         self.train_embeddings: torch.Tensor | None = None
         self.extras = ExtraTerms(cfg.consistency_lambda, cfg.xent_lambda, cfg.mse_consistency,
@@ -170,13 +188,10 @@ class ClusTRTrainer:
     def _fit_once(self, emb: torch.Tensor) -> Clusters:
         """k-means on the main process, its result broadcast, so every process holds the
         very same clusters and sigma^2. A failure there fails every process alike."""
-        n_init, max_iter = kmeans_settings(self.cfg.dataset)
         fit, error = None, None
         if self.dist.is_main:
             try:
-                fit = fit_clusters(emb, self.train.labels, self.num_classes, self.cfg.K,
-                                   n_init, max_iter, self.cfg.kmeans_seed,
-                                   self.device if self.cfg.kmeans_device else None)
+                fit = fit_clusters(emb, self.train.labels, self.num_classes, self.kmeans)
             except (UsageError, FloatingPointError) as exc:
                 error = exc
         if not self.dist.all_agree(error is None):
