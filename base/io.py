@@ -1,14 +1,12 @@
 """File I/O every part of the project shares: weights-only loading and atomic writes.
 
-* ``load_checkpoint`` reads a PyTorch file with ``torch.load(..., weights_only=True)``: only
-  tensors and plain Python types are rebuilt, so a file holding a pickled object is refused
-  rather than executed; every failure is one ``UsageError`` line.
-* ``atomic_write`` (and ``save_atomic``, ``write_text_atomic``) write to a hidden temporary
-  file beside the target and rename it over the target, so a killed process leaves the old
-  file or the new one, never half of one.
+``atomic_write`` (and ``save_atomic``, ``write_text_atomic``) write to a hidden temporary file
+beside the target and rename it over the target, so a killed process leaves the old file or
+the new one, never half of one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -24,11 +22,9 @@ from base.errors import UsageError
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """``torch.load(path, weights_only=True)``, with a one-line error for every failure.
-
-    ``weights_only=True`` only rebuilds tensors and plain Python types: a file that holds a
-    pickled object (a class instance, a numpy scalar, ...) is refused rather than executed.
-    """
+    """``torch.load(path, weights_only=True)``, with a one-line ``UsageError`` for every
+    failure: only tensors and plain Python types are rebuilt, so a file that holds a pickled
+    object (a class instance, a numpy scalar, ...) is refused rather than executed."""
     if os.path.isdir(path):
         raise UsageError(f"{path} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
@@ -154,16 +150,12 @@ def temp_prefix(path: str) -> str:
 
 
 def _fsync_dir(folder: str) -> None:
-    try:
+    with contextlib.suppress(OSError):  # not possible everywhere; the rename is still atomic
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not possible on every platform; the rename itself is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def file_sha256(path) -> str:

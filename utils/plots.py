@@ -23,9 +23,9 @@ import sys
 import numpy as np
 import torch
 
-from base.cli import ArgParser, nonneg_int, pos_float, pos_int
+from base.cli import ArgParser, nonneg_int, pos_float, pos_int, run_command
 from base.device import resolve_device
-from base.errors import UsageError, exit_status
+from base.errors import UsageError
 from base.io import atomic_write, load_checkpoint, write_text_atomic
 from base.progress import set_quiet
 from datasets.data import DATASETS, balanced_subset, check_available, load_dataset, to_float
@@ -236,10 +236,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout)
-    return exit_status(lambda: run(args))
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

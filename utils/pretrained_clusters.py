@@ -19,8 +19,9 @@ import os
 import sys
 import time
 
+from base.cli import run_command
 from base.device import resolve_device
-from base.errors import UsageError, exit_status
+from base.errors import UsageError
 from base.io import save_atomic
 from base.progress import set_quiet
 from datasets.data import DATASETS, balanced_subset, load_dataset
@@ -80,14 +81,11 @@ def cluster_checkpoint(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout)
-    set_quiet(args.quiet)
-    return exit_status(lambda: write_clusters(args))
+    return run_command(build_parser(), write_clusters, argv)
 
 
 def write_clusters(args) -> None:
+    set_quiet(args.quiet)
     start = time.time()
     ckpt = cluster_checkpoint(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

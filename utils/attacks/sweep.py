@@ -138,12 +138,10 @@ class _Run:
         self.ctx, self.attack, self.e, self.eps = ctx, attack, e, eps
         self.key, self.clean_pred = f"{attack.name}/{e}", clean_pred
         self.rows = (clean_pred == ctx.data.labels).nonzero().flatten()  # attacked
-        n, w = len(self.rows), ctx.dist.world_size
-        self.lo, self.hi = ctx.dist.shard(n)
+        self.lo, self.hi = ctx.dist.shard(len(self.rows))
         # every process runs as many batches as the largest shard, so all reach each safe
         # point (a collective under torchrun) together
-        largest = max((r + 1) * n // w - r * n // w for r in range(w))
-        self.n_batches = -(-largest // ctx.batch)
+        self.n_batches = -(-max(ctx.dist.shard_sizes(len(self.rows))) // ctx.batch)
 
     def _fresh(self) -> dict:
         n, data = len(self.rows), self.ctx.data

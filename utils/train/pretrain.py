@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from base.cli import ArgParser, config, nonneg_float, nonneg_int, pos_float, pos_int
+from base.cli import ArgParser, config, nonneg_float, nonneg_int, pos_float, pos_int, run_command
 from base.device import resolve_device
-from base.errors import UsageError, exit_status
+from base.errors import UsageError
 from base.io import save_atomic
 from base.progress import progress, set_quiet
 from base.tensors import autocast, eval_mode, to_device
@@ -273,10 +273,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout)
-    return exit_status(lambda: run(args))
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
