@@ -25,8 +25,8 @@ from base import preemption
 from base.errors import UsageError
 from base.tensors import eval_mode, to_device
 from utils.attacks.autoattack_backend import HINT, find_backend, make_adversary, run_adversary
-from utils.attacks.pgd import PGD, LossFn, logit_ce_loss
-from utils.attacks.sweep import AttackContext, Outcome, unpack
+from utils.attacks.pgd import PGD, LossFn, in_threat_model, logit_ce_loss
+from utils.attacks.sweep import AttackContext, Outcome, predictions, unpack
 
 log = logging.getLogger("clustr")
 
@@ -152,11 +152,9 @@ class _Watched(torch.nn.Module):
 @torch.no_grad()
 def _verified_pred(model, x, x_adv, y, eps: float, batch: int) -> torch.Tensor:
     """(N,) prediction on ``x_adv``; the label where ``x_adv`` is not a valid image."""
-    linf = (x_adv - x).flatten(1).abs().amax(1)
-    valid = (linf <= eps + 1e-6) & (x_adv.flatten(1).amin(1) >= 0) & \
-        (x_adv.flatten(1).amax(1) <= 1)
+    valid = in_threat_model(x, x_adv, eps)
     if not valid.all():
         log.warning("AutoAttack returned %d image(s) outside the eps-ball or [0, 1]; they "
                     "count as not broken", int((~valid).sum()))
-    pred = torch.cat([model(x_adv[s:s + batch]).argmax(1) for s in range(0, len(x), batch)])
+    pred = predictions(model, x_adv, batch, x.device, logits=True).to(y.device)
     return torch.where(valid, pred, y)

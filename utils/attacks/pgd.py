@@ -167,3 +167,11 @@ def project_linf(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tens
     """Into the eps-ball, then so that x + delta stays in [0, 1]."""
     delta = delta.clamp(-eps, eps)
     return (x + delta).clamp(0.0, 1.0) - x
+
+
+def in_threat_model(x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> torch.Tensor:
+    """(N,) bool: ``x_adv`` in the eps-ball around ``x`` (up to 1e-6 of float rounding) and in
+    [0, 1]; what an attack's returned images are checked against before they count."""
+    flat = x_adv.flatten(1)
+    return (((flat - x.flatten(1)).abs().amax(1) <= eps + 1e-6) & (flat.amin(1) >= 0)
+            & (flat.amax(1) <= 1))

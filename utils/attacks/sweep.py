@@ -84,13 +84,15 @@ class AttackContext:
 def predictions(model, images: torch.Tensor, batch: int, device, dist: Dist | None = None,
                 logits: bool = False) -> torch.Tensor:
     """(N,) predictions in data-set order, on the CPU; each process predicts its shard.
-    ``model.predict`` (the paper's scores), or with ``logits`` the arg-max of ``model(x)``."""
+    ``model.predict`` (the paper's scores), or with ``logits`` the arg-max of ``model(x)``.
+    ``images``: uint8, or float in [0, 1] (adversarial images, taken as they are)."""
     dist = dist or Dist.single()
     lo, hi = dist.shard(len(images))
     out = [torch.empty(0, dtype=torch.long)]
     with eval_mode(model):
         for s in range(lo, hi, batch):
-            x = to_device(images[s:min(s + batch, hi)], device)
+            x = images[s:min(s + batch, hi)]
+            x = to_device(x, device) if x.dtype == torch.uint8 else x.to(device)
             out.append((model(x).argmax(1) if logits else model.predict(x)).cpu())
     return dist.gather_rows(torch.cat(out), len(images))
 

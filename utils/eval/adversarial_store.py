@@ -24,39 +24,24 @@ import logging
 import torch
 
 from base.io import save_atomic
-from base.tensors import eval_mode
 from datasets.data import ImageData, to_float
+from utils.attacks.pgd import in_threat_model
+from utils.attacks.sweep import predictions
 
 log = logging.getLogger("clustr")
 
 FORMAT = "clustr-adversarial-1"
-TOLERANCE = 1e-6  # float rounding of x + delta
 SKIP = ("clean", "paper-pgd", "worst-case")
 
 
-@torch.no_grad()
-def recheck(model, x: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, eps: float,
-            batch: int, device, logit: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(valid (k,) bool, predictions (k,)): in the eps-ball (pixel units) and [0, 1], and
-    misclassified by ``model`` (its logit's or its ``predict``'s arg-max)."""
-    linf = (images - x).flatten(1).abs().amax(1) if len(x) else torch.zeros(0)
-    in_range = (images.flatten(1).amin(1) >= 0) & (images.flatten(1).amax(1) <= 1) \
-        if len(x) else torch.zeros(0, dtype=torch.bool)
-    preds = []
-    with eval_mode(model):
-        for s in range(0, len(images), batch):
-            xb = images[s:s + batch].to(device)
-            preds.append((model(xb).argmax(1) if logit else model.predict(xb)).cpu())
-    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
-    return (linf <= eps + TOLERANCE) & in_range & (pred != labels), pred
-
-
 def _entry(model, data: ImageData, o, name: str, batch: int, device, logit: bool) -> dict:
-    """The re-checked images of outcome ``o`` (rows of ``data``), as attack ``name``."""
+    """The re-checked images of outcome ``o`` (rows of ``data``), as attack ``name``: in the
+    eps-ball and [0, 1], and misclassified by ``model`` (its logit's or ``predict``'s
+    arg-max) on a fresh pass."""
     (rows, images), attack, eps = o.adv, name, o.eps
     labels = data.labels[rows]
-    valid, pred = recheck(model, to_float(data.images[rows]), images, labels, eps / 255, batch,
-                          device, logit)
+    pred = predictions(model, images, batch, device, logits=logit)
+    valid = in_threat_model(to_float(data.images[rows]), images, eps / 255) & (pred != labels)
     if not valid.all():
         log.warning("--save-adv: %d %s image(s) at eps %g/255 failed the re-check (outside the "
                     "eps-ball or [0, 1], or classified correctly) and are left out",
