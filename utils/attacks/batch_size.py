@@ -27,6 +27,8 @@ from collections.abc import Callable
 
 import torch
 
+from base.tensors import eval_mode
+
 log = logging.getLogger("clustr")
 
 CPU_BATCH = 64
@@ -76,18 +78,12 @@ def free_memory(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def attacked_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The part of an attack step whose graph is kept: the model's logits of ``x + delta``."""
-    return model(x)
-
-
 def graph_bytes_per_image(model: torch.nn.Module, device: torch.device,
                           image_shape: tuple[int, ...]) -> float:
-    """Bytes one more image adds to the tensors the attacked forward saves for backward."""
+    """Bytes one more image adds to the tensors the attacked forward (the model's logits of
+    x + delta) saves for backward."""
     sizes = []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for n in (1, 2):
             total = [0]
 
@@ -97,27 +93,23 @@ def graph_bytes_per_image(model: torch.nn.Module, device: torch.device,
 
             x = torch.rand(n, *image_shape, device=device).requires_grad_(True)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = attacked_forward(model, x)
+                out = model(x)
             del out
             sizes.append(total[0])
-    finally:
-        model.train(was_training)
     return float(max(sizes[1] - sizes[0], 1))
 
 
 def probe(model: torch.nn.Module, device: torch.device, size: int,
           image_shape: tuple[int, ...]) -> bool:
     """Whether one forward and backward (input gradient only) at ``size`` fits."""
-    was_training = model.training
-    model.eval()
     try:
-        x = torch.rand(size, *image_shape, device=device).requires_grad_(True)
-        grad, = torch.autograd.grad(attacked_forward(model, x).sum(), x)
-        del grad, x
+        with eval_mode(model):
+            x = torch.rand(size, *image_shape, device=device).requires_grad_(True)
+            grad, = torch.autograd.grad(model(x).sum(), x)
+            del grad, x
         return True
     except torch.OutOfMemoryError:
         return False
     finally:
-        model.train(was_training)
         if device.type == "cuda":
             torch.cuda.empty_cache()
