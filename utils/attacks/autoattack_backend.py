@@ -63,11 +63,12 @@ def find_backend() -> Backend:
             log.warning("the installed package %s has no AutoAttack class: not the AutoAttack "
                         "authors' package, skipped", package)
             continue
-        return Backend(package, _version(package, module), module)
+        return Backend(package, package_version(package, module), module)
     raise UsageError(HINT)
 
 
-def _version(package: str, module) -> str:
+def package_version(package: str, module) -> str:
+    """The installed distribution's version, else the module's ``__version__``."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
