@@ -1,4 +1,4 @@
-"""File I/O every part of the project shares: weights-only loading and atomic writes.
+"""File I/O every part of the project shares: weights-only loading, atomic writes, figures.
 
 ``atomic_write`` (and ``save_atomic``, ``write_text_atomic``) write to a hidden temporary file
 beside the target and rename it over the target, so a killed process leaves the old file or
@@ -100,6 +100,23 @@ def save_atomic(obj, path: str) -> None:
 
 def write_text_atomic(path: str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only), imported when first drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: str | None) -> None:
+    """``fig`` as a PNG written atomically to ``path`` (None: not written), then closed."""
+    try:
+        if path is not None:
+            atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        pyplot().close(fig)
 
 
 def atomic_write(path: str, write) -> None:

@@ -26,7 +26,7 @@ import torch
 from base.cli import ArgParser, nonneg_int, pos_float, pos_int, run_command
 from base.device import resolve_device
 from base.errors import UsageError
-from base.io import atomic_write, load_checkpoint, write_text_atomic
+from base.io import load_checkpoint, pyplot, save_figure, write_text_atomic
 from base.progress import set_quiet
 from datasets.data import DATASETS, balanced_subset, check_available, load_dataset, to_float
 from models.classifier import ClusterClassifier
@@ -80,10 +80,7 @@ def project(emb: np.ndarray, extra: list[np.ndarray], tsne: bool, seed: int):
 
 
 def draw_clusters(path: str, coords, labels, centres, centre_classes, moves, names, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     fig, ax = plt.subplots(figsize=(7, 6))
     for c, name in enumerate(names):
@@ -106,21 +103,10 @@ def draw_clusters(path: str, coords, labels, centres, centre_classes, moves, nam
     save_figure(fig, path)
 
 
-def save_figure(fig, path: str) -> None:
-    import matplotlib.pyplot as plt
-
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    finally:
-        plt.close(fig)
-
-
 def draw_curves(metrics_path: str, path: str) -> None:
     """Loss terms (left) and accuracies (right) per epoch from ``metrics.csv``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
 
     rows = read_csv(metrics_path)
     if not rows or "epoch" not in rows[0]:
@@ -140,7 +126,7 @@ def draw_curves(metrics_path: str, path: str) -> None:
         right.plot(epochs, column(name), marker="o", label=name)
     right.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy", ylim=(0, 100))
     for ax in (left, right):
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

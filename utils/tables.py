@@ -31,7 +31,7 @@ import sys
 import pandas as pd
 
 from base.errors import UsageError, exit_status
-from base.io import atomic_write
+from base.io import atomic_write, pyplot, save_figure, write_text_atomic
 from utils.experiments import (
     ADAPTIVE,
     IMAGES_SHA,
@@ -220,10 +220,7 @@ def plot_experiments(exps: list[Experiment], path: str | None):
     """Accuracy against eps, one colour per experiment: the paper's PGD solid, the worst
     case over all attacks dashed (from its clean accuracy on the strong attacks' images).
     Writes a PNG (unless ``path`` is None) and returns the (closed) matplotlib figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, x in enumerate(exps):
@@ -245,11 +242,7 @@ def plot_experiments(exps: list[Experiment], path: str | None):
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")  # off the data
     fig.tight_layout()
-    try:
-        if path is not None:
-            atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
     return fig
 
 
@@ -293,7 +286,7 @@ def run(argv=None) -> None:
     if args.plot:
         plot_experiments(exps, None).savefig(png, format="png", dpi=120)
     if args.out:
-        atomic_write(args.out, lambda f: f.write(text.encode()))
+        write_text_atomic(args.out, text)
     else:
         sys.stdout.write(text)
     if args.format == "csv":  # the notes never go into a CSV file
