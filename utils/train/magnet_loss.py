@@ -28,17 +28,6 @@ EPS = 1e-8
 LOG_EPS = math.log(EPS)
 
 
-def magnet_from_scores(log_s: torch.Tensor, log_num: torch.Tensor,
-                       blocked: torch.Tensor) -> torch.Tensor:
-    """Per-example loss (N,) from the log scores -d^2/2sigma^2 (N, M) of M cluster means,
-    the log numerator (N,) (alpha subtracted) and ``blocked`` (N, M), the clusters left out
-    of the denominator (the example's own class, clusters absent from the batch)."""
-    # log(sum_c exp(log_s) + eps) as one logsumexp: eps is one more column, exp(LOG_EPS)
-    log_den = torch.logsumexp(F.pad(log_s.masked_fill(blocked, -math.inf), (0, 1),
-                                    value=LOG_EPS), 1)
-    return torch.relu(-torch.log((log_num - log_den).exp() + EPS))
-
-
 def magnet_loss(emb: torch.Tensor, clusters: torch.Tensor, cluster_classes: torch.Tensor,
                 alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Stochastic Magnet loss of a batch.
@@ -114,4 +103,8 @@ def magnet_loss_full(emb: torch.Tensor, labels: torch.Tensor, centers: torch.Ten
     same = cluster_classes[None, :] == labels[:, None]
     own = sq_dist.masked_fill(~same, float("inf")).argmin(1)
     log_s = sq_dist / (-2.0 * variance)
-    return magnet_from_scores(log_s, log_s.gather(1, own[:, None]).squeeze(1) - alpha, same)
+    log_num = log_s.gather(1, own[:, None]).squeeze(1) - alpha
+    # log(sum_c exp(log_s) + eps) as one logsumexp: eps is one more column, exp(LOG_EPS)
+    log_den = torch.logsumexp(F.pad(log_s.masked_fill(same, -math.inf), (0, 1),
+                                    value=LOG_EPS), 1)
+    return torch.relu(-torch.log((log_num - log_den).exp() + EPS))
