@@ -80,10 +80,7 @@ def check_available(name: str, root: str, splits=("train", "test")) -> None:
     under ``root``, or its download server must answer within ``PROBE_SECONDS``."""
     if name == "imagefolder":
         for split in splits:
-            if not os.path.isdir(os.path.join(root, split)):
-                raise UsageError(f"image folder {os.path.abspath(os.path.join(root, split))} "
-                                 f"not found: --dataset imagefolder needs --data-root DIR "
-                                 f"with DIR/train/<class>/ and DIR/test/<class>/")
+            _split_folder(root, split)
         return
     if name not in _EXPECTED_FILES:
         return  # load_dataset names the valid choices
@@ -139,15 +136,13 @@ def load_dataset(name: str, root: str, split: str, download: bool = True,
         return _load_image_folder(root, split, workers)
     import torchvision.datasets as tvd
 
-    train = split == "train"
     created = not os.path.exists(root)
     try:
-        if name == "cifar10":
-            ds = tvd.CIFAR10(root, train=train, download=download)
-        elif name == "cifar100":
-            ds = tvd.CIFAR100(root, train=train, download=download)
-        else:
+        if name == "svhn":
             ds = tvd.SVHN(root, split=split, download=download)
+        else:
+            cifar = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            ds = cifar(root, train=split == "train", download=download)
     except Exception as exc:  # offline download, corrupt archive, ...
         if created and os.path.isdir(root) and not os.listdir(root):
             os.rmdir(root)  # leave the disk as it was: only the empty folder we made goes
@@ -166,16 +161,22 @@ def load_dataset(name: str, root: str, split: str, download: bool = True,
     return ImageData(images, labels, classes)
 
 
-def _load_image_folder(root: str, split: str, workers: int) -> ImageData:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from torchvision.datasets import ImageFolder
-
+def _split_folder(root: str, split: str) -> str:
+    """``root/split``, refused in one line when it is not a folder."""
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise UsageError(f"image folder {os.path.abspath(folder)} not found: --dataset "
                          f"imagefolder needs --data-root DIR with DIR/train/<class>/ and "
                          f"DIR/test/<class>/")
+    return folder
+
+
+def _load_image_folder(root: str, split: str, workers: int) -> ImageData:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torchvision.datasets import ImageFolder
+
+    folder = _split_folder(root, split)
     try:
         ds = ImageFolder(folder)
     except (FileNotFoundError, RuntimeError) as exc:
@@ -240,8 +241,7 @@ def balanced_subset(data: ImageData, n: int | None, seed: int,
         return data
     if n < data.num_classes:
         raise UsageError(f"{flag} {n}: a subset of {n} cannot hold all {data.num_classes} "
-                         f"classes: "
-                         f"ask for at least {data.num_classes}")
+                         f"classes: ask for at least {data.num_classes}")
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data), generator=gen)
     labels = data.labels[order]
