@@ -1,39 +1,30 @@
 """The extra loss terms of ClusTR's variants: QTRADES consistency and cross-entropy on scores.
 
 All of them read the cluster state of the current epoch (a ``ClusterHead``: centroids,
-classes and the inference sigma^2), while the Magnet term uses the batch's own means.
+classes and the inference sigma^2), while the Magnet term uses the batch's own means. The
+flags are described in docs/usage.md; in short, with p the clean class probabilities (the
+paper's class scores normalised to sum to one) and s the paper's bounded class scores used
+as logits, as the original does:
 
-* **QTRADES** (``--consistency-lambda λ``). The clean class probabilities p are the paper's
-  class scores normalised to sum to one. An adversarial batch x' maximises the soft-target
-  cross-entropy CE(p, s(x')) = -sum_c p_c log softmax(s(x'))_c, where s are the paper's
-  (bounded) class scores used as logits, as the original does; one signed-gradient step of
-  10/255 from a uniform start in the 8/255 ball. The loss adds λ · CE(p, s(x')).
-* ``--mse-consistency``: the divergence is the MSE between the clean and the adversarial
-  embeddings instead, and the adversary maximises that MSE.
-* ``--actual-trades``: the adversary is the original's TRADES-style one: a uniform start in
-  the 8/255 ball, then 10 signed-gradient steps on KL(p || softmax(s(x'))) (MSE with
-  ``--mse-consistency``). Each step is 0.03 *in normalised units*, as the original attacks
-  normalised images: 0.03 · std_c per channel c in pixels (about 1.5/255 for CIFAR). KL and
-  CE differ by the entropy of p, which does not depend on x', so both give the same steps;
-  the training term stays λ · CE.
-* ``--xent-lambda w``: adds w · CE(s(x), y) on the clean batch's paper scores.
-* ``--consistency-attack logit`` (an addition, not in the original): p = softmax(z(x)) and
-  both the adversary and the term use KL(p || softmax(z(x'))), z = ``ClusterHead.logits``
-  (the per-class log-sum-exp of -d^2/2sigma^2 over the counted clusters, the classifier's
-  proper logit); the loss adds λ · mean KL. ``--consistency-steps N > 1`` (also an
-  addition): the QTRADES adversary takes N steps of 2/255 (as TRADES) instead of one of
-  10/255, from the same uniform start; ``--actual-trades`` keeps its own 10 steps.
+* QTRADES adds λ · CE(p, s(x')), x' one signed step of 10/255 from a uniform start in the
+  8/255 ball maximising that CE (``--consistency-steps N``: N steps of 2/255 instead);
+* ``--mse-consistency``: the MSE between clean and adversarial embeddings instead;
+* ``--actual-trades``: the original's adversary, 10 steps on KL(p || softmax(s(x'))) of
+  0.03 *in normalised units* (the original attacks normalised images: 0.03 · std_c per
+  channel in pixels). KL and CE differ by the entropy of p, constant in x', so the training
+  term stays λ · CE;
+* ``--consistency-attack logit``: p = softmax(z(x)), adversary and term on
+  KL(p || softmax(z(x'))) with z = ``ClusterHead.logits``;
+* ``--xent-lambda w`` adds w · CE(s(x), y) on the clean batch.
 
 Decisions (written down because the original is silent or differs):
 
 * The clean side is a **fixed target**: p (and the clean embedding of the MSE variant) is
-  detached, so the consistency term pulls the adversarial prediction toward the clean one
-  and the clean prediction is shaped by the Magnet and cross-entropy terms only.
-* The adversary runs in **eval mode** (the caller's mode is restored) with
-  ``torch.autograd.grad`` on the input only, so no parameter ``.grad`` is written: the
-  original left the adversary's parameter gradients behind and they leaked into the step.
-* Every x' stays inside the 8/255 ball around x and inside [0, 1].
-* Random starts come from the caller's CPU generator, so a run is reproducible on any device.
+  detached, so the term pulls the adversarial prediction toward the clean one.
+* The adversary runs in **eval mode** with ``torch.autograd.grad`` on the input only, so no
+  parameter ``.grad`` is written: the original's adversary gradients leaked into the step.
+* Every x' stays inside the 8/255 ball around x and inside [0, 1]; random starts come from
+  the caller's CPU generator, so a run is reproducible on any device.
 """
 from __future__ import annotations
 
@@ -84,11 +75,6 @@ def kl_divergence(target: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return (target * (log_target - scores.log_softmax(1))).sum(1)
 
 
-def logit_probabilities(head: ClusterHead, emb: torch.Tensor) -> torch.Tensor:
-    """softmax over classes of the classifier's logit ``head.logits``, (N, C)."""
-    return head.logits(emb).softmax(1)
-
-
 @dataclass(frozen=True)
 class Adversary:
     """What the QTRADES adversary attacks (``attack`` in ATTACKS) and its number of steps."""
@@ -113,12 +99,6 @@ def adversary_conflict(adversary: Adversary, mse: bool, actual_trades: bool) -> 
         return ("--consistency-steps sets the QTRADES adversary's steps: --actual-trades "
                 "keeps the original's 10 steps of 0.03 normalised units")
     return None
-
-
-def trades_step(pixel_std) -> torch.Tensor:
-    """The --actual-trades step per channel in pixels, (1, 3, 1, 1): 0.03 normalised units
-    times the data set's per-channel std."""
-    return TRADES_STEP * torch.as_tensor(pixel_std, dtype=torch.float32).view(1, -1, 1, 1)
 
 
 def maximise(model: torch.nn.Module, x: torch.Tensor, objective: Callable[[torch.Tensor],
@@ -155,7 +135,8 @@ class ExtraTerms:
         self.mse = bool(mse_consistency)
         self.actual_trades = bool(actual_trades)
         self.amp = amp
-        self.trades_step = trades_step(pixel_std)  # (1, 3, 1, 1), used with --actual-trades
+        # --actual-trades: 0.03 normalised units per channel, in pixels (1, 3, 1, 1)
+        self.trades_step = TRADES_STEP * torch.as_tensor(pixel_std).float().view(1, -1, 1, 1)
         # the adversary's loop and the clean side's target (--as-original replaces both)
         self.maximise, self.clean_side = maximise, torch.Tensor.detach
         adversary = adversary or Adversary()
@@ -196,7 +177,7 @@ class ExtraTerms:
         if self.mse:
             return F.mse_loss(emb_adv, self.clean_side(emb))
         if self.logit:  # TRADES's KL on the classifier's logit, the clean side fixed
-            p = logit_probabilities(head, self.clean_side(emb))
+            p = head.logits(self.clean_side(emb)).softmax(1)
             return kl_divergence(p, head.logits(emb_adv)).mean()
         p = class_probabilities(head, self.clean_side(emb))  # fixed target
         return soft_cross_entropy(p, head.paper_scores(emb_adv)).mean()
@@ -211,7 +192,7 @@ class ExtraTerms:
             def objective(xa):
                 return (model(xa) - target_emb).pow(2).mean(1)
         elif self.logit:
-            p = logit_probabilities(head, target_emb)
+            p = head.logits(target_emb).softmax(1)
 
             def objective(xa):
                 return kl_divergence(p, head.logits(model(xa)))

@@ -3,22 +3,18 @@
     python -m utils.train.pretrain --dataset cifar10 --data-root ./data \
         --out pretrained_weights/resnet18.pt --epochs 200
 
-The standard CIFAR recipe: SGD (momentum 0.9, weight decay 5e-4, lr 0.1, batch 128) with a
-cosine (or multi-step) schedule, the training augmentation of ``datasets.data.augment``, the
-ResNet18's linear head on inputs in [0, 1]. Batches are indexed from the in-memory uint8
-tensors. After every epoch the train (running, augmented) and test (eval mode) loss and
-accuracy are logged and the weights are written atomically as a plain ``state_dict`` with
-the original's key names, so an interrupted run still leaves a usable file.
+The standard CIFAR recipe (SGD, momentum 0.9, weight decay 5e-4, lr 0.1, batch 128, cosine
+or multi-step schedule) on ``datasets.data.augment``'s batches, through the linear head.
+After every epoch the weights are written atomically as a plain ``state_dict`` with the
+original's key names, so an interrupted run still leaves a usable file.
 
-``--pretrained-path`` starts from given weights instead of random ones. ``--adversarial``
-makes it the cross-entropy adversarial-training baseline (an addition to the original),
-following fast adversarial training (Wong et al. 2020): every batch is replaced by
-adversarial examples of the linear head's cross-entropy, either ``fgsm`` (one signed step
-of 1.25 eps from a uniform start in the eps-ball, eps = 8/255) or ``pgd`` (``--adv-steps``
-steps of 2/255 from the same start), always inside the ball and [0, 1]; the learning rate
-then follows one cycle per run by default (0 -> ``--lr`` at half of the steps -> 0, updated
-every step). The adversary is ``utils.train.consistency.maximise``: eval mode, gradients
-for the input only (fast_adversarial crafts in train mode).
+``--adversarial`` (an addition to the original) makes it the cross-entropy adversarial-
+training baseline of fast adversarial training (Wong et al. 2020): every batch is replaced
+by ``fgsm`` (one signed step of 1.25 eps from a uniform start in the eps-ball, eps = 8/255)
+or ``pgd`` (``--adv-steps`` steps of 2/255 from the same start) examples, and the learning
+rate follows one cycle per run by default. The adversary is
+``utils.train.consistency.maximise``: eval mode, gradients for the input only
+(fast_adversarial crafts in train mode).
 """
 from __future__ import annotations
 
@@ -159,11 +155,6 @@ def evaluate(model: ResNet18, data: ImageData, batch: int, device: torch.device,
     return loss_sum / max(1, len(data)), 100.0 * correct / max(1, len(data))
 
 
-def state_dict_cpu(model: ResNet18) -> dict:
-    """The plain weight file: the original's keys, CPU tensors, no normalisation buffers."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
 def pretrain(model: ResNet18, train: ImageData, test: ImageData, cfg: PretrainConfig,
              device: torch.device, out: str | None = None) -> list[dict]:
     """Train ``model`` with cross-entropy; one history row per epoch; saves to ``out``."""
@@ -179,8 +170,8 @@ def pretrain(model: ResNet18, train: ImageData, test: ImageData, cfg: PretrainCo
         if not per_step:
             scheduler.step()
         test_loss, test_acc = evaluate(model, test, cfg.test_batch, device, cfg.amp)
-        if out:
-            save_atomic(state_dict_cpu(model), out)
+        if out:  # the original's keys, CPU tensors, no normalisation buffers
+            save_atomic({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, out)
         row = dict(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc,
                    test_loss=test_loss, test_acc=test_acc, seconds=time.time() - start)
         history.append(row)
