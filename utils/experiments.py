@@ -12,6 +12,7 @@ import ast
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -86,17 +87,17 @@ def load_experiment(path: str, label: str | None = None) -> Experiment:
     if not os.path.isfile(os.path.join(path, PARAMS)):
         raise UsageError(f"{path} is not an experiment folder: it has no {PARAMS} (pass the "
                          f"--checkpoint directory of a main_clustr.py run)")
-    params = read_params(os.path.join(path, PARAMS))
-    exp = Experiment(path, label or "", params)
-    if os.path.isfile(os.path.join(path, PAPER_CSV)):
-        exp.paper = _read_paper(os.path.join(path, PAPER_CSV))
-    if os.path.isfile(os.path.join(path, SUMMARY)):
-        exp.summary = _read_summary(os.path.join(path, SUMMARY), exp.paper)
-    if os.path.isfile(os.path.join(path, STRONG_CSV)):
-        exp.strong, exp.strong_images, exp.strong_seconds = _read_strong(
-            os.path.join(path, STRONG_CSV))
-    if os.path.isfile(os.path.join(path, files.MODEL_INFO)):
-        _read_model_info(os.path.join(path, files.MODEL_INFO), exp)
+    exp = Experiment(path, label or "", read_params(os.path.join(path, PARAMS)))
+    found = {n: os.path.join(path, n) for n in (PAPER_CSV, SUMMARY, STRONG_CSV, files.MODEL_INFO)
+             if os.path.isfile(os.path.join(path, n))}
+    if PAPER_CSV in found:
+        exp.paper = _read_paper(found[PAPER_CSV])
+    if SUMMARY in found:
+        exp.summary = _read_summary(found[SUMMARY], exp.paper)
+    if STRONG_CSV in found:
+        exp.strong, exp.strong_images, exp.strong_seconds = _read_strong(found[STRONG_CSV])
+    if files.MODEL_INFO in found:
+        _read_model_info(found[files.MODEL_INFO], exp)
     exp.label = one_line_text(label or default_label(exp))
     return exp
 
@@ -194,10 +195,8 @@ def _read_strong(path: str):
     df = _read_csv(path, STRONG_HEADER)
     if df.empty:
         raise UsageError(f"{path} has no rows")
-    keys = [(_number(path, e, "epsilon", 0, 255), a) for e, a in zip(df["epsilon"],
-                                                                    df["attack"])]
-    acc = {k: _number(path, v, "accuracy", 0, 100) for k, v in zip(keys,
-                                                                  df["robust_accuracy"])}
+    keys = [(_number(path, e, "epsilon", 0, 255), a) for e, a in zip(df["epsilon"], df["attack"])]
+    acc = {k: _number(path, v, "accuracy", 0, 100) for k, v in zip(keys, df["robust_accuracy"])}
     seconds = {k: _number(path, s, "seconds") for k, s in zip(keys, df["seconds"]) if s}
     sizes = set(df["examples"])
     if len(sizes) != 1 or not next(iter(sizes)).isdigit():
@@ -291,9 +290,7 @@ def one_line_text(text: str) -> str:
 
 
 def _unique_labels(exps: list[Experiment]) -> None:
-    seen: dict[str, int] = {}
-    for e in exps:
-        seen[e.label] = seen.get(e.label, 0) + 1
+    seen = Counter(e.label for e in exps)
     for e in exps:
         if seen[e.label] > 1:
             e.label = f"{e.label} [{os.path.normpath(e.path)}]"

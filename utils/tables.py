@@ -7,17 +7,12 @@ honest columns, as a pandas DataFrame or Markdown, LaTeX or CSV.
 In Python (a notebook): ``experiment_table(["expA", "expB"])`` returns the DataFrame, its
 notes in ``df.attrs["notes"]``.
 
-A folder is the ``--checkpoint`` directory of a ``main_clustr.py`` run. It is read, never
-written (``--out``/``--plot`` are checked before anything is written: an existing file is
-replaced only with ``--overwrite``, an experiment folder's result files never):
-``params.txt`` (the row's label and protocol), ``attack_results_ext.csv`` (clean accuracy
-and the paper's PGD per eps), ``eval_summary.json`` (how many test images, the PGD
-iterations and restarts) and, after ``--strong``/``--autoattack``,
-``attack_results_strong.csv`` (every attack, the worst case, on the strong attacks'
-images). Columns: clean, the paper's PGD per eps, AutoAttack, the worst case over all
-attacks and the gap (paper PGD - worst case, both on the strong attacks' images) per eps.
-Cells a folder lacks stay empty and a note names the command that fills them; folders
-evaluated under different protocols are flagged in the notes, not silently mixed.
+Folders (read by ``utils.experiments``) are never written; ``--out``/``--plot`` are checked
+before anything is written and replace an existing file only with ``--overwrite``. Columns:
+clean, the paper's PGD per eps, AutoAttack, the worst case over all attacks and the gap
+(paper PGD - worst case, both on the strong attacks' images) per eps. Cells a folder lacks
+stay empty and a note names the command that fills them; folders evaluated under different
+protocols are flagged in the notes, not silently mixed.
 """
 from __future__ import annotations
 
@@ -49,10 +44,9 @@ LATEX_SYMBOLS = {"λ": r"$\lambda$", "×": r"$\times$", "−": "-", "ε": r"$\ep
 
 def experiment_table(folders, epsilons=None, every_attack: bool = False) -> pd.DataFrame:
     """The table as a DataFrame: one row per folder (index: the label), accuracies in %,
-    NaN where a folder lacks the result; ``df.attrs["notes"]`` says what fills the empty
-    cells and which rows were evaluated under a different protocol.
-    ``epsilons``: the eps columns to show (units of 1/255; default every one found);
-    ``every_attack``: also PGD-CE and PGD-DLR on the logit."""
+    NaN where a folder lacks the result, the notes in ``df.attrs["notes"]``. ``epsilons``:
+    the eps columns (units of 1/255; default every one found); ``every_attack``: also
+    PGD-CE and PGD-DLR on the logit."""
     exps = folders if folders and isinstance(folders[0], Experiment) else \
         load_experiments(folders)
     return build_table(exps, epsilons, every_attack)
@@ -82,17 +76,12 @@ def build_table(exps: list[Experiment], epsilons=None, every_attack: bool = Fals
     columns[f"clean{clean_tag}"] = [x.paper.get(0.0) for x in exps]
     for e in grid:
         columns[f"paper PGD {e:g}/255{paper_tag}"] = [x.paper.get(e) for x in exps]
-    if every_attack:
-        for attack in ADAPTIVE:
-            for e in grid:
-                columns[f"{attack.upper()} {e:g}/255{strong_tag}"] = [
-                    x.strong.get((e, attack)) for x in exps]
-    for e in aa_grid:
-        columns[f"AutoAttack {e:g}/255{strong_tag}"] = [x.strong.get((e, "autoattack"))
-                                                        for x in exps]
-    for e in grid:
-        columns[f"worst case {e:g}/255{strong_tag}"] = [x.strong.get((e, "worst-case"))
-                                                        for x in exps]
+    strong = [(a.upper(), a, grid) for a in ADAPTIVE] if every_attack else []
+    for title, attack, eps_grid in strong + [("AutoAttack", "autoattack", aa_grid),
+                                             ("worst case", "worst-case", grid)]:
+        for e in eps_grid:
+            columns[f"{title} {e:g}/255{strong_tag}"] = [x.strong.get((e, attack))
+                                                         for x in exps]
     for e in grid:
         columns[f"gap {e:g}/255{strong_tag}"] = [_gap(x, e) for x in exps]
     df = pd.DataFrame(columns, index=pd.Index([x.label for x in exps], name="experiment"))
