@@ -2,16 +2,10 @@
 
     python -m utils.inspect_ckpt PATH
 
-Prints the format (this project's, or the original code's: same keys, no ``format``), epoch,
-recorded test accuracy, data set and classes, K, L, how the clusters vote, the input
-normalisation, sigma^2, the training examples per cluster and the training arguments where
-stored, and the parameter count. The file is read with ``weights_only=True`` and rebuilt into
-the same ClusterClassifier the evaluation uses, so a checkpoint that prints here also loads.
-
-Anything that is not a ClusTR checkpoint gets one line on stderr and exit status 2. That
-includes a plain ResNet18 state_dict: the line says so (such a file is what
-``--pretrained-path`` takes, and ``--evaluate-ckpt`` evaluates it through its linear head),
-but the status stays 2 so that scripts can tell ClusTR checkpoints from anything else.
+The file is read with ``weights_only=True`` and rebuilt into the same ClusterClassifier the
+evaluation uses, so a checkpoint that prints here also loads. Anything else, a plain ResNet18
+state_dict included (the line says so), gets one line on stderr and exit status 2, so that
+scripts can tell ClusTR checkpoints from anything else.
 """
 from __future__ import annotations
 

@@ -2,15 +2,11 @@
 
     python -m utils.plots expA/checkpoint.pth --data-root ./data --out clusters.png [--tsne]
 
-* ``clusters.png``: the test embeddings in two dimensions (PCA by default, t-SNE with
-  ``--tsne``), coloured by class, the cluster centres as black-edged stars, and for
-  ``--points`` correctly classified test images an arrow to where the paper's PGD (cross-
-  entropy on the bounded cluster scores) and PGD-CE (cross-entropy on the proper logit) at
-  ``--eps`` carry their embedding. ``clusters.json`` beside it reports the projection (PCA:
-  its mean and components, so any 512-d point can be placed), the centres' and the moved
-  points' coordinates and the attacks' predictions.
-* ``training_curves.png`` (``--curves-out``): the loss terms and accuracies per epoch from
-  ``metrics.csv`` beside the checkpoint (or ``--metrics``), when there is one.
+``clusters.png``: the test embeddings in two dimensions (PCA, or t-SNE), the cluster centres,
+and arrows to where the paper's PGD and PGD-CE carry a few embeddings; ``clusters.json``
+beside it holds the projection (PCA: its mean and components, so any 512-d point can be
+placed) and the points' coordinates. ``training_curves.png``: the curves of ``metrics.csv``.
+docs/usage.md ("Pictures of a model") describes both.
 """
 from __future__ import annotations
 

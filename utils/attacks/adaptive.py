@@ -1,18 +1,12 @@
 """Attacks that do not trust the paper's loss: adaptive PGD on the logit, and AutoAttack.
 
 The paper's PGD maximises a cross-entropy on bounded cluster scores, which saturates far
-from the clusters and so overstates robustness. The attacks here target
-the classifier's proper logit, ``model(x)`` (per-class log-sum-exp of -d^2/2sigma^2 over the
-counted clusters; same arg-max as the paper's scores):
-
-* PGD with cross-entropy on the logit (``utils.attacks.pgd.logit_ce_loss``) and with the DLR
-  margin loss (``logit_dlr_loss``), run by ``utils.attacks.sweep`` with the paper's step,
-  iterations and early stopping, but with the per-example rule of AutoAttack across
-  restarts: **fooled wins** (``adaptive_attacks``);
-* AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, Square), through the optional
-  ``autoattack`` (GitHub) or ``pyautoattack`` package (``run_autoattack``).
-
-An example counts as fooled when the logit's arg-max differs from its label.
+from the clusters and so overstates robustness. The attacks here target the classifier's
+proper logit ``model(x)`` (same arg-max as the paper's scores): PGD with cross-entropy and
+with the DLR margin loss, run by ``utils.attacks.sweep`` with the paper's step, iterations
+and early stopping but AutoAttack's rule across restarts (**fooled wins**), and AutoAttack,
+standard version, from either package (``utils.attacks.autoattack_backend``). An example
+counts as fooled when the logit's arg-max differs from its label.
 """
 from __future__ import annotations
 
@@ -87,15 +81,10 @@ def autoattack_unit(ctx: AttackContext, eps: float, i: int, log_path: str | None
 def run_autoattack(ctx: AttackContext, eps: float, log_path: str | None = None,
                    custom: tuple[list[str], int] | None = None) -> Outcome:
     """AutoAttack l-inf at ``eps`` (units of 1/255) on the logits of ``ctx.model``, all of
-    ``ctx.data``,
-    from the GitHub ``autoattack`` package when installed, else ``pyautoattack``
-    (``utils.attacks.autoattack_backend``; ``Outcome.package`` names the one used).
-
-    AutoAttack's adversarial images are checked here, not trusted: an example counts as
-    broken only if its returned image lies in the eps-ball and in [0, 1] and the model's
-    logit arg-max on it is wrong. ``custom=(attacks, iterations)`` gives quick runs (tests);
-    the reported evaluation uses the standard version.
-    """
+    ``ctx.data`` (``Outcome.package`` names the package used). Its images are checked, not
+    trusted: an example counts as broken only if its returned image lies in the eps-ball and
+    in [0, 1] and the logit's arg-max on it is wrong. ``custom=(attacks, iterations)`` gives
+    quick runs (tests); the reported evaluation uses the standard version."""
     model, data, batch, device = ctx.model, ctx.data, ctx.batch, torch.device(ctx.device)
     version, (attacks, iterations) = ("custom", custom) if custom else ("standard",
                                                                        (None, None))

@@ -1,16 +1,9 @@
 """AutoAttack from either package: the authors' GitHub ``autoattack`` or PyPI ``pyautoattack``.
 
-* ``autoattack`` (``pip install git+https://github.com/fra31/auto-attack``, what RobustBench
-  and most papers use): ``AutoAttack(model, norm, eps, version=..., device=..., seed=...,
-  log_path=...)``, ``run_standard_evaluation(x, y, bs=...)`` returning the adversarial
-  images. It prints its progress and, with ``log_path``, appends it to that file.
-* ``pyautoattack`` (``pip install pyautoattack``, a packaging of the same attacks):
-  keyword-only ``AutoAttack(model, norm=, eps=, version=, device=, seed=)``,
-  ``run_standard_evaluation(x, y, batch_size=...)`` returning ``(x_adv, y_adv)``; it logs
-  its progress at DEBUG level to the ``auto-attack`` logger.
-
-``find_backend()`` prefers ``autoattack`` when it is installed; the results name the package
-and version that ran.
+The two differ in their signatures (docs/failures.md has the table): ``autoattack`` takes
+``log_path`` and ``bs=`` and returns the adversarial images; ``pyautoattack`` is keyword-only,
+takes ``batch_size=``, returns ``(x_adv, y_adv)`` and logs its progress at DEBUG level.
+``find_backend()`` prefers ``autoattack``; the results name the package and version that ran.
 """
 from __future__ import annotations
 

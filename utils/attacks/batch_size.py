@@ -1,19 +1,13 @@
 """How many images an attack works on at once (``--attack-batch``).
 
-PGD, the strong attacks and AutoAttack hold one batch's autograd graph of the network at a
-time. On a CPU a batch of 64 keeps that graph in cache (and larger ones are no faster); a GPU
-stays busy only with far larger batches, so on CUDA the default is the largest power of two
-that fits the device's free memory:
-
-1. **estimate**: the bytes one image adds to the saved autograd graph, measured by running
-   the attacked forward pass once at batch 1 and once at batch 2 under
-   ``saved_tensors_hooks`` (the weights, saved once whatever the batch, cancel out), times
-   ``GRAPH_FACTOR`` for what the graph does not save (each activation's gradient in the
-   backward pass, the outputs not kept). ``MEMORY_SHARE`` of the free memory, divided by
-   that, rounded down to a power of two and capped at ``MAX_BATCH`` and at the number of
-   images, is the first candidate;
-2. **probe**: one forward and backward at that size; on out-of-memory the size is halved
-   and tried again, so a wrong estimate costs a few probes, never a failed evaluation.
+Attacks hold one batch's autograd graph of the network at a time. On a CPU a batch of 64
+keeps that graph in cache (larger ones are no faster); a GPU stays busy only with far larger
+batches, so on CUDA the default is the largest power of two that fits the free memory:
+**estimated** from the bytes one image adds to the saved graph (the attacked forward run at
+batch 1 and 2 under ``saved_tensors_hooks``, so the weights cancel out) times
+``GRAPH_FACTOR`` for what the graph does not save, against ``MEMORY_SHARE`` of the free
+memory; then **probed** with one forward and backward, halving on out-of-memory, so a wrong
+estimate costs a few probes, never a failed evaluation.
 
 The batch changes no result of the paper's sweep or of the adaptive PGD: an example's random
 starts depend on its own index only (``utils.attacks.pgd.start_keys``). AutoAttack draws its

@@ -1,23 +1,16 @@
 """The paper's attack: l-inf PGD on the cluster scores, its eps grid, step and restart rule.
 
 Read top to bottom: the attacked loss (``paper_loss``), the sweep's ``EPSILONS`` and
-``STEP``, the attack's settings (``PGD``), the random start, one restart
-(``pgd_restart``: start, ascent, final loss) and the rule that merges restarts (``kept``).
-``utils.attacks.sweep`` runs it, restart after restart over all the batches of the test set,
-at every eps, saving its progress for ``--resume``.
+``STEP``, the attack's settings (``PGD``), the random start, one restart (``pgd_restart``)
+and the rule that merges restarts (``kept``). ``utils.attacks.sweep`` runs it over the test
+set at every eps, saving its progress for ``--resume``.
 
-* The model runs in eval mode; the caller's mode is restored afterwards.
-* Gradients are taken with ``torch.autograd.grad`` on the input only: parameter ``.grad``
-  is never touched.
-* Every perturbation stays inside the eps-ball and keeps x + delta inside [0, 1] (the
-  original's random start did not clip to the image range).
-* At each step only the examples still classified correctly move; with ``shrink=True`` the
-  others leave the batch (fewer forward/backward rows), with ``shrink=False`` they are masked.
-* After each restart every example keeps the perturbation with the highest loss so far
-  (the paper's rule, kept for faithfulness: that loss does not track
-  misclassification, so a later restart can replace a successful perturbation).
-* The random start of an example depends only on (seed, eps index, restart, example index):
-  not on the batch it falls in, nor on the device.
+The model runs in eval mode (the caller's mode is restored) and gradients are taken for the
+input only. Every perturbation stays in the eps-ball with x + delta in [0, 1] (the
+original's random start did not clip to the image range). The paper's restart rule is kept
+for faithfulness although its loss does not track misclassification, so a later restart can
+replace a successful perturbation. An example's random start depends only on (seed, eps
+index, restart, example index): not on the batch it falls in, nor on the device.
 """
 from __future__ import annotations
 

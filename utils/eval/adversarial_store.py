@@ -1,21 +1,8 @@
-"""``--save-adv``: the adversarial images that fooled the model, in one file.
+"""``--save-adv``: the adversarial images that fooled the model, in ``adversarial.pt``.
 
-``adversarial.pt`` (loadable with ``torch.load(path, weights_only=True)``)::
-
-    {"format": "clustr-adversarial-1",
-     "epsilons": [2.0, 8.0, 16.0, 25.5],             # units of 1/255
-     "paper-pgd": {"8": entry, ...},                 # the paper's PGD, every eps
-     "strongest": {"8": entry, ...}}                 # with --strong/--autoattack: per eps,
-                                                     # the attack with the lowest accuracy
-    entry = {"attack": "pgd-dlr", "eps": 8.0,
-             "prediction": "logit arg-max" | "paper scores arg-max",
-             "indices": (k,) test-set indices, "labels": (k,), "pred": (k,),
-             "images": (k, 3, H, W) float32 in [0, 1]}
-
-Every image is re-checked before it is written: inside the eps-ball around its test image
-(up to 1e-6 of float rounding), inside [0, 1], and misclassified by the model on a fresh
-forward pass (``pred`` is that pass's prediction). An image that fails the re-check is left
-out, with a warning.
+Its format is in docs/failures.md. Every image is re-checked before it is written (inside the
+eps-ball around its test image, inside [0, 1], misclassified by the model on a fresh forward
+pass); one that fails is left out, with a warning.
 """
 from __future__ import annotations
 
