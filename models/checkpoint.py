@@ -50,10 +50,7 @@ def check_weights_file(path: str) -> None:
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Copy the weights in ``path`` into ``model`` by name, strictly, with a shape check.
-
-    Missing, unexpected and mis-shaped keys are all listed in one error.
-    """
+    """Copy the weights in ``path`` into ``model`` by name, strictly (``copy_weights``)."""
     check_weights_file(path)
     sd = extract_state_dict(load_checkpoint(path))
     if not sd:
@@ -99,11 +96,8 @@ def has_clusters(ckpt: dict) -> bool:
 def build_checkpoint(backbone: ResNet18, head: ClusterHead, K: int, epoch: int,
                      test_acc: float, extra: dict | None = None,
                      assignments: torch.Tensor | None = None) -> dict:
-    """The checkpoint dict: the original's keys first, this project's extras after.
-
-    ``assignments`` (N,), the training examples' clusters at the last refresh, are stored as
-    ``cluster_sizes`` (C*K,) so a checkpoint shows how its clusters are populated.
-    """
+    """The checkpoint dict: the original's keys first, this project's extras after;
+    ``assignments`` (N,), the last refresh's clusters, stored as ``cluster_sizes`` (C*K,)."""
     ckpt = {
         "state_dict": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
         "epoch": int(epoch),
@@ -123,10 +117,6 @@ def build_checkpoint(backbone: ResNet18, head: ClusterHead, K: int, epoch: int,
     return ckpt
 
 
-def _tensor(value, dtype) -> torch.Tensor:
-    return torch.as_tensor(value).to(dtype)
-
-
 def cluster_parts(ckpt: dict, dataset: str | None = None, L: int | None = None,
                   normalize: bool | None = None
                   ) -> tuple[ResNet18, ClusterHead, list[str] | None]:
@@ -138,9 +128,9 @@ def cluster_parts(ckpt: dict, dataset: str | None = None, L: int | None = None,
                          f"({', '.join(CLUSTER_KEYS)}): not a ClusTR checkpoint")
     backbone = backbone_from_state(ckpt, dataset)
     try:
-        classes = _tensor(ckpt["cluster_classes"], torch.long).reshape(-1)
-        centers = _tensor(ckpt["cluster_centers"], torch.float32)
-        variance = _tensor(ckpt["variance"], torch.float32).reshape(-1)
+        classes = torch.as_tensor(ckpt["cluster_classes"]).long().reshape(-1)
+        centers = torch.as_tensor(ckpt["cluster_centers"]).float()
+        variance = torch.as_tensor(ckpt["variance"]).float().reshape(-1)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise UsageError(f"checkpoint cluster state is not numeric tensors: {exc}") from exc
     if centers.dim() != 2 or centers.shape[1] != EMBEDDING_DIM or len(centers) == 0 or \
