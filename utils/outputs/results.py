@@ -9,6 +9,7 @@ from base.errors import UsageError
 from base.io import write_text_atomic
 
 LOG_HEADER = ("Epoch", "LR", "Train loss", "Train acc.", "Test loss", "Test acc.")
+_HEADER_LINE = "\t".join(LOG_HEADER) + "\n"
 
 
 class EpochLog:
@@ -24,10 +25,7 @@ class EpochLog:
         dropped, so the resumed run writes them again). ``write=False`` only reads and
         checks, so a refusal leaves the file as it was; ``flush()`` writes it."""
         self.path = path
-        if keep_epochs is None:
-            self.text = "\t".join(LOG_HEADER) + "\n"
-        else:
-            self.text = self._kept_rows(keep_epochs)
+        self.text = _HEADER_LINE if keep_epochs is None else self._kept_rows(keep_epochs)
         if write:
             self.flush()
 
@@ -35,15 +33,14 @@ class EpochLog:
         write_text_atomic(self.path, self.text)
 
     def _kept_rows(self, epochs: int) -> str:
-        header = "\t".join(LOG_HEADER) + "\n"
         try:
             with open(self.path) as f:
                 lines = f.read().split("\n")[:-1]  # complete lines only
         except FileNotFoundError:
             lines = []
         if epochs == 0:
-            return header
-        if not lines or lines[0] + "\n" != header:
+            return _HEADER_LINE
+        if not lines or lines[0] + "\n" != _HEADER_LINE:
             raise UsageError(f"{self.path} is missing or has no log header: cannot resume "
                              f"into it (start afresh with --overwrite)")
         rows = [line for line in lines[1:] if line.split("\t", 1)[0].isdigit()
@@ -52,7 +49,7 @@ class EpochLog:
             raise UsageError(f"{self.path} does not hold one row for each of the {epochs} "
                              f"completed epochs: cannot resume into it (start afresh with "
                              f"--overwrite)")
-        return header + "".join(r + "\n" for r in rows)
+        return _HEADER_LINE + "".join(r + "\n" for r in rows)
 
     def append(self, epoch: int, lr: float, train_loss: float, train_acc: float,
                test_loss: float, test_acc: float) -> None:
