@@ -210,9 +210,8 @@ def _load_image_folder(root: str, split: str, workers: int) -> ImageData:
 
 
 def check_same_classes(expected, found, what: str, how: str) -> None:
-    """Refuse two class lists that differ (one line naming both, from where they first
-    differ): ``what`` says whose they are (``"the training classes ... and test classes"``
-    style), ``how`` how to fix it."""
+    """Refuse two class lists that differ, in one line naming both from where they first
+    differ: ``what`` (with two ``{}``) says whose they are, ``how`` how to fix it."""
     expected, found = [str(c) for c in expected], [str(c) for c in found]
     if expected == found:
         return
@@ -229,11 +228,8 @@ def check_same_classes(expected, found, what: str, how: str) -> None:
 
 def balanced_subset(data: ImageData, n: int | None, seed: int,
                     flag: str = "the subset") -> ImageData:
-    """A seeded subset of ``n`` examples with the classes as balanced as the data allow.
-
-    ``n`` larger than the data set is refused (``flag`` names the option in the message)
-    rather than silently ignored.
-    """
+    """A seeded subset of ``n`` examples with the classes as balanced as the data allow; an
+    ``n`` larger than the data set is refused (``flag`` names the option), not ignored."""
     if n and n > len(data):
         raise UsageError(f"{flag} {n} is larger than the {len(data)} examples available: "
                          f"lower it or leave it out to use them all")
@@ -262,11 +258,8 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def augment(images: torch.Tensor, dataset: str, generator: torch.Generator) -> torch.Tensor:
-    """The original's training augmentation on a uint8 batch: crop 32 (pad 4) and flip.
-
-    SVHN is not augmented. The random draws come from ``generator`` (CPU), so a run is
-    reproducible whatever the device.
-    """
+    """The original's training augmentation on a uint8 batch: crop 32 (pad 4) and flip, none
+    for SVHN; drawn from the CPU ``generator``, so a run is reproducible on any device."""
     if dataset == "svhn":
         return images
     dy, dx, flip = crop_flip_draws(len(images), generator)

@@ -213,8 +213,7 @@ def run(args: argparse.Namespace) -> None:
         draw_curves(metrics, curves)
         log.info("wrote %s from %s", curves, metrics)
     else:
-        log.info("no metrics.csv beside %s: no training curves (pass --metrics)",
-                 args.checkpoint)
+        log.info("no metrics.csv beside %s: no training curves (pass --metrics)", args.checkpoint)
 
 
 def main(argv=None) -> int:

@@ -71,8 +71,7 @@ def cluster_checkpoint(args) -> dict:
                          f"clusters ({train.num_classes} classes x --k {args.k})")
     head = fit_cluster_classifier(model, train, args.dataset, args.k, args.L, seed=args.seed,
                                   batch=args.embed_batch, device=device).head
-    test_emb = compute_embeddings(model, test.images, args.embed_batch, device,
-                                  desc="embed test")
+    test_emb = compute_embeddings(model, test.images, args.embed_batch, device, desc="embed test")
     test_acc = (head.predict(test_emb) == test.labels).float().mean()  # on the CPU
     log.info("pretrained clusters: %d training images, %d clusters, test accuracy %.2f%% on "
              "%d images", len(train), head.num_clusters, 100 * test_acc.item(), len(test))

@@ -52,8 +52,7 @@ def experiment_table(folders, epsilons=None, every_attack: bool = False) -> pd.D
     return build_table(exps, epsilons, every_attack)
 
 
-def build_table(exps: list[Experiment], epsilons=None, every_attack: bool = False
-                ) -> pd.DataFrame:
+def build_table(exps: list[Experiment], epsilons=None, every_attack: bool = False) -> pd.DataFrame:
     grid = sorted({e for x in exps for e in x.paper if e > 0} |
                   {e for x in exps for e, _ in x.strong if e > 0})
     if epsilons is not None:
@@ -193,8 +192,7 @@ def to_text(df: pd.DataFrame, fmt: str, digits: int = 2) -> str:
         cells.index = [str(i).replace("|", r"\|") for i in cells.index]  # "|" ends a cell
         if "protocol" in cells:
             cells["protocol"] = [str(v).replace("|", r"\|") for v in cells["protocol"]]
-        table = cells.rename_axis(df.index.name).to_markdown(floatfmt=f".{digits}f",
-                                                             missingval="")
+        table = cells.rename_axis(df.index.name).to_markdown(floatfmt=f".{digits}f", missingval="")
         return table + "\n" + "".join(f"\n* {n}" for n in notes) + ("\n" if notes else "")
     if fmt == "latex":
         table = df.reset_index().to_latex(index=False, escape=True, na_rep="",

@@ -86,8 +86,7 @@ def run_autoattack(ctx: AttackContext, eps: float, log_path: str | None = None,
     in [0, 1] and the logit's arg-max on it is wrong. ``custom=(attacks, iterations)`` gives
     quick runs (tests); the reported evaluation uses the standard version."""
     model, data, batch, device = ctx.model, ctx.data, ctx.batch, torch.device(ctx.device)
-    version, (attacks, iterations) = ("custom", custom) if custom else ("standard",
-                                                                       (None, None))
+    version, (attacks, iterations) = ("custom", custom) if custom else ("standard", (None, None))
     backend = find_backend()
     num_classes = data.num_classes
     if version == "standard" and num_classes < 4:

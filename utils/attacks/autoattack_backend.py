@@ -49,8 +49,7 @@ def find_backend() -> Backend:
         try:
             module = importlib.import_module(package)
         except ImportError as exc:
-            log.warning("AutoAttack package %s is installed but fails to import (%s)", package,
-                        exc)
+            log.warning("AutoAttack package %s is installed but fails to import (%s)", package, exc)
             continue
         if not hasattr(module, "AutoAttack"):
             log.warning("the installed package %s has no AutoAttack class: not the AutoAttack "

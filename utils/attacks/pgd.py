@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from base.tensors import eval_mode
 
 # loss_fn(model, x, y) -> (per-example loss (N,), class scores whose arg-max predicts (N, C))
-LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor],
-                  tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 EPSILONS = (2.0, 8.0, 16.0, 25.5)  # the paper's sweep, in units of 1/255
 STEP = 2.0 / 255                   # its step, in pixel units

@@ -208,8 +208,7 @@ class _Run:
     def _batch(self, unit: dict, r: int, b: int) -> None:
         """Restart ``r`` on this process's ``b``-th batch, merged by the attack's rule."""
         ctx, a = self.ctx, self.attack
-        pos = torch.arange(self.lo + b * ctx.batch, min(self.lo + (b + 1) * ctx.batch,
-                                                        self.hi))
+        pos = torch.arange(self.lo + b * ctx.batch, min(self.lo + (b + 1) * ctx.batch, self.hi))
         labels = ctx.data.labels[self.rows[pos]]
         if a.fooled_wins:  # an example fooled by an earlier restart stays so
             pos = pos[unit["pred"][pos] == labels]

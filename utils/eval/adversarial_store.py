@@ -62,8 +62,7 @@ def save_adversarial(path: str, model, test: ImageData, paper, sub: ImageData | 
             store["paper-pgd"][f"{r.eps:g}"] = _entry(model, test, r, "paper-pgd", batch,
                                                       device, logit=False)
     for eps, o in sorted(strongest(outcomes).items()):
-        store["strongest"][f"{eps:g}"] = _entry(model, sub, o, o.attack, batch, device,
-                                                logit=True)
+        store["strongest"][f"{eps:g}"] = _entry(model, sub, o, o.attack, batch, device, logit=True)
     save_atomic(store, path)
     counts = ", ".join(f"{e}/255 {v['attack']} {len(v['indices'])}"
                        for part in ("paper-pgd", "strongest") for e, v in store[part].items())

@@ -63,8 +63,7 @@ class ExperimentDir:
         if found and not overwrite:
             kind = "evaluation results" if evaluate_only else "results"
             more = "" if evaluate_only else ", --resume to continue its run"
-            shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4
-                                            else "")
+            shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
             raise UsageError(f"{self.path} already holds {kind} ({shown}): choose a new "
                              f"--checkpoint directory, or pass --overwrite to replace them"
                              f"{more}")
@@ -94,5 +93,4 @@ class ExperimentDir:
             if os.path.realpath(self.file(name)) not in keep:
                 os.unlink(self.file(name))
         if old:
-            log.info("--overwrite: removed %d previous result file(s) from %s", len(old),
-                     self.path)
+            log.info("--overwrite: removed %d previous result file(s) from %s", len(old), self.path)

@@ -105,6 +105,5 @@ def magnet_loss_full(emb: torch.Tensor, labels: torch.Tensor, centers: torch.Ten
     log_s = sq_dist / (-2.0 * variance)
     log_num = log_s.gather(1, own[:, None]).squeeze(1) - alpha
     # log(sum_c exp(log_s) + eps) as one logsumexp: eps is one more column, exp(LOG_EPS)
-    log_den = torch.logsumexp(F.pad(log_s.masked_fill(same, -math.inf), (0, 1),
-                                    value=LOG_EPS), 1)
+    log_den = torch.logsumexp(F.pad(log_s.masked_fill(same, -math.inf), (0, 1), value=LOG_EPS), 1)
     return torch.relu(-torch.log((log_num - log_den).exp() + EPS))

@@ -87,8 +87,7 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, steps_per_epoch:
     elif cfg.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     else:
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones),
-                                                         gamma=0.1)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones), gamma=0.1)
     return optimizer, scheduler
 
 
