@@ -19,10 +19,7 @@ def exit_status(command: Callable[[], int | None]) -> int:
     a file that cannot be written: the message names it)."""
     try:
         status = command()
-    except UsageError as exc:
+    except (UsageError, OSError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
     return 0 if status is None else status

@@ -65,11 +65,9 @@ class MagnetSampler:
         self._loss_count = torch.bincount(a, minlength=self.num_clusters)
 
     def record_losses(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
-        """Store the per-example losses (B,) of the examples ``indices`` (B,).
-
-        An example listed twice (drawn by two processes in the same step) keeps its last
-        loss, so every process, given the same gathered lists, holds the same state.
-        """
+        """Store the per-example losses (B,) of the examples ``indices`` (B,). An example
+        listed twice (drawn by two processes in the same step) keeps its last loss, so every
+        process, given the same gathered lists, holds the same state."""
         indices = indices.cpu()
         new = losses.detach().float().cpu()
         if len(indices.unique()) != len(indices):
@@ -96,8 +94,7 @@ class MagnetSampler:
             return torch.full((self.num_clusters,), 1.0 / self.num_clusters)
         total = self._loss_sum
         mean = torch.where(has, total / count.clamp_min(1), (total[has] / count[has]).mean())
-        mean = mean.float()
-        mean = mean * (self._counts > 0)  # an empty cluster is never the seed
+        mean = mean.float() * (self._counts > 0)  # an empty cluster is never the seed
         if mean.sum() <= 0:
             mean = (self._counts > 0).float()
         return mean / mean.sum()

@@ -106,9 +106,8 @@ def write_table(outcomes: list[Outcome], n: int, path: str) -> None:
 def masking_diagnostics(attack: AttackConfig, model, sub: ImageData, outcomes: list[Outcome],
                         device, batch: int) -> dict:
     losses = {"paper": paper_loss, "pgd-ce": logit_ce_loss, "pgd-dlr": logit_dlr_loss}
-    start_eps = DIAGNOSTIC_EPS if DIAGNOSTIC_EPS in EPSILONS else None
-    grads = gradient_summary(model, sub, losses, batch, device, start_eps,
-                             attack.seed, EPSILONS.index(DIAGNOSTIC_EPS) if start_eps else 0)
+    grads = gradient_summary(model, sub, losses, batch, device, DIAGNOSTIC_EPS, attack.seed,
+                             EPSILONS.index(DIAGNOSTIC_EPS))
     for point, stats in grads.items():
         log.info("input gradients at %s: %s", point, ", ".join(
             f"{name} {100 * s['zero_fraction']:.1f}% exactly zero (median l1 "
