@@ -120,12 +120,10 @@ def save_figure(fig, path: str | None) -> None:
 
 
 def atomic_write(path: str, write) -> None:
-    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    A process killed at any moment leaves either the previous file or the new one, never a
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``. A
+    process killed at any moment leaves either the previous file or the new one, never a
     partial one (at worst a hidden ``.<name>.*`` temporary, removed by the next run). The
-    data and the rename are both flushed to disk before returning.
-    """
+    data and the rename are both flushed to disk before returning."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = _named(lambda: tempfile.mkstemp(prefix=temp_prefix(path), dir=folder), path)
     try:

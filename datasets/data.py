@@ -278,11 +278,9 @@ def crop_flip_draws(n: int, generator: torch.Generator, pad: int = 4
 def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
               pad: int = 4) -> torch.Tensor:
     """Zero-pad by ``pad``, crop H x W at row dy / column dx, then mirror where ``flip``.
-
     This is torchvision's RandomCrop(H, padding=pad) followed by RandomHorizontalFlip, with
     the offsets given. The crop is ONE gather over the flattened padded planes, one kernel
-    whatever the batch, rather than indexing with three broadcast index tensors.
-    """
+    whatever the batch, rather than indexing with three broadcast index tensors."""
     n, c, h, w = images.shape
     dev = images.device
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))  # (N, C, H+2p, W+2p)

@@ -43,10 +43,8 @@ class BasicBlock(nn.Module):
 
 class ResNet18(nn.Module):
     """``forward(x)`` maps images in [0, 1] (N, 3, 32, 32) to embeddings (N, 512).
-
     ``classify(x)`` goes on through the linear head (used for pre-training, for plain
-    classifiers given to ``--evaluate-ckpt`` and for weight compatibility).
-    """
+    classifiers given to ``--evaluate-ckpt`` and for weight compatibility)."""
 
     def __init__(self, num_classes: int = 10, mean=CIFAR_MEAN, std=CIFAR_STD):
         super().__init__()

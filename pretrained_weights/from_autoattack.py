@@ -55,10 +55,8 @@ def package_source() -> tuple[Traversable, str]:
 
 
 def fold_input_normalization(state: dict, mean=CIFAR_MEAN, std=CIFAR_STD) -> dict:
-    """Weights for inputs in [0, 1] -> the same network for inputs (x - mean) / std.
-
-    Returns a new dict; only ``conv1.weight`` and ``bn1.running_mean`` change.
-    """
+    """Weights for inputs in [0, 1] -> the same network for inputs (x - mean) / std. Returns
+    a new dict; only ``conv1.weight`` and ``bn1.running_mean`` change."""
     weight = state["conv1.weight"]  # (64, 3, 3, 3)
     mean_t = torch.tensor(mean, dtype=weight.dtype).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=weight.dtype).view(1, 3, 1, 1)

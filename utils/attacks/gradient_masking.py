@@ -68,12 +68,10 @@ def robustness_gaps(paper: dict[float, torch.Tensor],
                     strongest: dict[float, tuple[str, torch.Tensor]],
                     threshold: float = GAP_THRESHOLD) -> tuple[list[dict], list[str]]:
     """Per eps, the paper PGD's accuracy against the strongest attack's on the same examples.
-
-    ``paper[eps]`` and ``strongest[eps][1]`` are (N,) bool robust flags; ``strongest[eps][0]``
-    names the attack. Returns one row per eps (accuracies in %, the gap in points, and how
-    many examples only the paper's attack leaves robust) and a warning per eps whose gap
-    exceeds ``threshold``.
-    """
+    ``paper[eps]`` and ``strongest[eps][1]`` are (N,) bool robust flags;
+    ``strongest[eps][0]`` names the attack. Returns one row per eps (accuracies in %, the gap
+    in points, and how many examples only the paper's attack leaves robust) and a warning per
+    eps whose gap exceeds ``threshold``."""
     rows, warnings = [], []
     for eps in sorted(set(paper) & set(strongest)):
         name, robust = strongest[eps]

@@ -102,7 +102,6 @@ def pgd_restart(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
 
 def kept(best_loss: torch.Tensor, res: AttackResult, fooled_wins: bool = False) -> torch.Tensor:
     """The restart rule: the (N,) mask of the examples that take this restart's perturbation.
-
     The paper's: the highest loss so far, ties to the later restart. ``fooled_wins`` (the
     adaptive attacks, as AutoAttack does): also every example this restart fools; such an
     example is not attacked again (``utils.attacks.sweep`` skips it)."""

@@ -13,11 +13,9 @@ _HEADER_LINE = "\t".join(LOG_HEADER) + "\n"
 
 
 class EpochLog:
-    """``log.txt``: a tab-separated header and one row per epoch, as the original's.
-
-    Every append rewrites the whole (small) file atomically, so a killed process leaves the
-    rows of completed epochs and never a half-written line.
-    """
+    """``log.txt``: a tab-separated header and one row per epoch, as the original's. Every
+    append rewrites the whole (small) file atomically, so a killed process leaves the rows of
+    completed epochs and never a half-written line."""
 
     def __init__(self, path: str, keep_epochs: int | None = None, write: bool = True):
         """A fresh log (header only); or, with ``keep_epochs=E`` when resuming, the existing
@@ -78,16 +76,14 @@ LOSS_TERMS = ("magnet", "consistency", "xent")
 
 
 class MetricsCSV:
-    """``metrics.csv``: one row of named metrics per epoch, the whole file rewritten atomically.
-
-    ``magnet``, ``consistency`` and ``xent`` are the mean per-step contributions to the
-    training loss (weights applied, 0 for a disabled term); the other columns repeat
-    ``log.txt``'s full-set losses and accuracies, plus the epoch's wall time.
-    """
+    """``metrics.csv``: one row of named metrics per epoch, the whole file rewritten
+    atomically. ``magnet``, ``consistency`` and ``xent`` are the mean per-step contributions
+    to the training loss (weights applied, 0 for a disabled term); the other columns repeat
+    ``log.txt``'s full-set losses and accuracies, plus the epoch's wall time."""
 
     def __init__(self, path: str, keep_epochs: int | None = None):
-        """A fresh file; or, resuming after ``keep_epochs`` completed epochs, the existing rows
-        of those epochs (a row of an unfinished epoch is dropped and written again)."""
+        """A fresh file; or, resuming after ``keep_epochs`` completed epochs, the existing
+        rows of those epochs (a row of an unfinished epoch is dropped and written again)."""
         self.path = path
         self.rows: list[list] = []
         if keep_epochs and os.path.exists(path):

@@ -51,12 +51,10 @@ ATTACKS = ("paper", "logit")  # --consistency-attack: the scores the adversary a
 
 
 def class_probabilities(head: ClusterHead, emb: torch.Tensor) -> torch.Tensor:
-    """The paper's class scores divided by their sum, (N, C).
-
-    Computed as a softmax over the counted clusters' -d^2/2sigma^2 summed per class, which
-    equals scores / scores.sum(1) exactly but stays finite when every exp(-d^2/2sigma^2)
-    underflows (where the plain ratio would be 0/0).
-    """
+    """The paper's class scores divided by their sum, (N, C). Computed as a softmax over the
+    counted clusters' -d^2/2sigma^2 summed per class, which equals scores / scores.sum(1)
+    exactly but stays finite when every exp(-d^2/2sigma^2) underflows (where the plain ratio
+    would be 0/0)."""
     log_scores = head.cluster_log_scores(emb)  # (N, C*K)
     counted = log_scores.masked_fill(~head.counted_mask(log_scores), -float("inf"))
     per_cluster = counted.softmax(1)  # (N, C*K), zero outside the counted clusters
@@ -105,12 +103,10 @@ def maximise(model: torch.nn.Module, x: torch.Tensor, objective: Callable[[torch
              torch.Tensor], start: torch.Tensor, step: float | torch.Tensor, steps: int,
              eps: float = EPS) -> torch.Tensor:
     """x' = x + delta maximising ``objective(x')`` (per example, (N,)) by signed gradients.
-
     ``start`` (N, 3, H, W) is the initial perturbation; it and every step are projected to
-    the eps-ball and to [0, 1]. ``step`` is a float or a per-channel (1, 3, 1, 1) tensor.
-    The model runs in eval mode and only the input gets a gradient, so parameter ``.grad``
-    is left exactly as it was.
-    """
+    the eps-ball and to [0, 1]. ``step`` is a float or a per-channel (1, 3, 1, 1) tensor. The
+    model runs in eval mode and only the input gets a gradient, so parameter ``.grad`` is
+    left exactly as it was."""
     x = x.detach()
     if isinstance(step, torch.Tensor):
         step = step.to(x.device, x.dtype)
@@ -155,11 +151,9 @@ class ExtraTerms:
     def terms(self, model: torch.nn.Module, head: ClusterHead, x: torch.Tensor,
               emb: torch.Tensor, labels: torch.Tensor,
               generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """{'consistency': ..., 'xent': ...} for the enabled terms, weights applied.
-
-        ``x`` (N, 3, H, W) is the batch the model saw, ``emb`` (N, 512) its training-mode
-        embeddings (with the graph), ``labels`` (N,) its classes.
-        """
+        """{'consistency': ..., 'xent': ...} for the enabled terms, weights applied. ``x``
+        (N, 3, H, W) is the batch the model saw, ``emb`` (N, 512) its training-mode
+        embeddings (with the graph), ``labels`` (N,) its classes."""
         out = {}
         if self.consistency_lambda > 0:
             out["consistency"] = self.consistency_lambda * self.consistency(

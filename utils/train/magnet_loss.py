@@ -30,12 +30,9 @@ LOG_EPS = math.log(EPS)
 
 def magnet_loss(emb: torch.Tensor, clusters: torch.Tensor, cluster_classes: torch.Tensor,
                 alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stochastic Magnet loss of a batch.
-
-    emb (N, D); clusters (N,) global cluster ids; cluster_classes (C*K,) class of every
-    cluster. Returns the per-example losses (N,) and the batch variance sigma^2 (not detached:
-    the original back-propagates through it).
-    """
+    """Stochastic Magnet loss of a batch. emb (N, D); clusters (N,) global cluster ids;
+    cluster_classes (C*K,) class of every cluster. Returns the per-example losses (N,) and
+    the batch variance sigma^2 (not detached: the original back-propagates through it)."""
     # Every cluster gets a column and the clusters absent from the batch are left out of the
     # denominator: the same loss as over the batch's M clusters alone, with no data-dependent
     # shapes (torch.unique would wait for the GPU at every step).
@@ -93,12 +90,10 @@ class _BatchMagnet(torch.autograd.Function):
 def magnet_loss_full(emb: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
                      cluster_classes: torch.Tensor, variance: torch.Tensor,
                      alpha: float) -> torch.Tensor:
-    """Per-example Magnet loss (N,) against every centroid, as ClusTR reports it.
-
-    The own cluster is the nearest centroid of the example's class; only other-class clusters
-    enter the denominator (the original also counted same-class clusters, as exp(0) = 1).
-    ``variance`` is a scalar or one value per cluster (C*K,).
-    """
+    """Per-example Magnet loss (N,) against every centroid, as ClusTR reports it. The own
+    cluster is the nearest centroid of the example's class; only other-class clusters enter
+    the denominator (the original also counted same-class clusters, as exp(0) = 1).
+    ``variance`` is a scalar or one value per cluster (C*K,)."""
     sq_dist = squared_distances(emb, centers)  # (N, C*K)
     same = cluster_classes[None, :] == labels[:, None]
     own = sq_dist.masked_fill(~same, float("inf")).argmin(1)
