@@ -71,14 +71,12 @@ def make_adversary(backend: Backend, model: torch.nn.Module, eps: float, version
                    device: torch.device, seed: int, attacks: list[str] | None = None,
                    log_path: str | None = None):
     """An AutoAttack l-inf adversary at ``eps`` (pixel units) from ``backend``."""
-    AutoAttack = backend.module.AutoAttack
-    if backend.package == "autoattack":
-        kwargs = {"attacks_to_run": attacks} if version == "custom" else {}
-        return AutoAttack(model, norm="Linf", eps=eps, version=version, device=device,
-                          seed=seed, log_path=log_path, **kwargs)
-    kwargs = {"attacks": attacks} if version == "custom" else {}
-    return AutoAttack(model, norm="Linf", eps=eps, version=version, device=device, seed=seed,
-                      **kwargs)
+    github = backend.package == "autoattack"
+    kwargs = {"log_path": log_path} if github else {}
+    if version == "custom":
+        kwargs["attacks_to_run" if github else "attacks"] = attacks
+    return backend.module.AutoAttack(model, norm="Linf", eps=eps, version=version,
+                                     device=device, seed=seed, **kwargs)
 
 
 def run_adversary(backend: Backend, adversary, x: torch.Tensor, y: torch.Tensor,
