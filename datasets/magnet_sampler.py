@@ -43,8 +43,7 @@ class MagnetSampler:
         self.centers = centers.detach().cpu().float()
         # examples grouped by cluster: members of cluster c are order[start[c]:start[c+1]]
         self._order = self.assignments.argsort(stable=True)
-        counts = torch.bincount(self.assignments, minlength=self.num_clusters)
-        self._counts = counts
+        self._counts = counts = torch.bincount(self.assignments, minlength=self.num_clusters)
         self._start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         # nearest other-class centroids of every cluster, computed once per refresh
         dist = torch.cdist(self.centers, self.centers)

@@ -1,11 +1,8 @@
 """The checkpoint format (the original's keys and this project's extras) and weight copying.
 
-A checkpoint is a dict with at least the original's keys: ``state_dict`` (the ResNet18 only,
-original key names), ``epoch``, ``test_acc``, ``cluster_centers`` (C*K, 512),
-``cluster_classes`` (C*K,), ``variance`` (C*K,), ``K``, ``L`` and ``normalize_probs``. This
-project adds plain-typed extras (``args``, ``dataset``, ``classes``, ``format``) that the
-original ignores. Files are read with ``base.io.load_checkpoint`` (``weights_only=True``: no
-arbitrary unpickling) and written with ``base.io.save_atomic``.
+A checkpoint is a dict with at least the original's keys (``ORIGINAL_KEYS``: the ResNet18's
+``state_dict`` with the original's key names, the cluster state, K, L, ...); this project
+adds plain-typed extras (``PROJECT_KEYS``) that the original ignores.
 """
 from __future__ import annotations
 

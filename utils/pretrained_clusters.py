@@ -6,10 +6,8 @@ sigma^2, and writes a checkpoint with the original's keys (``epoch`` 0) that
 ``main_clustr.py --evaluate-ckpt`` evaluates like any trained one. No weight changes:
 this is exactly the state ClusTR training starts its first epoch from.
 
-    python -m utils.pretrained_clusters --dataset imagefolder \
-        --data-root ../shared/data/cifar10-subset \
-        --pretrained-path ../shared/data/weights/resnet18_cifar10.pt \
-        --k 2 --L 20 --out runs/pretrained_clusters/checkpoint.pth
+    python -m utils.pretrained_clusters --pretrained-path WEIGHTS.pt --data-root DIR \
+        --dataset imagefolder --k 2 --L 20 --out runs/pretrained_clusters/checkpoint.pth
 """
 from __future__ import annotations
 

@@ -82,10 +82,8 @@ def _make_folders(folder: str) -> str | None:
 
 
 def _remove_empty(folder: str, top: str | None) -> None:
-    if top is None:
-        return
     current = os.path.abspath(folder)
-    while True:
+    while top is not None:
         try:
             os.rmdir(current)
         except OSError:  # not empty: the run wrote into it
