@@ -1,18 +1,15 @@
 """The Magnet loss batch sampler: a seed cluster, its nearest impostors, d examples each.
 
-State (owned here, refreshed by the training loop once per epoch):
-  * ``assignments`` (N,): each training example's global cluster id (class*K + i);
-  * ``centers`` (C*K, D): the centroids, for finding impostors;
-  * ``losses`` (N,): each example's last per-sample loss, NaN until it has one.
+State, refreshed by the training loop once per epoch: ``assignments`` (N,) each example's
+global cluster id (class*K + i), ``centers`` (C*K, D) for finding impostors, and ``losses``
+(N,) each example's last loss, NaN until it has one.
 
 The seed cluster is drawn with probability proportional to the mean known loss of its
 examples. Before any loss is known the draw is uniform; a cluster none of whose examples has
 a loss yet gets the mean of the known cluster losses, so it is neither starved nor favoured.
-
-Every step needs those per-cluster means, so the sampler keeps each cluster's sum and count of
-known losses up to date in ``record_losses`` (O(batch) per step) and recounts them from
-scratch whenever the assignments or the losses are replaced, instead of scanning all N
-examples at every step.
+Each cluster's sum and count of known losses are kept up to date in ``record_losses``
+(O(batch) per step, instead of scanning all N examples) and recounted from scratch whenever
+the assignments or the losses are replaced.
 """
 from __future__ import annotations
 

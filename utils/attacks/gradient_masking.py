@@ -2,15 +2,12 @@
 
 Two symptoms, after the checks of AutoAttack's authors (``checks.py``):
 
-* **Vanishing gradients.** The paper's loss is a cross-entropy on class scores
-  exp(-d^2/2sigma^2) that underflow to exactly 0 far from every cluster; its input gradient
-  is then exactly zero and sign-PGD cannot move. ``gradient_summary`` reports, per loss, the
-  fraction of examples whose input gradient is exactly zero and the median of its l1 norm,
-  on the clean images and at the attacks' random start.
-* **A robustness gap.** Where the loss saturates without vanishing (scores tiny but not
-  zero), PGD wanders away from every cluster without crossing a decision boundary.
-  ``robustness_gaps`` compares the paper PGD's accuracy with the strongest attack's on the
-  same examples and warns when it is more than ``threshold`` points higher.
+* **Vanishing gradients.** The paper's class scores exp(-d^2/2sigma^2) underflow to exactly
+  0 far from every cluster; the cross-entropy's input gradient is then exactly zero and
+  sign-PGD cannot move (``gradient_summary``: the share of exactly-zero gradients per loss).
+* **A robustness gap.** Where the loss saturates without vanishing, PGD wanders away from
+  every cluster without crossing a decision boundary (``robustness_gaps``: the paper PGD's
+  accuracy against the strongest attack's on the same examples).
 """
 from __future__ import annotations
 

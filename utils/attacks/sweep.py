@@ -1,17 +1,15 @@
 """The resumable attack engine: every attack of the evaluation runs through ``attack_unit``.
 
-A *unit* is one attack at one eps (``pgd/1`` for the paper's PGD at the second eps of its
-grid, ``pgd-ce/0``, ``pgd-dlr/3``, ``autoattack/0``): a PGD unit runs its restarts one
-after the other, each over all the attacked examples in batches, and merges every restart
-into the kept perturbations with the attack's rule (``utils.attacks.pgd.kept``). Its
-progress goes to the context's ``state`` (``utils.eval.eval_state.EvalState``) after every
-restart and, on a stop request, after the batch that was running; ``--resume`` continues
-from there and computes what the uninterrupted run would have, since every random start
-depends only on (seed, eps index, restart, example index).
+A *unit* is one attack at one eps (``pgd/1``: the paper's PGD at the second eps of its grid;
+``pgd-ce/0``, ``autoattack/0``): its restarts run one after the other over the attacked
+examples in batches, each merged into the kept perturbations by the attack's rule. Progress
+goes to ``ctx.state`` after every restart and, on a stop request, after the running batch;
+``--resume`` continues from there and computes what the uninterrupted run would have, since
+every random start depends only on (seed, eps index, restart, example index).
 
-Only the examples the model classifies correctly without attack are attacked: the others
-are non-robust already (delta = 0 fools them) and keep their clean prediction. Under
-torchrun each process attacks its shard of them; the rows are gathered at each save.
+Only the examples classified correctly without attack are attacked (delta = 0 fools the
+others, which keep their clean prediction). Under torchrun each process attacks its shard;
+the rows are gathered at each save.
 """
 from __future__ import annotations
 

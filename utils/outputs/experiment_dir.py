@@ -2,12 +2,10 @@
 that a run never overwrites results it was not asked to replace.
 
 A training run refuses a directory that already holds any output of this project; an
-evaluation-only run (``--evaluate-ckpt``) refuses one that already holds evaluation outputs
-(``params.txt`` included, since it would be rewritten). ``--resume`` continues the run whose
-``resume.pth`` is there; ``--overwrite`` deletes the previous outputs first. Files of other
-names are never touched, so a directory may also hold the user's own notes or weights.
-All of this is decided before anything is written, under the lock that keeps a second run
-out of the directory (``run_lock``).
+evaluation-only run one that holds evaluation outputs (``params.txt`` included: it would be
+rewritten). ``--resume`` continues the run there; ``--overwrite`` deletes the previous
+outputs first. Files of other names are never touched. All of this is decided before
+anything is written, under the lock that keeps a second run out (``run_lock``).
 """
 from __future__ import annotations
 
