@@ -7,12 +7,10 @@ honest columns, as a pandas DataFrame or Markdown, LaTeX or CSV.
 In Python (a notebook): ``experiment_table(["expA", "expB"])`` returns the DataFrame, its
 notes in ``df.attrs["notes"]``.
 
-Folders (read by ``utils.experiments``) are never written; ``--out``/``--plot`` are checked
-before anything is written and replace an existing file only with ``--overwrite``. Columns:
-clean, the paper's PGD per eps, AutoAttack, the worst case over all attacks and the gap
-(paper PGD - worst case, both on the strong attacks' images) per eps. Cells a folder lacks
-stay empty and a note names the command that fills them; folders evaluated under different
-protocols are flagged in the notes, not silently mixed.
+Folders (read by ``utils.experiments``) are never written; ``--out``/``--plot`` replace an
+existing file only with ``--overwrite``. Cells a folder lacks stay empty and a note names the
+command that fills them; folders evaluated under different protocols are flagged in the
+notes, not silently mixed.
 """
 from __future__ import annotations
 
@@ -165,11 +163,9 @@ def fill_command(x: Experiment, out: str, strong: bool = False, aa_eps=None) -> 
     """The main_clustr.py call that evaluates this folder's checkpoint under its protocol."""
     p = x.params
     argv = ["python", "main_clustr.py", "--checkpoint", out, "--evaluate-ckpt", x.checkpoint]
-    for flag, name in (("--dataset", "dataset"), ("--data-root", "data_root"),
-                       ("--test-subset", "test_subset"), ("--seed", "seed"),
-                       ("--iterations", "iterations"), ("--restarts", "restarts"),
-                       ("--L", "L")):
-        if p.get(name) is not None:
+    for flag in ("--dataset", "--data-root", "--test-subset", "--seed", "--iterations",
+                 "--restarts", "--L"):
+        if p.get(name := flag[2:].replace("-", "_")) is not None:
             argv += [flag, str(p[name])]
     if p.get("not_normalize"):
         argv.append("--not-normalize")

@@ -2,20 +2,12 @@
 
 All of them read the cluster state of the current epoch (a ``ClusterHead``: centroids,
 classes and the inference sigma^2), while the Magnet term uses the batch's own means. The
-flags are described in docs/usage.md; in short, with p the clean class probabilities (the
-paper's class scores normalised to sum to one) and s the paper's bounded class scores used
-as logits, as the original does:
-
-* QTRADES adds λ · CE(p, s(x')), x' one signed step of 10/255 from a uniform start in the
-  8/255 ball maximising that CE (``--consistency-steps N``: N steps of 2/255 instead);
-* ``--mse-consistency``: the MSE between clean and adversarial embeddings instead;
-* ``--actual-trades``: the original's adversary, 10 steps on KL(p || softmax(s(x'))) of
-  0.03 *in normalised units* (the original attacks normalised images: 0.03 · std_c per
-  channel in pixels). KL and CE differ by the entropy of p, constant in x', so the training
-  term stays λ · CE;
-* ``--consistency-attack logit``: p = softmax(z(x)), adversary and term on
-  KL(p || softmax(z(x'))) with z = ``ClusterHead.logits``;
-* ``--xent-lambda w`` adds w · CE(s(x), y) on the clean batch.
+flags are described in docs/usage.md. QTRADES adds λ · CE(p, s(x')), with p the clean class
+probabilities (the paper's class scores normalised to sum to one), s the paper's bounded
+scores used as logits, as the original does, and x' its adversary. ``--actual-trades``
+keeps the original's adversary: 10 steps on KL(p || softmax(s(x'))) of 0.03 *in normalised
+units* (it attacked normalised images: 0.03 · std_c per channel in pixels); KL and CE differ
+by the entropy of p, constant in x', so the training term stays λ · CE.
 
 Decisions (written down because the original is silent or differs):
 

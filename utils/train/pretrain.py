@@ -3,18 +3,13 @@
     python -m utils.train.pretrain --dataset cifar10 --data-root ./data \
         --out pretrained_weights/resnet18.pt --epochs 200
 
-The standard CIFAR recipe (SGD, momentum 0.9, weight decay 5e-4, lr 0.1, batch 128, cosine
-or multi-step schedule) on ``datasets.data.augment``'s batches, through the linear head.
-After every epoch the weights are written atomically as a plain ``state_dict`` with the
-original's key names, so an interrupted run still leaves a usable file.
-
-``--adversarial`` (an addition to the original) makes it the cross-entropy adversarial-
-training baseline of fast adversarial training (Wong et al. 2020): every batch is replaced
-by ``fgsm`` (one signed step of 1.25 eps from a uniform start in the eps-ball, eps = 8/255)
-or ``pgd`` (``--adv-steps`` steps of 2/255 from the same start) examples, and the learning
-rate follows one cycle per run by default. The adversary is
-``utils.train.consistency.maximise``: eval mode, gradients for the input only
-(fast_adversarial crafts in train mode).
+The standard CIFAR recipe through the linear head (docs/usage.md). After every epoch the
+weights are written atomically as a plain ``state_dict`` with the original's key names, so
+an interrupted run still leaves a usable file. ``--adversarial`` (an addition) makes it the
+adversarial-training baseline of fast adversarial training (Wong et al. 2020): FGSM (one
+step of 1.25 eps from a uniform start) or PGD examples of the cross-entropy, a one-cycle
+learning rate by default. The adversary is ``utils.train.consistency.maximise``: eval mode,
+gradients for the input only (fast_adversarial crafts in train mode).
 """
 from __future__ import annotations
 
