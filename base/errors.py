@@ -1,6 +1,7 @@
 """The one exception type a user sees as a one-line message and exit status 2."""
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 
@@ -11,6 +12,12 @@ class UsageError(Exception):
 
 def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
+
+
+def first_line(exc: BaseException) -> str:
+    """A library error quoted in one line: its message's first (<= 200 characters, no colour)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def exit_status(command: Callable[[], int | None]) -> int:

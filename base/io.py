@@ -18,7 +18,7 @@ import zipfile
 
 import torch
 
-from base.errors import UsageError
+from base.errors import UsageError, first_line
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -43,7 +43,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         elif isinstance(exc, pickle.UnpicklingError):
             raise UsageError(_refusal(path, str(exc))) from exc
         else:
-            why = _first_line(exc)
+            why = first_line(exc)
         raise UsageError(f"{path} is not a readable PyTorch file (truncated or corrupt?): "
                          f"{why}") from exc
     if not isinstance(obj, dict):
@@ -85,12 +85,6 @@ def _first_global(path: str) -> str | None:
     except (OSError, ValueError, StopIteration, zipfile.BadZipFile):
         return None
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return first[:200]
 
 
 def save_atomic(obj, path: str) -> None:

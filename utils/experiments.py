@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from base.errors import UsageError
+from base.errors import UsageError, first_line
 from base.io import file_sha256
 from utils.outputs import files
 
@@ -127,7 +127,7 @@ def _read_csv(path: str, header: list[str]) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path} is not a readable CSV file ({_first_line(exc)})") from None
+        raise UsageError(f"{path} is not a readable CSV file ({first_line(exc)})") from None
     if list(df.columns) != header:
         raise UsageError(f"{path} has the columns {','.join(map(str, df.columns))}, not "
                          f"{','.join(header)}: a file of another format or an older version")
@@ -162,7 +162,7 @@ def _read_summary(path: str, paper: dict[float, float]) -> dict:
         with open(path) as f:
             summary = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path} is not a JSON file ({_first_line(exc)})") from None
+        raise UsageError(f"{path} is not a JSON file ({first_line(exc)})") from None
     missing = [k for k in SUMMARY_KEYS if not isinstance(summary, dict) or k not in summary]
     if missing:
         raise UsageError(f"{path} has no {', '.join(missing)}: a file of another format or an "
@@ -214,7 +214,7 @@ def _read_model_info(path: str, exp: Experiment) -> None:
         acc = _number(path, str(info["autoattack_acc"]), "autoattack_acc", 0, 100)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise UsageError(f"{path} is not a model_info.json of this project "
-                         f"({_first_line(exc)})") from None
+                         f"({first_line(exc)})") from None
     known = exp.strong.get((eps, "autoattack"))
     if known is not None and abs(known - acc) > 0.005:
         raise UsageError(f"{path} (AutoAttack {acc:.2f}%) and {STRONG_CSV} ({known:.2f}%) are "
@@ -223,10 +223,6 @@ def _read_model_info(path: str, exp: Experiment) -> None:
     if exp.strong_images is None and isinstance(info.get("n_examples"), int):
         exp.strong_images = info["n_examples"]
     exp.model_info = info
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 # -- labels ----------------------------------------------------------------------------------
