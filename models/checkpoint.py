@@ -181,7 +181,6 @@ def backbone_from_state(ckpt: dict, dataset: str | None = None) -> ResNet18:
     if "linear.weight" not in sd:
         raise UsageError("checkpoint has no ResNet18 weights (no linear.weight)")
     dataset = ckpt.get("dataset", dataset) if dataset is None else dataset
-    mean, std = normalization_for(dataset or "cifar10")
-    backbone = ResNet18(num_classes=sd["linear.weight"].shape[0], mean=mean, std=std)
+    backbone = ResNet18(sd["linear.weight"].shape[0], *normalization_for(dataset or "cifar10"))
     copy_weights(backbone, sd, "checkpoint")
     return backbone.eval()

@@ -60,8 +60,7 @@ def cluster_checkpoint(args) -> dict:
                                          workers=args.workers), args.train_subset, args.seed)
     test = balanced_subset(load_dataset(args.dataset, args.data_root, "test",
                                         workers=args.workers), args.test_subset, args.seed)
-    mean, std = normalization_for(args.dataset)
-    model = ResNet18(train.num_classes, mean, std)
+    model = ResNet18(train.num_classes, *normalization_for(args.dataset))
     load_weights(model, args.pretrained_path)
     model.to(device).eval()
     if args.L > train.num_classes * args.k:

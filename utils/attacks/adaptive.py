@@ -28,13 +28,11 @@ AUTOATTACK_HINT = HINT
 
 
 def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Difference-of-logits-ratio loss (Croce & Hein, 2020), per example: (N,).
-
-    -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12), with z_pi1 >= z_pi2 >= ... the sorted
-    logits. It is positive exactly when the example is misclassified and, being invariant to
-    shifting and scaling the logits, cannot saturate the way a bounded score does. With two
-    classes there is no third logit: the plain margin -(z_y - z_other) is used.
-    """
+    """Difference-of-logits-ratio loss (Croce & Hein, 2020), per example (N,):
+    -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12), z_pi1 >= z_pi2 >= ... the sorted
+    logits. Positive exactly when the example is misclassified and, invariant to shifting and
+    scaling the logits, it cannot saturate the way a bounded score does. With two classes
+    there is no third logit: the plain margin -(z_y - z_other) is used."""
     z_y = logits.gather(1, y[:, None]).squeeze(1)                       # (N,)
     others = logits.scatter(1, y[:, None], -float("inf"))
     margin = z_y - others.amax(1)                                       # (N,)

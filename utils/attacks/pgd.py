@@ -44,7 +44,7 @@ def logit_ce_loss(model, x, y):
 @dataclass(frozen=True)
 class PGD:
     """One PGD attack as the sweep runs it at each eps: loss, step, budget and restart rule.
-    ``PAPER_PGD`` with the evaluation's ``iterations`` and ``restarts`` is the paper's."""
+    The defaults, with the evaluation's ``iterations`` and ``restarts``, are the paper's."""
 
     name: str = "pgd"           # names its units in the resume state and its log lines
     loss_fn: LossFn = paper_loss

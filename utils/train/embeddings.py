@@ -22,10 +22,10 @@ def compute_embeddings(model: torch.nn.Module, images: torch.Tensor, batch_size:
 
 
 def default_embed_batch(device: torch.device) -> int:
-    """Batch size of the embedding pass when none is given: 256 on a GPU, which needs large
-    batches to stay busy, 64 on a CPU, where a batch's activations should fit in cache (the
-    first stage's output is 16 MB for 64 images, 67 MB for 256). ``python -m benchmarks.run``
-    measures the time per image at each batch size on the machine at hand."""
+    """The embedding pass's batch when none is given: 256 on a GPU, which needs large batches
+    to stay busy, 64 on a CPU, where a batch's activations should fit in cache (the first
+    stage's output is 16 MB for 64 images, 67 MB for 256; ``python -m benchmarks.run``
+    measures it)."""
     return 256 if device.type == "cuda" else 64
 
 

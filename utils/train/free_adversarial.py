@@ -38,9 +38,7 @@ class FreePerturbation:
 
     def current(self, x: torch.Tensor) -> torch.Tensor:
         """x + the delta after the last step, detached (for the sampler's loss forward)."""
-        if self.delta is None:
-            return x.detach()
-        return (x + self.delta[:len(x)]).detach()
+        return (x if self.delta is None else x + self.delta[:len(x)]).detach()
 
     def perturb(self, x: torch.Tensor) -> torch.Tensor:
         """x + delta for this replay, with delta a leaf that collects its gradient."""

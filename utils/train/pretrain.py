@@ -69,10 +69,9 @@ class PretrainConfig:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, steps_per_epoch: int = 1):
-    """SGD with momentum and weight decay, and its learning-rate schedule: per epoch, or
-    per step for ``onecycle`` (a triangle from 0 up to ``cfg.lr`` at half of the
-    ``epochs * steps_per_epoch`` steps and back to 0, fast adversarial training's cyclic
-    rate)."""
+    """SGD with momentum and weight decay, and its learning-rate schedule: per epoch, or per
+    step for ``onecycle`` (a triangle from 0 up to ``cfg.lr`` at half of the ``epochs *
+    steps_per_epoch`` steps and back to 0, fast adversarial training's cyclic rate)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     if cfg.schedule == "onecycle":
@@ -97,9 +96,8 @@ def adversarial_batch(model: ResNet18, x: torch.Tensor, y: torch.Tensor, cfg: Pr
     def objective(xa):
         return F.cross_entropy(model.classify(xa), y, reduction="none")
 
-    if cfg.adversarial == "fgsm":
-        return maximise(model, x, objective, start, FGSM_STEP, 1)
-    return maximise(model, x, objective, start, PGD_STEP, cfg.adv_steps)
+    step, steps = (FGSM_STEP, 1) if cfg.adversarial == "fgsm" else (PGD_STEP, cfg.adv_steps)
+    return maximise(model, x, objective, start, step, steps)
 
 
 def train_one_epoch(model: ResNet18, optimizer: torch.optim.Optimizer, data: ImageData,
@@ -240,8 +238,7 @@ def run(args: argparse.Namespace) -> int:
                                         workers=args.workers), args.test_subset, args.seed)
     log.info("pre-training a ResNet18 on %s: %d training and %d test images, %d classes",
              args.dataset, len(train), len(test), train.num_classes)
-    mean, std = normalization_for(args.dataset)
-    model = ResNet18(train.num_classes, mean, std)
+    model = ResNet18(train.num_classes, *normalization_for(args.dataset))
     if args.pretrained_path:
         load_weights(model, args.pretrained_path)
         log.info("starting from %s", args.pretrained_path)
