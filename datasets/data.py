@@ -25,7 +25,6 @@ _EXPECTED_FILES = {
     "svhn": "train_32x32.mat and test_32x32.mat",
 }
 
-
 PROBE_SECONDS = 5.0  # how long the offline check waits for the download server
 
 

@@ -219,9 +219,7 @@ def plot_experiments(exps: list[Experiment], path: str | None):
                                                             for e in worst]
             ax.plot(xs, ys, color=colour, linestyle="--", marker="x",
                     label=f"{x.label}: worst case")
-    ax.set_xlabel("eps (x/255)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set(xlabel="eps (x/255)", ylabel="accuracy (%)", ylim=(0, 100))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")  # off the data
     fig.tight_layout()
