@@ -5,19 +5,15 @@
                            source="local")
     stand_in = torch.hub.load("path/to/this/repo", "resnet18_stand_in", source="local")
 
-Both are returned on the CPU in eval mode. Nothing is downloaded: ``clustr`` reads a
-checkpoint of this project (or of the original code), ``resnet18_stand_in`` the converted
-AutoAttack example network (``python -m pretrained_weights.from_autoattack``).
+Both are returned on the CPU in eval mode; nothing is downloaded.
 """
 dependencies = ["torch"]
 
 
 def clustr(checkpoint: str, map_location="cpu", dataset: str | None = None,
            L: int | None = None, normalize: bool | None = None):
-    """The ``ClusterClassifier`` of ``checkpoint``: ``model(x)`` gives the adaptive logits
-    (their arg-max is the paper's prediction), ``model.paper_scores(x)`` the paper's class
-    scores, ``model.embed(x)`` the 512-d embeddings. ``L``/``normalize`` override the file's
-    values; ``dataset`` its input normalisation (see ``ClusterClassifier.from_checkpoint``)."""
+    """``ClusterClassifier.from_checkpoint(checkpoint, ...)``, a checkpoint of this project
+    or of the original code."""
     from models.classifier import ClusterClassifier
 
     return ClusterClassifier.from_checkpoint(checkpoint, map_location, dataset=dataset, L=L,
@@ -25,11 +21,9 @@ def clustr(checkpoint: str, map_location="cpu", dataset: str | None = None,
 
 
 def resnet18_stand_in(weights: str | None = None):
-    """The stand-in ResNet18 ClusTR starts from (CIFAR-10, cross-entropy, not robust), as a
-    classifier through its linear head. ``weights``: a file written by
-    ``python -m pretrained_weights.from_autoattack``; without it, ``pretrained_weights/
-    resnet18.pt`` where that exists, else the same weights converted in memory from the
-    installed ``pyautoattack`` package."""
+    """The stand-in ResNet18 ClusTR starts from (CIFAR-10, cross-entropy, not robust) through
+    its linear head: ``weights``, else ``pretrained_weights/resnet18.pt`` where it exists,
+    else the same weights converted in memory from the installed ``pyautoattack``."""
     import importlib.resources
     import os
 

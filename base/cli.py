@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import sys
+
+from base.errors import exit_status
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -22,38 +25,32 @@ class ArgParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _positive(kind):
+def run_command(parser: argparse.ArgumentParser, run, argv=None) -> int:
+    """A tool's ``main``: parse ``argv``, log INFO lines to stdout, ``exit_status(run(args))``."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout)
+    return exit_status(lambda: run(args))
+
+
+def _bounded(kind, strict: bool):
+    """A parser of finite ``kind`` values above 0 (``strict``) or at least 0."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {_a(kind)}") from None
-        if not value > 0 or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+            article = "an integer" if kind is int else f"a {kind.__name__}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {article}") from None
+        if not (value > 0 if strict else value >= 0) or not math.isfinite(value):
+            bound = "above 0" if strict else ">= 0"
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
         return value
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = f"{'positive' if strict else 'non-negative'} {kind.__name__}"
     return parse
 
 
-def _non_negative(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {_a(kind)}") from None
-        if not value >= 0 or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-        return value
-    parse.__name__ = f"non-negative {kind.__name__}"
-    return parse
-
-
-def _a(kind) -> str:
-    return "an integer" if kind is int else f"a {kind.__name__}"
-
-
-pos_int, pos_float = _positive(int), _positive(float)
-nonneg_int, nonneg_float = _non_negative(int), _non_negative(float)
+pos_int, pos_float = _bounded(int, True), _bounded(float, True)
+nonneg_int, nonneg_float = _bounded(int, False), _bounded(float, False)
 
 
 def seed_int(text):

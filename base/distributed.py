@@ -37,13 +37,16 @@ class Dist:
         """This rank's contiguous, disjoint slice [start, end) of n items (no padding)."""
         return self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
 
+    def shard_sizes(self, n: int) -> list[int]:
+        """The length of every rank's ``shard(n)``, in rank order."""
+        w = self.world_size
+        return [(r + 1) * n // w - r * n // w for r in range(w)]
+
     def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor:
         """Concatenate every rank's shard (from ``shard(n)``) back in data-set order."""
         if not self.enabled:
             return local
-        sizes = [(r + 1) * n // self.world_size - r * n // self.world_size
-                 for r in range(self.world_size)]
-        return torch.cat(self._all_gather_padded(local, sizes))
+        return torch.cat(self._all_gather_padded(local, self.shard_sizes(n)))
 
     def gather_cat(self, local: torch.Tensor) -> torch.Tensor:
         """Concatenate tensors of any first dimension from every rank, in rank order."""
@@ -138,7 +141,6 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> Dist:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":  # collectives fail (instead of hanging) after the timeout
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, world, local_rank, initialized=True)

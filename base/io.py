@@ -1,14 +1,12 @@
-"""File I/O every part of the project shares: weights-only loading and atomic writes.
+"""File I/O every part of the project shares: weights-only loading, atomic writes, figures.
 
-* ``load_checkpoint`` reads a PyTorch file with ``torch.load(..., weights_only=True)``: only
-  tensors and plain Python types are rebuilt, so a file holding a pickled object is refused
-  rather than executed; every failure is one ``UsageError`` line.
-* ``atomic_write`` (and ``save_atomic``, ``write_text_atomic``) write to a hidden temporary
-  file beside the target and rename it over the target, so a killed process leaves the old
-  file or the new one, never half of one.
+``atomic_write`` (and ``save_atomic``, ``write_text_atomic``) write to a hidden temporary file
+beside the target and rename it over the target, so a killed process leaves the old file or
+the new one, never half of one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -20,15 +18,13 @@ import zipfile
 
 import torch
 
-from base.errors import UsageError
+from base.errors import UsageError, first_line
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """``torch.load(path, weights_only=True)``, with a one-line error for every failure.
-
-    ``weights_only=True`` only rebuilds tensors and plain Python types: a file that holds a
-    pickled object (a class instance, a numpy scalar, ...) is refused rather than executed.
-    """
+    """``torch.load(path, weights_only=True)``, with a one-line ``UsageError`` for every
+    failure: only tensors and plain Python types are rebuilt, so a file that holds a pickled
+    object (a class instance, a numpy scalar, ...) is refused rather than executed."""
     if os.path.isdir(path):
         raise UsageError(f"{path} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
@@ -47,7 +43,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         elif isinstance(exc, pickle.UnpicklingError):
             raise UsageError(_refusal(path, str(exc))) from exc
         else:
-            why = _first_line(exc)
+            why = first_line(exc)
         raise UsageError(f"{path} is not a readable PyTorch file (truncated or corrupt?): "
                          f"{why}") from exc
     if not isinstance(obj, dict):
@@ -91,12 +87,6 @@ def _first_global(path: str) -> str | None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return first[:200]
-
-
 def save_atomic(obj, path: str) -> None:
     """Write ``obj`` with ``torch.save`` to a temporary file, then move it into place."""
     atomic_write(path, lambda f: torch.save(obj, f))
@@ -106,13 +96,28 @@ def write_text_atomic(path: str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def atomic_write(path: str, write) -> None:
-    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``.
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only), imported when first drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
-    A process killed at any moment leaves either the previous file or the new one, never a
+
+def save_figure(fig, path: str | None) -> None:
+    """``fig`` as a PNG written atomically to ``path`` (None: not written), then closed."""
+    try:
+        if path is not None:
+            atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        pyplot().close(fig)
+
+
+def atomic_write(path: str, write) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``. A
+    process killed at any moment leaves either the previous file or the new one, never a
     partial one (at worst a hidden ``.<name>.*`` temporary, removed by the next run). The
-    data and the rename are both flushed to disk before returning.
-    """
+    data and the rename are both flushed to disk before returning."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = _named(lambda: tempfile.mkstemp(prefix=temp_prefix(path), dir=folder), path)
     try:
@@ -154,16 +159,12 @@ def temp_prefix(path: str) -> str:
 
 
 def _fsync_dir(folder: str) -> None:
-    try:
+    with contextlib.suppress(OSError):  # not possible everywhere; the rename is still atomic
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not possible on every platform; the rename itself is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def file_sha256(path) -> str:

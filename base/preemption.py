@@ -1,18 +1,12 @@
 """Stopping cleanly on SIGTERM (how cluster schedulers end a job) and SIGINT (Ctrl-C).
 
-``install()`` replaces the default handlers: a signal only *asks* to stop. The long loops
-(training steps, the restarts and batches of the attacks) call ``should_stop(dist)`` at
+``install()`` makes a signal only *ask* to stop. The long loops call ``should_stop(dist)`` at
 their safe points; when it is true they save their resume state and raise ``Preempted``,
-which ``main_clustr.py`` turns into one line ("continue with the same command and
---resume") and exit status 128 + signal (143 for SIGTERM, 130 for SIGINT).
-
+which ``main_clustr.py`` turns into one line and exit status 128 + signal (docs/failures.md).
 Under torchrun ``should_stop`` is a collective (a MAX all-reduce of one flag), so a signal
-that reaches one process stops every process at the same safe point. Inside
-``immediate()`` (regions with nothing to save, such as one AutoAttack run) a signal raises
-``Preempted`` at once: the state saved before the region is the one to continue from.
-A second signal while a stop is pending ends the process at once as well.
-
-The ``CLUSTR_TEST_*`` hooks at the end let tests stop a run at a named point.
+that reaches one process stops every process at the same safe point. Inside ``immediate()``
+(regions with nothing to save, such as one AutoAttack run), and on a second signal while a
+stop is pending, ``Preempted`` is raised at once.
 """
 from __future__ import annotations
 

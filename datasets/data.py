@@ -25,7 +25,6 @@ _EXPECTED_FILES = {
     "svhn": "train_32x32.mat and test_32x32.mat",
 }
 
-
 PROBE_SECONDS = 5.0  # how long the offline check waits for the download server
 
 
@@ -80,10 +79,7 @@ def check_available(name: str, root: str, splits=("train", "test")) -> None:
     under ``root``, or its download server must answer within ``PROBE_SECONDS``."""
     if name == "imagefolder":
         for split in splits:
-            if not os.path.isdir(os.path.join(root, split)):
-                raise UsageError(f"image folder {os.path.abspath(os.path.join(root, split))} "
-                                 f"not found: --dataset imagefolder needs --data-root DIR "
-                                 f"with DIR/train/<class>/ and DIR/test/<class>/")
+            _split_folder(root, split)
         return
     if name not in _EXPECTED_FILES:
         return  # load_dataset names the valid choices
@@ -139,15 +135,13 @@ def load_dataset(name: str, root: str, split: str, download: bool = True,
         return _load_image_folder(root, split, workers)
     import torchvision.datasets as tvd
 
-    train = split == "train"
     created = not os.path.exists(root)
     try:
-        if name == "cifar10":
-            ds = tvd.CIFAR10(root, train=train, download=download)
-        elif name == "cifar100":
-            ds = tvd.CIFAR100(root, train=train, download=download)
-        else:
+        if name == "svhn":
             ds = tvd.SVHN(root, split=split, download=download)
+        else:
+            cifar = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            ds = cifar(root, train=split == "train", download=download)
     except Exception as exc:  # offline download, corrupt archive, ...
         if created and os.path.isdir(root) and not os.listdir(root):
             os.rmdir(root)  # leave the disk as it was: only the empty folder we made goes
@@ -166,16 +160,22 @@ def load_dataset(name: str, root: str, split: str, download: bool = True,
     return ImageData(images, labels, classes)
 
 
-def _load_image_folder(root: str, split: str, workers: int) -> ImageData:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from torchvision.datasets import ImageFolder
-
+def _split_folder(root: str, split: str) -> str:
+    """``root/split``, refused in one line when it is not a folder."""
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise UsageError(f"image folder {os.path.abspath(folder)} not found: --dataset "
                          f"imagefolder needs --data-root DIR with DIR/train/<class>/ and "
                          f"DIR/test/<class>/")
+    return folder
+
+
+def _load_image_folder(root: str, split: str, workers: int) -> ImageData:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torchvision.datasets import ImageFolder
+
+    folder = _split_folder(root, split)
     try:
         ds = ImageFolder(folder)
     except (FileNotFoundError, RuntimeError) as exc:
@@ -209,9 +209,8 @@ def _load_image_folder(root: str, split: str, workers: int) -> ImageData:
 
 
 def check_same_classes(expected, found, what: str, how: str) -> None:
-    """Refuse two class lists that differ (one line naming both, from where they first
-    differ): ``what`` says whose they are (``"the training classes ... and test classes"``
-    style), ``how`` how to fix it."""
+    """Refuse two class lists that differ, in one line naming both from where they first
+    differ: ``what`` (with two ``{}``) says whose they are, ``how`` how to fix it."""
     expected, found = [str(c) for c in expected], [str(c) for c in found]
     if expected == found:
         return
@@ -228,11 +227,8 @@ def check_same_classes(expected, found, what: str, how: str) -> None:
 
 def balanced_subset(data: ImageData, n: int | None, seed: int,
                     flag: str = "the subset") -> ImageData:
-    """A seeded subset of ``n`` examples with the classes as balanced as the data allow.
-
-    ``n`` larger than the data set is refused (``flag`` names the option in the message)
-    rather than silently ignored.
-    """
+    """A seeded subset of ``n`` examples with the classes as balanced as the data allow; an
+    ``n`` larger than the data set is refused (``flag`` names the option), not ignored."""
     if n and n > len(data):
         raise UsageError(f"{flag} {n} is larger than the {len(data)} examples available: "
                          f"lower it or leave it out to use them all")
@@ -240,8 +236,7 @@ def balanced_subset(data: ImageData, n: int | None, seed: int,
         return data
     if n < data.num_classes:
         raise UsageError(f"{flag} {n}: a subset of {n} cannot hold all {data.num_classes} "
-                         f"classes: "
-                         f"ask for at least {data.num_classes}")
+                         f"classes: ask for at least {data.num_classes}")
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data), generator=gen)
     labels = data.labels[order]
@@ -262,11 +257,8 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def augment(images: torch.Tensor, dataset: str, generator: torch.Generator) -> torch.Tensor:
-    """The original's training augmentation on a uint8 batch: crop 32 (pad 4) and flip.
-
-    SVHN is not augmented. The random draws come from ``generator`` (CPU), so a run is
-    reproducible whatever the device.
-    """
+    """The original's training augmentation on a uint8 batch: crop 32 (pad 4) and flip, none
+    for SVHN; drawn from the CPU ``generator``, so a run is reproducible on any device."""
     if dataset == "svhn":
         return images
     dy, dx, flip = crop_flip_draws(len(images), generator)
@@ -285,11 +277,9 @@ def crop_flip_draws(n: int, generator: torch.Generator, pad: int = 4
 def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
               pad: int = 4) -> torch.Tensor:
     """Zero-pad by ``pad``, crop H x W at row dy / column dx, then mirror where ``flip``.
-
     This is torchvision's RandomCrop(H, padding=pad) followed by RandomHorizontalFlip, with
     the offsets given. The crop is ONE gather over the flattened padded planes, one kernel
-    whatever the batch, rather than indexing with three broadcast index tensors.
-    """
+    whatever the batch, rather than indexing with three broadcast index tensors."""
     n, c, h, w = images.shape
     dev = images.device
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))  # (N, C, H+2p, W+2p)

@@ -1,18 +1,15 @@
 """The Magnet loss batch sampler: a seed cluster, its nearest impostors, d examples each.
 
-State (owned here, refreshed by the training loop once per epoch):
-  * ``assignments`` (N,): each training example's global cluster id (class*K + i);
-  * ``centers`` (C*K, D): the centroids, for finding impostors;
-  * ``losses`` (N,): each example's last per-sample loss, NaN until it has one.
+State, refreshed by the training loop once per epoch: ``assignments`` (N,) each example's
+global cluster id (class*K + i), ``centers`` (C*K, D) for finding impostors, and ``losses``
+(N,) each example's last loss, NaN until it has one.
 
 The seed cluster is drawn with probability proportional to the mean known loss of its
 examples. Before any loss is known the draw is uniform; a cluster none of whose examples has
 a loss yet gets the mean of the known cluster losses, so it is neither starved nor favoured.
-
-Every step needs those per-cluster means, so the sampler keeps each cluster's sum and count of
-known losses up to date in ``record_losses`` (O(batch) per step) and recounts them from
-scratch whenever the assignments or the losses are replaced, instead of scanning all N
-examples at every step.
+Each cluster's sum and count of known losses are kept up to date in ``record_losses``
+(O(batch) per step, instead of scanning all N examples) and recounted from scratch whenever
+the assignments or the losses are replaced.
 """
 from __future__ import annotations
 
@@ -43,8 +40,7 @@ class MagnetSampler:
         self.centers = centers.detach().cpu().float()
         # examples grouped by cluster: members of cluster c are order[start[c]:start[c+1]]
         self._order = self.assignments.argsort(stable=True)
-        counts = torch.bincount(self.assignments, minlength=self.num_clusters)
-        self._counts = counts
+        self._counts = counts = torch.bincount(self.assignments, minlength=self.num_clusters)
         self._start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         # nearest other-class centroids of every cluster, computed once per refresh
         dist = torch.cdist(self.centers, self.centers)
@@ -65,11 +61,9 @@ class MagnetSampler:
         self._loss_count = torch.bincount(a, minlength=self.num_clusters)
 
     def record_losses(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
-        """Store the per-example losses (B,) of the examples ``indices`` (B,).
-
-        An example listed twice (drawn by two processes in the same step) keeps its last
-        loss, so every process, given the same gathered lists, holds the same state.
-        """
+        """Store the per-example losses (B,) of the examples ``indices`` (B,). An example
+        listed twice (drawn by two processes in the same step) keeps its last loss, so every
+        process, given the same gathered lists, holds the same state."""
         indices = indices.cpu()
         new = losses.detach().float().cpu()
         if len(indices.unique()) != len(indices):
@@ -96,8 +90,7 @@ class MagnetSampler:
             return torch.full((self.num_clusters,), 1.0 / self.num_clusters)
         total = self._loss_sum
         mean = torch.where(has, total / count.clamp_min(1), (total[has] / count[has]).mean())
-        mean = mean.float()
-        mean = mean * (self._counts > 0)  # an empty cluster is never the seed
+        mean = mean.float() * (self._counts > 0)  # an empty cluster is never the seed
         if mean.sum() <= 0:
             mean = (self._counts > 0).float()
         return mean / mean.sum()

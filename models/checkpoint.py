@@ -1,11 +1,8 @@
 """The checkpoint format (the original's keys and this project's extras) and weight copying.
 
-A checkpoint is a dict with at least the original's keys: ``state_dict`` (the ResNet18 only,
-original key names), ``epoch``, ``test_acc``, ``cluster_centers`` (C*K, 512),
-``cluster_classes`` (C*K,), ``variance`` (C*K,), ``K``, ``L`` and ``normalize_probs``. This
-project adds plain-typed extras (``args``, ``dataset``, ``classes``, ``format``) that the
-original ignores. Files are read with ``base.io.load_checkpoint`` (``weights_only=True``: no
-arbitrary unpickling) and written with ``base.io.save_atomic``.
+A checkpoint is a dict with at least the original's keys (``ORIGINAL_KEYS``: the ResNet18's
+``state_dict`` with the original's key names, the cluster state, K, L, ...); this project
+adds plain-typed extras (``PROJECT_KEYS``) that the original ignores.
 """
 from __future__ import annotations
 
@@ -50,10 +47,7 @@ def check_weights_file(path: str) -> None:
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Copy the weights in ``path`` into ``model`` by name, strictly, with a shape check.
-
-    Missing, unexpected and mis-shaped keys are all listed in one error.
-    """
+    """Copy the weights in ``path`` into ``model`` by name, strictly (``copy_weights``)."""
     check_weights_file(path)
     sd = extract_state_dict(load_checkpoint(path))
     if not sd:
@@ -99,11 +93,8 @@ def has_clusters(ckpt: dict) -> bool:
 def build_checkpoint(backbone: ResNet18, head: ClusterHead, K: int, epoch: int,
                      test_acc: float, extra: dict | None = None,
                      assignments: torch.Tensor | None = None) -> dict:
-    """The checkpoint dict: the original's keys first, this project's extras after.
-
-    ``assignments`` (N,), the training examples' clusters at the last refresh, are stored as
-    ``cluster_sizes`` (C*K,) so a checkpoint shows how its clusters are populated.
-    """
+    """The checkpoint dict: the original's keys first, this project's extras after;
+    ``assignments`` (N,), the last refresh's clusters, stored as ``cluster_sizes`` (C*K,)."""
     ckpt = {
         "state_dict": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
         "epoch": int(epoch),
@@ -123,10 +114,6 @@ def build_checkpoint(backbone: ResNet18, head: ClusterHead, K: int, epoch: int,
     return ckpt
 
 
-def _tensor(value, dtype) -> torch.Tensor:
-    return torch.as_tensor(value).to(dtype)
-
-
 def cluster_parts(ckpt: dict, dataset: str | None = None, L: int | None = None,
                   normalize: bool | None = None
                   ) -> tuple[ResNet18, ClusterHead, list[str] | None]:
@@ -138,9 +125,9 @@ def cluster_parts(ckpt: dict, dataset: str | None = None, L: int | None = None,
                          f"({', '.join(CLUSTER_KEYS)}): not a ClusTR checkpoint")
     backbone = backbone_from_state(ckpt, dataset)
     try:
-        classes = _tensor(ckpt["cluster_classes"], torch.long).reshape(-1)
-        centers = _tensor(ckpt["cluster_centers"], torch.float32)
-        variance = _tensor(ckpt["variance"], torch.float32).reshape(-1)
+        classes = torch.as_tensor(ckpt["cluster_classes"]).long().reshape(-1)
+        centers = torch.as_tensor(ckpt["cluster_centers"]).float()
+        variance = torch.as_tensor(ckpt["variance"]).float().reshape(-1)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise UsageError(f"checkpoint cluster state is not numeric tensors: {exc}") from exc
     if centers.dim() != 2 or centers.shape[1] != EMBEDDING_DIM or len(centers) == 0 or \
@@ -194,7 +181,6 @@ def backbone_from_state(ckpt: dict, dataset: str | None = None) -> ResNet18:
     if "linear.weight" not in sd:
         raise UsageError("checkpoint has no ResNet18 weights (no linear.weight)")
     dataset = ckpt.get("dataset", dataset) if dataset is None else dataset
-    mean, std = normalization_for(dataset or "cifar10")
-    backbone = ResNet18(num_classes=sd["linear.weight"].shape[0], mean=mean, std=std)
+    backbone = ResNet18(sd["linear.weight"].shape[0], *normalization_for(dataset or "cifar10"))
     copy_weights(backbone, sd, "checkpoint")
     return backbone.eval()

@@ -7,8 +7,6 @@ attack it directly. The paper's own (bounded) class scores are ``paper_scores(x)
 
 This is the one implementation of ClusTR inference: the CLI's evaluation rebuilds the same
 class from the checkpoint file, so a model loaded here predicts what the CLI reports.
-``LinearClassifier`` gives a plain ResNet18 (its linear head) the same interface, for
-baselines evaluated through ``--evaluate-ckpt``.
 """
 from __future__ import annotations
 
@@ -22,15 +20,11 @@ from models.resnet import ResNet18
 
 
 class ClusterClassifier(nn.Module):
-    """Backbone (input normalisation inside) + cluster head; built in eval mode.
+    """Backbone (input normalisation inside) + cluster head (its state in buffers, so
+    ``.to(device)`` moves it all); built in eval mode. ``class_names``: None where the
+    checkpoint records none."""
 
-    The centroids, their classes and sigma^2 are registered buffers of ``head``, so
-    ``.to(device)`` moves the whole classifier. ``class_names`` is the list of class names
-    where the checkpoint records them (this project's do), else None.
-    """
-
-    def __init__(self, backbone: ResNet18, head: ClusterHead,
-                 class_names: list[str] | None = None):
+    def __init__(self, backbone: ResNet18, head: ClusterHead, class_names: list[str] | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -62,14 +56,10 @@ class ClusterClassifier(nn.Module):
     def from_checkpoint(cls, path: str, map_location="cpu", dataset: str | None = None,
                         L: int | None = None, normalize: bool | None = None
                         ) -> ClusterClassifier:
-        """Rebuild the classifier from a checkpoint of this project or of the original code.
-
-        The file is read with ``weights_only=True``; the model is returned in eval mode on
-        ``map_location`` (a device). ``L`` and ``normalize`` override the checkpoint's values.
-        ``dataset`` picks the input normalisation: a value given always wins; with None the
-        checkpoint's recorded data set is used, and CIFAR's where none is recorded (the
-        original's checkpoints record none).
-        """
+        """The classifier of a checkpoint of this project or of the original code, in eval
+        mode on ``map_location``. ``L`` and ``normalize`` override the checkpoint's values;
+        ``dataset`` (the input normalisation) too, else the recorded data set's, else CIFAR's
+        (the original's checkpoints record none)."""
         model = classifier_from_checkpoint(load_checkpoint(path, "cpu"), dataset=dataset, L=L,
                                            normalize=normalize)
         return model.to(map_location)
@@ -82,7 +72,8 @@ def classifier_from_checkpoint(ckpt: dict, dataset: str | None = None, L: int | 
 
 
 class LinearClassifier(nn.Module):
-    """A plain ResNet18 classifier (linear head) with the interface the attacks use."""
+    """A plain ResNet18 (its linear head) with the same interface, for baselines evaluated
+    through ``--evaluate-ckpt``."""
 
     def __init__(self, backbone: ResNet18):
         super().__init__()

@@ -56,14 +56,12 @@ class ClusterHead(nn.Module):
         return out.index_add_(1, self.classes, scores)
 
     def logits(self, emb: torch.Tensor) -> torch.Tensor:
-        """Per-class log-sum-exp of -d^2/2sigma^2 over the counted clusters, (N, C).
-
-        A class none of whose clusters is counted gets its nearest cluster's -d^2/2sigma^2,
-        which is finite and no larger than any counted class's value, so the arg-max is the
-        paper's while every class keeps a gradient. (One exception: far from every cluster,
+        """Per-class log-sum-exp of -d^2/2sigma^2 over the counted clusters, (N, C). A class
+        none of whose clusters is counted gets its nearest cluster's -d^2/2sigma^2, which is
+        finite and no larger than any counted class's value, so the arg-max is the paper's
+        while every class keeps a gradient. (One exception: far from every cluster,
         d^2/2sigma^2 > ~100, all the paper's float32 scores underflow to 0 and its arg-max
-        degenerates to class 0, while these logits still rank the classes by distance.)
-        """
+        degenerates to class 0, while these logits still rank the classes by distance.)"""
         log_scores = self.cluster_log_scores(emb)
         mask = self.counted_mask(log_scores)
         n, c = log_scores.shape[0], self.num_classes

@@ -20,8 +20,6 @@ EMBEDDING_DIM = 512
 
 
 class BasicBlock(nn.Module):
-    expansion = 1
-
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
@@ -43,10 +41,8 @@ class BasicBlock(nn.Module):
 
 class ResNet18(nn.Module):
     """``forward(x)`` maps images in [0, 1] (N, 3, 32, 32) to embeddings (N, 512).
-
     ``classify(x)`` goes on through the linear head (used for pre-training, for plain
-    classifiers given to ``--evaluate-ckpt`` and for weight compatibility).
-    """
+    classifiers given to ``--evaluate-ckpt`` and for weight compatibility)."""
 
     def __init__(self, num_classes: int = 10, mean=CIFAR_MEAN, std=CIFAR_STD):
         super().__init__()

@@ -20,7 +20,6 @@ Everything else is copied by name, with a shape check per tensor. Nothing is dow
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import importlib.resources
 import sys
 from importlib.resources.abc import Traversable
@@ -33,6 +32,7 @@ from base.errors import UsageError, exit_status
 from base.io import file_sha256, save_atomic
 from models.checkpoint import load_weights
 from models.resnet import CIFAR_MEAN, CIFAR_STD, ResNet18
+from utils.attacks.autoattack_backend import package_version
 from utils.outputs.output_files import check_outputs
 
 PACKAGE = "pyautoattack"
@@ -51,18 +51,12 @@ def package_source() -> tuple[Traversable, str]:
     if not source.is_file():
         raise UsageError(f"the installed {PACKAGE} has no {'/'.join(SOURCE)}: "
                          f"pip install --force-reinstall {PACKAGE_PIN}")
-    try:
-        version = importlib.metadata.version(PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        version = str(getattr(module, "__version__", "unknown"))
-    return source, version
+    return source, package_version(PACKAGE, module)
 
 
 def fold_input_normalization(state: dict, mean=CIFAR_MEAN, std=CIFAR_STD) -> dict:
-    """Weights for inputs in [0, 1] -> the same network for inputs (x - mean) / std.
-
-    Returns a new dict; only ``conv1.weight`` and ``bn1.running_mean`` change.
-    """
+    """Weights for inputs in [0, 1] -> the same network for inputs (x - mean) / std. Returns
+    a new dict; only ``conv1.weight`` and ``bn1.running_mean`` change."""
     weight = state["conv1.weight"]  # (64, 3, 3, 3)
     mean_t = torch.tensor(mean, dtype=weight.dtype).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=weight.dtype).view(1, 3, 1, 1)

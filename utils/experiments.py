@@ -12,11 +12,12 @@ import ast
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from base.errors import UsageError
+from base.errors import UsageError, first_line
 from base.io import file_sha256
 from utils.outputs import files
 
@@ -86,17 +87,17 @@ def load_experiment(path: str, label: str | None = None) -> Experiment:
     if not os.path.isfile(os.path.join(path, PARAMS)):
         raise UsageError(f"{path} is not an experiment folder: it has no {PARAMS} (pass the "
                          f"--checkpoint directory of a main_clustr.py run)")
-    params = read_params(os.path.join(path, PARAMS))
-    exp = Experiment(path, label or "", params)
-    if os.path.isfile(os.path.join(path, PAPER_CSV)):
-        exp.paper = _read_paper(os.path.join(path, PAPER_CSV))
-    if os.path.isfile(os.path.join(path, SUMMARY)):
-        exp.summary = _read_summary(os.path.join(path, SUMMARY), exp.paper)
-    if os.path.isfile(os.path.join(path, STRONG_CSV)):
-        exp.strong, exp.strong_images, exp.strong_seconds = _read_strong(
-            os.path.join(path, STRONG_CSV))
-    if os.path.isfile(os.path.join(path, files.MODEL_INFO)):
-        _read_model_info(os.path.join(path, files.MODEL_INFO), exp)
+    exp = Experiment(path, label or "", read_params(os.path.join(path, PARAMS)))
+    found = {n: os.path.join(path, n) for n in (PAPER_CSV, SUMMARY, STRONG_CSV, files.MODEL_INFO)
+             if os.path.isfile(os.path.join(path, n))}
+    if PAPER_CSV in found:
+        exp.paper = _read_paper(found[PAPER_CSV])
+    if SUMMARY in found:
+        exp.summary = _read_summary(found[SUMMARY], exp.paper)
+    if STRONG_CSV in found:
+        exp.strong, exp.strong_images, exp.strong_seconds = _read_strong(found[STRONG_CSV])
+    if files.MODEL_INFO in found:
+        _read_model_info(found[files.MODEL_INFO], exp)
     exp.label = one_line_text(label or default_label(exp))
     return exp
 
@@ -126,7 +127,7 @@ def _read_csv(path: str, header: list[str]) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path} is not a readable CSV file ({_first_line(exc)})") from None
+        raise UsageError(f"{path} is not a readable CSV file ({first_line(exc)})") from None
     if list(df.columns) != header:
         raise UsageError(f"{path} has the columns {','.join(map(str, df.columns))}, not "
                          f"{','.join(header)}: a file of another format or an older version")
@@ -161,7 +162,7 @@ def _read_summary(path: str, paper: dict[float, float]) -> dict:
         with open(path) as f:
             summary = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path} is not a JSON file ({_first_line(exc)})") from None
+        raise UsageError(f"{path} is not a JSON file ({first_line(exc)})") from None
     missing = [k for k in SUMMARY_KEYS if not isinstance(summary, dict) or k not in summary]
     if missing:
         raise UsageError(f"{path} has no {', '.join(missing)}: a file of another format or an "
@@ -194,10 +195,8 @@ def _read_strong(path: str):
     df = _read_csv(path, STRONG_HEADER)
     if df.empty:
         raise UsageError(f"{path} has no rows")
-    keys = [(_number(path, e, "epsilon", 0, 255), a) for e, a in zip(df["epsilon"],
-                                                                    df["attack"])]
-    acc = {k: _number(path, v, "accuracy", 0, 100) for k, v in zip(keys,
-                                                                  df["robust_accuracy"])}
+    keys = [(_number(path, e, "epsilon", 0, 255), a) for e, a in zip(df["epsilon"], df["attack"])]
+    acc = {k: _number(path, v, "accuracy", 0, 100) for k, v in zip(keys, df["robust_accuracy"])}
     seconds = {k: _number(path, s, "seconds") for k, s in zip(keys, df["seconds"]) if s}
     sizes = set(df["examples"])
     if len(sizes) != 1 or not next(iter(sizes)).isdigit():
@@ -215,7 +214,7 @@ def _read_model_info(path: str, exp: Experiment) -> None:
         acc = _number(path, str(info["autoattack_acc"]), "autoattack_acc", 0, 100)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise UsageError(f"{path} is not a model_info.json of this project "
-                         f"({_first_line(exc)})") from None
+                         f"({first_line(exc)})") from None
     known = exp.strong.get((eps, "autoattack"))
     if known is not None and abs(known - acc) > 0.005:
         raise UsageError(f"{path} (AutoAttack {acc:.2f}%) and {STRONG_CSV} ({known:.2f}%) are "
@@ -224,10 +223,6 @@ def _read_model_info(path: str, exp: Experiment) -> None:
     if exp.strong_images is None and isinstance(info.get("n_examples"), int):
         exp.strong_images = info["n_examples"]
     exp.model_info = info
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 # -- labels ----------------------------------------------------------------------------------
@@ -291,9 +286,7 @@ def one_line_text(text: str) -> str:
 
 
 def _unique_labels(exps: list[Experiment]) -> None:
-    seen: dict[str, int] = {}
-    for e in exps:
-        seen[e.label] = seen.get(e.label, 0) + 1
+    seen = Counter(e.label for e in exps)
     for e in exps:
         if seen[e.label] > 1:
             e.label = f"{e.label} [{os.path.normpath(e.path)}]"

@@ -2,16 +2,10 @@
 
     python -m utils.inspect_ckpt PATH
 
-Prints the format (this project's, or the original code's: same keys, no ``format``), epoch,
-recorded test accuracy, data set and classes, K, L, how the clusters vote, the input
-normalisation, sigma^2, the training examples per cluster and the training arguments where
-stored, and the parameter count. The file is read with ``weights_only=True`` and rebuilt into
-the same ClusterClassifier the evaluation uses, so a checkpoint that prints here also loads.
-
-Anything that is not a ClusTR checkpoint gets one line on stderr and exit status 2. That
-includes a plain ResNet18 state_dict: the line says so (such a file is what
-``--pretrained-path`` takes, and ``--evaluate-ckpt`` evaluates it through its linear head),
-but the status stays 2 so that scripts can tell ClusTR checkpoints from anything else.
+The file is read with ``weights_only=True`` and rebuilt into the same ClusterClassifier the
+evaluation uses, so a checkpoint that prints here also loads. Anything else, a plain ResNet18
+state_dict included (the line says so), gets one line on stderr and exit status 2, so that
+scripts can tell ClusTR checkpoints from anything else.
 """
 from __future__ import annotations
 
@@ -45,10 +39,12 @@ def describe(ckpt: dict) -> list[tuple[str, str]]:
     model = classifier_from_checkpoint(ckpt)  # validates weights and cluster state
     head = model.head
     names = model.class_names or [str(c) for c in range(model.num_classes)]
+    acc, args = ckpt.get("test_acc"), ckpt.get("args")
     rows = [
         ("format", _format(ckpt)),
         ("epoch", _epoch(ckpt.get("epoch"))),
-        ("test accuracy", _accuracy(ckpt.get("test_acc"))),
+        ("test accuracy", "not recorded" if acc is None else
+         f"{float(acc):.2f}% (clean, cluster classifier, when the file was saved)"),
         ("data set", str(ckpt.get("dataset", "not recorded"))),
         ("classes", f"{model.num_classes}: {', '.join(names)}" if model.class_names
          else f"{model.num_classes} (names not recorded)"),
@@ -58,7 +54,8 @@ def describe(ckpt: dict) -> list[tuple[str, str]]:
         ("inference", _inference(ckpt, head.L, head.normalize, head.num_clusters)),
         ("sigma^2", _variance(head.variance)),
         ("cluster sizes", _cluster_sizes(ckpt.get("cluster_sizes"), head.classes, names)),
-        ("training args", _args(ckpt.get("args"))),
+        ("training args", ITEM_SEP.join(f"{k}: {v}" for k, v in args.items())
+         if isinstance(args, dict) else "not recorded"),
         ("parameters", _parameters(model)),
     ]
     others = [k for k in ckpt if k not in ORIGINAL_KEYS + PROJECT_KEYS]
@@ -97,12 +94,6 @@ def _format(ckpt: dict) -> str:
     return f"{fmt!r} (unknown to this version; read by the original's keys)"
 
 
-def _accuracy(test_acc) -> str:
-    if test_acc is None:
-        return "not recorded"
-    return f"{float(test_acc):.2f}% (clean, cluster classifier, when the file was saved)"
-
-
 def _input_normalisation(model: ClusterClassifier, recorded: bool) -> str:
     mean = ", ".join(f"{v:.4f}" for v in model.backbone.mean.flatten().tolist())
     std = ", ".join(f"{v:.4f}" for v in model.backbone.std.flatten().tolist())
@@ -135,12 +126,6 @@ def _cluster_sizes(sizes, classes: torch.Tensor, names: list[str]) -> str:
     groups = [f"{names[c]} {'+'.join(str(int(n)) for n in sizes[classes == c])}"
               for c in range(len(names)) if (classes == c).any()]
     return ITEM_SEP.join(groups) + f" (training examples, {int(sizes.sum())} in all)"
-
-
-def _args(args) -> str:
-    if not isinstance(args, dict):
-        return "not recorded"
-    return ITEM_SEP.join(f"{k}: {v}" for k, v in args.items())
 
 
 def _parameters(model: ClusterClassifier) -> str:

@@ -2,15 +2,11 @@
 
     python -m utils.plots expA/checkpoint.pth --data-root ./data --out clusters.png [--tsne]
 
-* ``clusters.png``: the test embeddings in two dimensions (PCA by default, t-SNE with
-  ``--tsne``), coloured by class, the cluster centres as black-edged stars, and for
-  ``--points`` correctly classified test images an arrow to where the paper's PGD (cross-
-  entropy on the bounded cluster scores) and PGD-CE (cross-entropy on the proper logit) at
-  ``--eps`` carry their embedding. ``clusters.json`` beside it reports the projection (PCA:
-  its mean and components, so any 512-d point can be placed), the centres' and the moved
-  points' coordinates and the attacks' predictions.
-* ``training_curves.png`` (``--curves-out``): the loss terms and accuracies per epoch from
-  ``metrics.csv`` beside the checkpoint (or ``--metrics``), when there is one.
+``clusters.png``: the test embeddings in two dimensions (PCA, or t-SNE), the cluster centres,
+and arrows to where the paper's PGD and PGD-CE carry a few embeddings; ``clusters.json``
+beside it holds the projection (PCA: its mean and components, so any 512-d point can be
+placed) and the points' coordinates. ``training_curves.png``: the curves of ``metrics.csv``.
+docs/usage.md ("Pictures of a model") describes both.
 """
 from __future__ import annotations
 
@@ -23,10 +19,10 @@ import sys
 import numpy as np
 import torch
 
-from base.cli import ArgParser, nonneg_int, pos_float, pos_int
+from base.cli import ArgParser, nonneg_int, pos_float, pos_int, run_command
 from base.device import resolve_device
-from base.errors import UsageError, exit_status
-from base.io import atomic_write, load_checkpoint, write_text_atomic
+from base.errors import UsageError
+from base.io import load_checkpoint, pyplot, save_figure, write_text_atomic
 from base.progress import set_quiet
 from datasets.data import DATASETS, balanced_subset, check_available, load_dataset, to_float
 from models.classifier import ClusterClassifier
@@ -80,10 +76,7 @@ def project(emb: np.ndarray, extra: list[np.ndarray], tsne: bool, seed: int):
 
 
 def draw_clusters(path: str, coords, labels, centres, centre_classes, moves, names, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     fig, ax = plt.subplots(figsize=(7, 6))
     for c, name in enumerate(names):
@@ -106,21 +99,10 @@ def draw_clusters(path: str, coords, labels, centres, centre_classes, moves, nam
     save_figure(fig, path)
 
 
-def save_figure(fig, path: str) -> None:
-    import matplotlib.pyplot as plt
-
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    finally:
-        plt.close(fig)
-
-
 def draw_curves(metrics_path: str, path: str) -> None:
     """Loss terms (left) and accuracies (right) per epoch from ``metrics.csv``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
 
     rows = read_csv(metrics_path)
     if not rows or "epoch" not in rows[0]:
@@ -140,7 +122,7 @@ def draw_curves(metrics_path: str, path: str) -> None:
         right.plot(epochs, column(name), marker="o", label=name)
     right.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy", ylim=(0, 100))
     for ax in (left, right):
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -231,15 +213,11 @@ def run(args: argparse.Namespace) -> None:
         draw_curves(metrics, curves)
         log.info("wrote %s from %s", curves, metrics)
     else:
-        log.info("no metrics.csv beside %s: no training curves (pass --metrics)",
-                 args.checkpoint)
+        log.info("no metrics.csv beside %s: no training curves (pass --metrics)", args.checkpoint)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout)
-    return exit_status(lambda: run(args))
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

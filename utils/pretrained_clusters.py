@@ -6,10 +6,8 @@ sigma^2, and writes a checkpoint with the original's keys (``epoch`` 0) that
 ``main_clustr.py --evaluate-ckpt`` evaluates like any trained one. No weight changes:
 this is exactly the state ClusTR training starts its first epoch from.
 
-    python -m utils.pretrained_clusters --dataset imagefolder \
-        --data-root ../shared/data/cifar10-subset \
-        --pretrained-path ../shared/data/weights/resnet18_cifar10.pt \
-        --k 2 --L 20 --out runs/pretrained_clusters/checkpoint.pth
+    python -m utils.pretrained_clusters --pretrained-path WEIGHTS.pt --data-root DIR \
+        --dataset imagefolder --k 2 --L 20 --out runs/pretrained_clusters/checkpoint.pth
 """
 from __future__ import annotations
 
@@ -19,8 +17,9 @@ import os
 import sys
 import time
 
+from base.cli import run_command
 from base.device import resolve_device
-from base.errors import UsageError, exit_status
+from base.errors import UsageError
 from base.io import save_atomic
 from base.progress import set_quiet
 from datasets.data import DATASETS, balanced_subset, load_dataset
@@ -61,8 +60,7 @@ def cluster_checkpoint(args) -> dict:
                                          workers=args.workers), args.train_subset, args.seed)
     test = balanced_subset(load_dataset(args.dataset, args.data_root, "test",
                                         workers=args.workers), args.test_subset, args.seed)
-    mean, std = normalization_for(args.dataset)
-    model = ResNet18(train.num_classes, mean, std)
+    model = ResNet18(train.num_classes, *normalization_for(args.dataset))
     load_weights(model, args.pretrained_path)
     model.to(device).eval()
     if args.L > train.num_classes * args.k:
@@ -80,14 +78,11 @@ def cluster_checkpoint(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout)
-    set_quiet(args.quiet)
-    return exit_status(lambda: write_clusters(args))
+    return run_command(build_parser(), write_clusters, argv)
 
 
 def write_clusters(args) -> None:
+    set_quiet(args.quiet)
     start = time.time()
     ckpt = cluster_checkpoint(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

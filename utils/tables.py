@@ -7,17 +7,10 @@ honest columns, as a pandas DataFrame or Markdown, LaTeX or CSV.
 In Python (a notebook): ``experiment_table(["expA", "expB"])`` returns the DataFrame, its
 notes in ``df.attrs["notes"]``.
 
-A folder is the ``--checkpoint`` directory of a ``main_clustr.py`` run. It is read, never
-written (``--out``/``--plot`` are checked before anything is written: an existing file is
-replaced only with ``--overwrite``, an experiment folder's result files never):
-``params.txt`` (the row's label and protocol), ``attack_results_ext.csv`` (clean accuracy
-and the paper's PGD per eps), ``eval_summary.json`` (how many test images, the PGD
-iterations and restarts) and, after ``--strong``/``--autoattack``,
-``attack_results_strong.csv`` (every attack, the worst case, on the strong attacks'
-images). Columns: clean, the paper's PGD per eps, AutoAttack, the worst case over all
-attacks and the gap (paper PGD - worst case, both on the strong attacks' images) per eps.
-Cells a folder lacks stay empty and a note names the command that fills them; folders
-evaluated under different protocols are flagged in the notes, not silently mixed.
+Folders (read by ``utils.experiments``) are never written; ``--out``/``--plot`` replace an
+existing file only with ``--overwrite``. Cells a folder lacks stay empty and a note names the
+command that fills them; folders evaluated under different protocols are flagged in the
+notes, not silently mixed.
 """
 from __future__ import annotations
 
@@ -31,7 +24,7 @@ import sys
 import pandas as pd
 
 from base.errors import UsageError, exit_status
-from base.io import atomic_write
+from base.io import atomic_write, pyplot, save_figure, write_text_atomic
 from utils.experiments import (
     ADAPTIVE,
     IMAGES_SHA,
@@ -49,17 +42,15 @@ LATEX_SYMBOLS = {"λ": r"$\lambda$", "×": r"$\times$", "−": "-", "ε": r"$\ep
 
 def experiment_table(folders, epsilons=None, every_attack: bool = False) -> pd.DataFrame:
     """The table as a DataFrame: one row per folder (index: the label), accuracies in %,
-    NaN where a folder lacks the result; ``df.attrs["notes"]`` says what fills the empty
-    cells and which rows were evaluated under a different protocol.
-    ``epsilons``: the eps columns to show (units of 1/255; default every one found);
-    ``every_attack``: also PGD-CE and PGD-DLR on the logit."""
+    NaN where a folder lacks the result, the notes in ``df.attrs["notes"]``. ``epsilons``:
+    the eps columns (units of 1/255; default every one found); ``every_attack``: also
+    PGD-CE and PGD-DLR on the logit."""
     exps = folders if folders and isinstance(folders[0], Experiment) else \
         load_experiments(folders)
     return build_table(exps, epsilons, every_attack)
 
 
-def build_table(exps: list[Experiment], epsilons=None, every_attack: bool = False
-                ) -> pd.DataFrame:
+def build_table(exps: list[Experiment], epsilons=None, every_attack: bool = False) -> pd.DataFrame:
     grid = sorted({e for x in exps for e in x.paper if e > 0} |
                   {e for x in exps for e, _ in x.strong if e > 0})
     if epsilons is not None:
@@ -82,17 +73,12 @@ def build_table(exps: list[Experiment], epsilons=None, every_attack: bool = Fals
     columns[f"clean{clean_tag}"] = [x.paper.get(0.0) for x in exps]
     for e in grid:
         columns[f"paper PGD {e:g}/255{paper_tag}"] = [x.paper.get(e) for x in exps]
-    if every_attack:
-        for attack in ADAPTIVE:
-            for e in grid:
-                columns[f"{attack.upper()} {e:g}/255{strong_tag}"] = [
-                    x.strong.get((e, attack)) for x in exps]
-    for e in aa_grid:
-        columns[f"AutoAttack {e:g}/255{strong_tag}"] = [x.strong.get((e, "autoattack"))
-                                                        for x in exps]
-    for e in grid:
-        columns[f"worst case {e:g}/255{strong_tag}"] = [x.strong.get((e, "worst-case"))
-                                                        for x in exps]
+    strong = [(a.upper(), a, grid) for a in ADAPTIVE] if every_attack else []
+    for title, attack, eps_grid in strong + [("AutoAttack", "autoattack", aa_grid),
+                                             ("worst case", "worst-case", grid)]:
+        for e in eps_grid:
+            columns[f"{title} {e:g}/255{strong_tag}"] = [x.strong.get((e, attack))
+                                                         for x in exps]
     for e in grid:
         columns[f"gap {e:g}/255{strong_tag}"] = [_gap(x, e) for x in exps]
     df = pd.DataFrame(columns, index=pd.Index([x.label for x in exps], name="experiment"))
@@ -177,11 +163,9 @@ def fill_command(x: Experiment, out: str, strong: bool = False, aa_eps=None) -> 
     """The main_clustr.py call that evaluates this folder's checkpoint under its protocol."""
     p = x.params
     argv = ["python", "main_clustr.py", "--checkpoint", out, "--evaluate-ckpt", x.checkpoint]
-    for flag, name in (("--dataset", "dataset"), ("--data-root", "data_root"),
-                       ("--test-subset", "test_subset"), ("--seed", "seed"),
-                       ("--iterations", "iterations"), ("--restarts", "restarts"),
-                       ("--L", "L")):
-        if p.get(name) is not None:
+    for flag in ("--dataset", "--data-root", "--test-subset", "--seed", "--iterations",
+                 "--restarts", "--L"):
+        if p.get(name := flag[2:].replace("-", "_")) is not None:
             argv += [flag, str(p[name])]
     if p.get("not_normalize"):
         argv.append("--not-normalize")
@@ -204,8 +188,7 @@ def to_text(df: pd.DataFrame, fmt: str, digits: int = 2) -> str:
         cells.index = [str(i).replace("|", r"\|") for i in cells.index]  # "|" ends a cell
         if "protocol" in cells:
             cells["protocol"] = [str(v).replace("|", r"\|") for v in cells["protocol"]]
-        table = cells.rename_axis(df.index.name).to_markdown(floatfmt=f".{digits}f",
-                                                             missingval="")
+        table = cells.rename_axis(df.index.name).to_markdown(floatfmt=f".{digits}f", missingval="")
         return table + "\n" + "".join(f"\n* {n}" for n in notes) + ("\n" if notes else "")
     if fmt == "latex":
         table = df.reset_index().to_latex(index=False, escape=True, na_rep="",
@@ -220,10 +203,7 @@ def plot_experiments(exps: list[Experiment], path: str | None):
     """Accuracy against eps, one colour per experiment: the paper's PGD solid, the worst
     case over all attacks dashed (from its clean accuracy on the strong attacks' images).
     Writes a PNG (unless ``path`` is None) and returns the (closed) matplotlib figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, x in enumerate(exps):
@@ -239,17 +219,11 @@ def plot_experiments(exps: list[Experiment], path: str | None):
                                                             for e in worst]
             ax.plot(xs, ys, color=colour, linestyle="--", marker="x",
                     label=f"{x.label}: worst case")
-    ax.set_xlabel("eps (x/255)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set(xlabel="eps (x/255)", ylabel="accuracy (%)", ylim=(0, 100))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")  # off the data
     fig.tight_layout()
-    try:
-        if path is not None:
-            atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
     return fig
 
 
@@ -293,7 +267,7 @@ def run(argv=None) -> None:
     if args.plot:
         plot_experiments(exps, None).savefig(png, format="png", dpi=120)
     if args.out:
-        atomic_write(args.out, lambda f: f.write(text.encode()))
+        write_text_atomic(args.out, text)
     else:
         sys.stdout.write(text)
     if args.format == "csv":  # the notes never go into a CSV file

@@ -1,18 +1,12 @@
 """Attacks that do not trust the paper's loss: adaptive PGD on the logit, and AutoAttack.
 
 The paper's PGD maximises a cross-entropy on bounded cluster scores, which saturates far
-from the clusters and so overstates robustness. The attacks here target
-the classifier's proper logit, ``model(x)`` (per-class log-sum-exp of -d^2/2sigma^2 over the
-counted clusters; same arg-max as the paper's scores):
-
-* PGD with cross-entropy on the logit (``utils.attacks.pgd.logit_ce_loss``) and with the DLR
-  margin loss (``logit_dlr_loss``), run by ``utils.attacks.sweep`` with the paper's step,
-  iterations and early stopping, but with the per-example rule of AutoAttack across
-  restarts: **fooled wins** (``adaptive_attacks``);
-* AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, Square), through the optional
-  ``autoattack`` (GitHub) or ``pyautoattack`` package (``run_autoattack``).
-
-An example counts as fooled when the logit's arg-max differs from its label.
+from the clusters and so overstates robustness. The attacks here target the classifier's
+proper logit ``model(x)`` (same arg-max as the paper's scores): PGD with cross-entropy and
+with the DLR margin loss, run by ``utils.attacks.sweep`` with the paper's step, iterations
+and early stopping but AutoAttack's rule across restarts (**fooled wins**), and AutoAttack,
+standard version, from either package (``utils.attacks.autoattack_backend``). An example
+counts as fooled when the logit's arg-max differs from its label.
 """
 from __future__ import annotations
 
@@ -25,8 +19,8 @@ from base import preemption
 from base.errors import UsageError
 from base.tensors import eval_mode, to_device
 from utils.attacks.autoattack_backend import HINT, find_backend, make_adversary, run_adversary
-from utils.attacks.pgd import PGD, LossFn, logit_ce_loss
-from utils.attacks.sweep import AttackContext, Outcome, unpack
+from utils.attacks.pgd import PGD, LossFn, in_threat_model, logit_ce_loss
+from utils.attacks.sweep import AttackContext, Outcome, predictions, unpack
 
 log = logging.getLogger("clustr")
 
@@ -34,13 +28,11 @@ AUTOATTACK_HINT = HINT
 
 
 def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Difference-of-logits-ratio loss (Croce & Hein, 2020), per example: (N,).
-
-    -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12), with z_pi1 >= z_pi2 >= ... the sorted
-    logits. It is positive exactly when the example is misclassified and, being invariant to
-    shifting and scaling the logits, cannot saturate the way a bounded score does. With two
-    classes there is no third logit: the plain margin -(z_y - z_other) is used.
-    """
+    """Difference-of-logits-ratio loss (Croce & Hein, 2020), per example (N,):
+    -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12), z_pi1 >= z_pi2 >= ... the sorted
+    logits. Positive exactly when the example is misclassified and, invariant to shifting and
+    scaling the logits, it cannot saturate the way a bounded score does. With two classes
+    there is no third logit: the plain margin -(z_y - z_other) is used."""
     z_y = logits.gather(1, y[:, None]).squeeze(1)                       # (N,)
     others = logits.scatter(1, y[:, None], -float("inf"))
     margin = z_y - others.amax(1)                                       # (N,)
@@ -87,18 +79,12 @@ def autoattack_unit(ctx: AttackContext, eps: float, i: int, log_path: str | None
 def run_autoattack(ctx: AttackContext, eps: float, log_path: str | None = None,
                    custom: tuple[list[str], int] | None = None) -> Outcome:
     """AutoAttack l-inf at ``eps`` (units of 1/255) on the logits of ``ctx.model``, all of
-    ``ctx.data``,
-    from the GitHub ``autoattack`` package when installed, else ``pyautoattack``
-    (``utils.attacks.autoattack_backend``; ``Outcome.package`` names the one used).
-
-    AutoAttack's adversarial images are checked here, not trusted: an example counts as
-    broken only if its returned image lies in the eps-ball and in [0, 1] and the model's
-    logit arg-max on it is wrong. ``custom=(attacks, iterations)`` gives quick runs (tests);
-    the reported evaluation uses the standard version.
-    """
+    ``ctx.data`` (``Outcome.package`` names the package used). Its images are checked, not
+    trusted: an example counts as broken only if its returned image lies in the eps-ball and
+    in [0, 1] and the logit's arg-max on it is wrong. ``custom=(attacks, iterations)`` gives
+    quick runs (tests); the reported evaluation uses the standard version."""
     model, data, batch, device = ctx.model, ctx.data, ctx.batch, torch.device(ctx.device)
-    version, (attacks, iterations) = ("custom", custom) if custom else ("standard",
-                                                                       (None, None))
+    version, (attacks, iterations) = ("custom", custom) if custom else ("standard", (None, None))
     backend = find_backend()
     num_classes = data.num_classes
     if version == "standard" and num_classes < 4:
@@ -152,11 +138,9 @@ class _Watched(torch.nn.Module):
 @torch.no_grad()
 def _verified_pred(model, x, x_adv, y, eps: float, batch: int) -> torch.Tensor:
     """(N,) prediction on ``x_adv``; the label where ``x_adv`` is not a valid image."""
-    linf = (x_adv - x).flatten(1).abs().amax(1)
-    valid = (linf <= eps + 1e-6) & (x_adv.flatten(1).amin(1) >= 0) & \
-        (x_adv.flatten(1).amax(1) <= 1)
+    valid = in_threat_model(x, x_adv, eps)
     if not valid.all():
         log.warning("AutoAttack returned %d image(s) outside the eps-ball or [0, 1]; they "
                     "count as not broken", int((~valid).sum()))
-    pred = torch.cat([model(x_adv[s:s + batch]).argmax(1) for s in range(0, len(x), batch)])
+    pred = predictions(model, x_adv, batch, x.device, logits=True).to(y.device)
     return torch.where(valid, pred, y)

@@ -1,16 +1,9 @@
 """AutoAttack from either package: the authors' GitHub ``autoattack`` or PyPI ``pyautoattack``.
 
-* ``autoattack`` (``pip install git+https://github.com/fra31/auto-attack``, what RobustBench
-  and most papers use): ``AutoAttack(model, norm, eps, version=..., device=..., seed=...,
-  log_path=...)``, ``run_standard_evaluation(x, y, bs=...)`` returning the adversarial
-  images. It prints its progress and, with ``log_path``, appends it to that file.
-* ``pyautoattack`` (``pip install pyautoattack``, a packaging of the same attacks):
-  keyword-only ``AutoAttack(model, norm=, eps=, version=, device=, seed=)``,
-  ``run_standard_evaluation(x, y, batch_size=...)`` returning ``(x_adv, y_adv)``; it logs
-  its progress at DEBUG level to the ``auto-attack`` logger.
-
-``find_backend()`` prefers ``autoattack`` when it is installed; the results name the package
-and version that ran.
+The two differ in their signatures (docs/failures.md has the table): ``autoattack`` takes
+``log_path`` and ``bs=`` and returns the adversarial images; ``pyautoattack`` is keyword-only,
+takes ``batch_size=``, returns ``(x_adv, y_adv)`` and logs its progress at DEBUG level.
+``find_backend()`` prefers ``autoattack``; the results name the package and version that ran.
 """
 from __future__ import annotations
 
@@ -56,18 +49,18 @@ def find_backend() -> Backend:
         try:
             module = importlib.import_module(package)
         except ImportError as exc:
-            log.warning("AutoAttack package %s is installed but fails to import (%s)", package,
-                        exc)
+            log.warning("AutoAttack package %s is installed but fails to import (%s)", package, exc)
             continue
         if not hasattr(module, "AutoAttack"):
             log.warning("the installed package %s has no AutoAttack class: not the AutoAttack "
                         "authors' package, skipped", package)
             continue
-        return Backend(package, _version(package, module), module)
+        return Backend(package, package_version(package, module), module)
     raise UsageError(HINT)
 
 
-def _version(package: str, module) -> str:
+def package_version(package: str, module) -> str:
+    """The installed distribution's version, else the module's ``__version__``."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -78,14 +71,12 @@ def make_adversary(backend: Backend, model: torch.nn.Module, eps: float, version
                    device: torch.device, seed: int, attacks: list[str] | None = None,
                    log_path: str | None = None):
     """An AutoAttack l-inf adversary at ``eps`` (pixel units) from ``backend``."""
-    AutoAttack = backend.module.AutoAttack
-    if backend.package == "autoattack":
-        kwargs = {"attacks_to_run": attacks} if version == "custom" else {}
-        return AutoAttack(model, norm="Linf", eps=eps, version=version, device=device,
-                          seed=seed, log_path=log_path, **kwargs)
-    kwargs = {"attacks": attacks} if version == "custom" else {}
-    return AutoAttack(model, norm="Linf", eps=eps, version=version, device=device, seed=seed,
-                      **kwargs)
+    github = backend.package == "autoattack"
+    kwargs = {"log_path": log_path} if github else {}
+    if version == "custom":
+        kwargs["attacks_to_run" if github else "attacks"] = attacks
+    return backend.module.AutoAttack(model, norm="Linf", eps=eps, version=version,
+                                     device=device, seed=seed, **kwargs)
 
 
 def run_adversary(backend: Backend, adversary, x: torch.Tensor, y: torch.Tensor,

@@ -1,19 +1,13 @@
 """How many images an attack works on at once (``--attack-batch``).
 
-PGD, the strong attacks and AutoAttack hold one batch's autograd graph of the network at a
-time. On a CPU a batch of 64 keeps that graph in cache (and larger ones are no faster); a GPU
-stays busy only with far larger batches, so on CUDA the default is the largest power of two
-that fits the device's free memory:
-
-1. **estimate**: the bytes one image adds to the saved autograd graph, measured by running
-   the attacked forward pass once at batch 1 and once at batch 2 under
-   ``saved_tensors_hooks`` (the weights, saved once whatever the batch, cancel out), times
-   ``GRAPH_FACTOR`` for what the graph does not save (each activation's gradient in the
-   backward pass, the outputs not kept). ``MEMORY_SHARE`` of the free memory, divided by
-   that, rounded down to a power of two and capped at ``MAX_BATCH`` and at the number of
-   images, is the first candidate;
-2. **probe**: one forward and backward at that size; on out-of-memory the size is halved
-   and tried again, so a wrong estimate costs a few probes, never a failed evaluation.
+Attacks hold one batch's autograd graph of the network at a time. On a CPU a batch of 64
+keeps that graph in cache (larger ones are no faster); a GPU stays busy only with far larger
+batches, so on CUDA the default is the largest power of two that fits the free memory:
+**estimated** from the bytes one image adds to the saved graph (the attacked forward run at
+batch 1 and 2 under ``saved_tensors_hooks``, so the weights cancel out) times
+``GRAPH_FACTOR`` for what the graph does not save, against ``MEMORY_SHARE`` of the free
+memory; then **probed** with one forward and backward, halving on out-of-memory, so a wrong
+estimate costs a few probes, never a failed evaluation.
 
 The batch changes no result of the paper's sweep or of the adaptive PGD: an example's random
 starts depend on its own index only (``utils.attacks.pgd.start_keys``). AutoAttack draws its
@@ -26,6 +20,8 @@ import logging
 from collections.abc import Callable
 
 import torch
+
+from base.tensors import eval_mode
 
 log = logging.getLogger("clustr")
 
@@ -76,18 +72,12 @@ def free_memory(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def attacked_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The part of an attack step whose graph is kept: the model's logits of ``x + delta``."""
-    return model(x)
-
-
 def graph_bytes_per_image(model: torch.nn.Module, device: torch.device,
                           image_shape: tuple[int, ...]) -> float:
-    """Bytes one more image adds to the tensors the attacked forward saves for backward."""
+    """Bytes one more image adds to the tensors the attacked forward (the model's logits of
+    x + delta) saves for backward."""
     sizes = []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for n in (1, 2):
             total = [0]
 
@@ -97,27 +87,23 @@ def graph_bytes_per_image(model: torch.nn.Module, device: torch.device,
 
             x = torch.rand(n, *image_shape, device=device).requires_grad_(True)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = attacked_forward(model, x)
+                out = model(x)
             del out
             sizes.append(total[0])
-    finally:
-        model.train(was_training)
     return float(max(sizes[1] - sizes[0], 1))
 
 
 def probe(model: torch.nn.Module, device: torch.device, size: int,
           image_shape: tuple[int, ...]) -> bool:
     """Whether one forward and backward (input gradient only) at ``size`` fits."""
-    was_training = model.training
-    model.eval()
     try:
-        x = torch.rand(size, *image_shape, device=device).requires_grad_(True)
-        grad, = torch.autograd.grad(attacked_forward(model, x).sum(), x)
-        del grad, x
+        with eval_mode(model):
+            x = torch.rand(size, *image_shape, device=device).requires_grad_(True)
+            grad, = torch.autograd.grad(model(x).sum(), x)
+            del grad, x
         return True
     except torch.OutOfMemoryError:
         return False
     finally:
-        model.train(was_training)
         if device.type == "cuda":
             torch.cuda.empty_cache()

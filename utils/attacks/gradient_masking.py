@@ -2,15 +2,12 @@
 
 Two symptoms, after the checks of AutoAttack's authors (``checks.py``):
 
-* **Vanishing gradients.** The paper's loss is a cross-entropy on class scores
-  exp(-d^2/2sigma^2) that underflow to exactly 0 far from every cluster; its input gradient
-  is then exactly zero and sign-PGD cannot move. ``gradient_summary`` reports, per loss, the
-  fraction of examples whose input gradient is exactly zero and the median of its l1 norm,
-  on the clean images and at the attacks' random start.
-* **A robustness gap.** Where the loss saturates without vanishing (scores tiny but not
-  zero), PGD wanders away from every cluster without crossing a decision boundary.
-  ``robustness_gaps`` compares the paper PGD's accuracy with the strongest attack's on the
-  same examples and warns when it is more than ``threshold`` points higher.
+* **Vanishing gradients.** The paper's class scores exp(-d^2/2sigma^2) underflow to exactly
+  0 far from every cluster; the cross-entropy's input gradient is then exactly zero and
+  sign-PGD cannot move (``gradient_summary``: the share of exactly-zero gradients per loss).
+* **A robustness gap.** Where the loss saturates without vanishing, PGD wanders away from
+  every cluster without crossing a decision boundary (``robustness_gaps``: the paper PGD's
+  accuracy against the strongest attack's on the same examples).
 """
 from __future__ import annotations
 
@@ -68,12 +65,10 @@ def robustness_gaps(paper: dict[float, torch.Tensor],
                     strongest: dict[float, tuple[str, torch.Tensor]],
                     threshold: float = GAP_THRESHOLD) -> tuple[list[dict], list[str]]:
     """Per eps, the paper PGD's accuracy against the strongest attack's on the same examples.
-
-    ``paper[eps]`` and ``strongest[eps][1]`` are (N,) bool robust flags; ``strongest[eps][0]``
-    names the attack. Returns one row per eps (accuracies in %, the gap in points, and how
-    many examples only the paper's attack leaves robust) and a warning per eps whose gap
-    exceeds ``threshold``.
-    """
+    ``paper[eps]`` and ``strongest[eps][1]`` are (N,) bool robust flags;
+    ``strongest[eps][0]`` names the attack. Returns one row per eps (accuracies in %, the gap
+    in points, and how many examples only the paper's attack leaves robust) and a warning per
+    eps whose gap exceeds ``threshold``."""
     rows, warnings = [], []
     for eps in sorted(set(paper) & set(strongest)):
         name, robust = strongest[eps]

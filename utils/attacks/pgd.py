@@ -1,23 +1,16 @@
 """The paper's attack: l-inf PGD on the cluster scores, its eps grid, step and restart rule.
 
 Read top to bottom: the attacked loss (``paper_loss``), the sweep's ``EPSILONS`` and
-``STEP``, the attack's settings (``PGD``), the random start, one restart
-(``pgd_restart``: start, ascent, final loss) and the rule that merges restarts (``kept``).
-``utils.attacks.sweep`` runs it, restart after restart over all the batches of the test set,
-at every eps, saving its progress for ``--resume``.
+``STEP``, the attack's settings (``PGD``), the random start, one restart (``pgd_restart``)
+and the rule that merges restarts (``kept``). ``utils.attacks.sweep`` runs it over the test
+set at every eps, saving its progress for ``--resume``.
 
-* The model runs in eval mode; the caller's mode is restored afterwards.
-* Gradients are taken with ``torch.autograd.grad`` on the input only: parameter ``.grad``
-  is never touched.
-* Every perturbation stays inside the eps-ball and keeps x + delta inside [0, 1] (the
-  original's random start did not clip to the image range).
-* At each step only the examples still classified correctly move; with ``shrink=True`` the
-  others leave the batch (fewer forward/backward rows), with ``shrink=False`` they are masked.
-* After each restart every example keeps the perturbation with the highest loss so far
-  (the paper's rule, kept for faithfulness: that loss does not track
-  misclassification, so a later restart can replace a successful perturbation).
-* The random start of an example depends only on (seed, eps index, restart, example index):
-  not on the batch it falls in, nor on the device.
+The model runs in eval mode (the caller's mode is restored) and gradients are taken for the
+input only. Every perturbation stays in the eps-ball with x + delta in [0, 1] (the
+original's random start did not clip to the image range). The paper's restart rule is kept
+for faithfulness although its loss does not track misclassification, so a later restart can
+replace a successful perturbation. An example's random start depends only on (seed, eps
+index, restart, example index): not on the batch it falls in, nor on the device.
 """
 from __future__ import annotations
 
@@ -30,8 +23,7 @@ import torch.nn.functional as F
 from base.tensors import eval_mode
 
 # loss_fn(model, x, y) -> (per-example loss (N,), class scores whose arg-max predicts (N, C))
-LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor],
-                  tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 EPSILONS = (2.0, 8.0, 16.0, 25.5)  # the paper's sweep, in units of 1/255
 STEP = 2.0 / 255                   # its step, in pixel units
@@ -52,7 +44,7 @@ def logit_ce_loss(model, x, y):
 @dataclass(frozen=True)
 class PGD:
     """One PGD attack as the sweep runs it at each eps: loss, step, budget and restart rule.
-    ``PAPER_PGD`` with the evaluation's ``iterations`` and ``restarts`` is the paper's."""
+    The defaults, with the evaluation's ``iterations`` and ``restarts``, are the paper's."""
 
     name: str = "pgd"           # names its units in the resume state and its log lines
     loss_fn: LossFn = paper_loss
@@ -110,7 +102,6 @@ def pgd_restart(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
 
 def kept(best_loss: torch.Tensor, res: AttackResult, fooled_wins: bool = False) -> torch.Tensor:
     """The restart rule: the (N,) mask of the examples that take this restart's perturbation.
-
     The paper's: the highest loss so far, ties to the later restart. ``fooled_wins`` (the
     adaptive attacks, as AutoAttack does): also every example this restart fools; such an
     example is not attacked again (``utils.attacks.sweep`` skips it)."""
@@ -167,3 +158,11 @@ def project_linf(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tens
     """Into the eps-ball, then so that x + delta stays in [0, 1]."""
     delta = delta.clamp(-eps, eps)
     return (x + delta).clamp(0.0, 1.0) - x
+
+
+def in_threat_model(x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> torch.Tensor:
+    """(N,) bool: ``x_adv`` in the eps-ball around ``x`` (up to 1e-6 of float rounding) and in
+    [0, 1]; what an attack's returned images are checked against before they count."""
+    flat = x_adv.flatten(1)
+    return (((flat - x.flatten(1)).abs().amax(1) <= eps + 1e-6) & (flat.amin(1) >= 0)
+            & (flat.amax(1) <= 1))

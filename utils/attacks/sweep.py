@@ -1,17 +1,15 @@
 """The resumable attack engine: every attack of the evaluation runs through ``attack_unit``.
 
-A *unit* is one attack at one eps (``pgd/1`` for the paper's PGD at the second eps of its
-grid, ``pgd-ce/0``, ``pgd-dlr/3``, ``autoattack/0``): a PGD unit runs its restarts one
-after the other, each over all the attacked examples in batches, and merges every restart
-into the kept perturbations with the attack's rule (``utils.attacks.pgd.kept``). Its
-progress goes to the context's ``state`` (``utils.eval.eval_state.EvalState``) after every
-restart and, on a stop request, after the batch that was running; ``--resume`` continues
-from there and computes what the uninterrupted run would have, since every random start
-depends only on (seed, eps index, restart, example index).
+A *unit* is one attack at one eps (``pgd/1``: the paper's PGD at the second eps of its grid;
+``pgd-ce/0``, ``autoattack/0``): its restarts run one after the other over the attacked
+examples in batches, each merged into the kept perturbations by the attack's rule. Progress
+goes to ``ctx.state`` after every restart and, on a stop request, after the running batch;
+``--resume`` continues from there and computes what the uninterrupted run would have, since
+every random start depends only on (seed, eps index, restart, example index).
 
-Only the examples the model classifies correctly without attack are attacked: the others
-are non-robust already (delta = 0 fools them) and keep their clean prediction. Under
-torchrun each process attacks its shard of them; the rows are gathered at each save.
+Only the examples classified correctly without attack are attacked (delta = 0 fools the
+others, which keep their clean prediction). Under torchrun each process attacks its shard;
+the rows are gathered at each save.
 """
 from __future__ import annotations
 
@@ -84,13 +82,15 @@ class AttackContext:
 def predictions(model, images: torch.Tensor, batch: int, device, dist: Dist | None = None,
                 logits: bool = False) -> torch.Tensor:
     """(N,) predictions in data-set order, on the CPU; each process predicts its shard.
-    ``model.predict`` (the paper's scores), or with ``logits`` the arg-max of ``model(x)``."""
+    ``model.predict`` (the paper's scores), or with ``logits`` the arg-max of ``model(x)``.
+    ``images``: uint8, or float in [0, 1] (adversarial images, taken as they are)."""
     dist = dist or Dist.single()
     lo, hi = dist.shard(len(images))
     out = [torch.empty(0, dtype=torch.long)]
     with eval_mode(model):
         for s in range(lo, hi, batch):
-            x = to_device(images[s:min(s + batch, hi)], device)
+            x = images[s:min(s + batch, hi)]
+            x = to_device(x, device) if x.dtype == torch.uint8 else x.to(device)
             out.append((model(x).argmax(1) if logits else model.predict(x)).cpu())
     return dist.gather_rows(torch.cat(out), len(images))
 
@@ -138,12 +138,10 @@ class _Run:
         self.ctx, self.attack, self.e, self.eps = ctx, attack, e, eps
         self.key, self.clean_pred = f"{attack.name}/{e}", clean_pred
         self.rows = (clean_pred == ctx.data.labels).nonzero().flatten()  # attacked
-        n, w = len(self.rows), ctx.dist.world_size
-        self.lo, self.hi = ctx.dist.shard(n)
+        self.lo, self.hi = ctx.dist.shard(len(self.rows))
         # every process runs as many batches as the largest shard, so all reach each safe
         # point (a collective under torchrun) together
-        largest = max((r + 1) * n // w - r * n // w for r in range(w))
-        self.n_batches = -(-largest // ctx.batch)
+        self.n_batches = -(-max(ctx.dist.shard_sizes(len(self.rows))) // ctx.batch)
 
     def _fresh(self) -> dict:
         n, data = len(self.rows), self.ctx.data
@@ -208,8 +206,7 @@ class _Run:
     def _batch(self, unit: dict, r: int, b: int) -> None:
         """Restart ``r`` on this process's ``b``-th batch, merged by the attack's rule."""
         ctx, a = self.ctx, self.attack
-        pos = torch.arange(self.lo + b * ctx.batch, min(self.lo + (b + 1) * ctx.batch,
-                                                        self.hi))
+        pos = torch.arange(self.lo + b * ctx.batch, min(self.lo + (b + 1) * ctx.batch, self.hi))
         labels = ctx.data.labels[self.rows[pos]]
         if a.fooled_wins:  # an example fooled by an earlier restart stays so
             pos = pos[unit["pred"][pos] == labels]

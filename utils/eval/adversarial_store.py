@@ -1,21 +1,8 @@
-"""``--save-adv``: the adversarial images that fooled the model, in one file.
+"""``--save-adv``: the adversarial images that fooled the model, in ``adversarial.pt``.
 
-``adversarial.pt`` (loadable with ``torch.load(path, weights_only=True)``)::
-
-    {"format": "clustr-adversarial-1",
-     "epsilons": [2.0, 8.0, 16.0, 25.5],             # units of 1/255
-     "paper-pgd": {"8": entry, ...},                 # the paper's PGD, every eps
-     "strongest": {"8": entry, ...}}                 # with --strong/--autoattack: per eps,
-                                                     # the attack with the lowest accuracy
-    entry = {"attack": "pgd-dlr", "eps": 8.0,
-             "prediction": "logit arg-max" | "paper scores arg-max",
-             "indices": (k,) test-set indices, "labels": (k,), "pred": (k,),
-             "images": (k, 3, H, W) float32 in [0, 1]}
-
-Every image is re-checked before it is written: inside the eps-ball around its test image
-(up to 1e-6 of float rounding), inside [0, 1], and misclassified by the model on a fresh
-forward pass (``pred`` is that pass's prediction). An image that fails the re-check is left
-out, with a warning.
+Its format is in docs/failures.md. Every image is re-checked before it is written (inside the
+eps-ball around its test image, inside [0, 1], misclassified by the model on a fresh forward
+pass); one that fails is left out, with a warning.
 """
 from __future__ import annotations
 
@@ -24,39 +11,24 @@ import logging
 import torch
 
 from base.io import save_atomic
-from base.tensors import eval_mode
 from datasets.data import ImageData, to_float
+from utils.attacks.pgd import in_threat_model
+from utils.attacks.sweep import predictions
 
 log = logging.getLogger("clustr")
 
 FORMAT = "clustr-adversarial-1"
-TOLERANCE = 1e-6  # float rounding of x + delta
 SKIP = ("clean", "paper-pgd", "worst-case")
 
 
-@torch.no_grad()
-def recheck(model, x: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, eps: float,
-            batch: int, device, logit: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(valid (k,) bool, predictions (k,)): in the eps-ball (pixel units) and [0, 1], and
-    misclassified by ``model`` (its logit's or its ``predict``'s arg-max)."""
-    linf = (images - x).flatten(1).abs().amax(1) if len(x) else torch.zeros(0)
-    in_range = (images.flatten(1).amin(1) >= 0) & (images.flatten(1).amax(1) <= 1) \
-        if len(x) else torch.zeros(0, dtype=torch.bool)
-    preds = []
-    with eval_mode(model):
-        for s in range(0, len(images), batch):
-            xb = images[s:s + batch].to(device)
-            preds.append((model(xb).argmax(1) if logit else model.predict(xb)).cpu())
-    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
-    return (linf <= eps + TOLERANCE) & in_range & (pred != labels), pred
-
-
 def _entry(model, data: ImageData, o, name: str, batch: int, device, logit: bool) -> dict:
-    """The re-checked images of outcome ``o`` (rows of ``data``), as attack ``name``."""
+    """The re-checked images of outcome ``o`` (rows of ``data``), as attack ``name``: in the
+    eps-ball and [0, 1], and misclassified by ``model`` (its logit's or ``predict``'s
+    arg-max) on a fresh pass."""
     (rows, images), attack, eps = o.adv, name, o.eps
     labels = data.labels[rows]
-    valid, pred = recheck(model, to_float(data.images[rows]), images, labels, eps / 255, batch,
-                          device, logit)
+    pred = predictions(model, images, batch, device, logits=logit)
+    valid = in_threat_model(to_float(data.images[rows]), images, eps / 255) & (pred != labels)
     if not valid.all():
         log.warning("--save-adv: %d %s image(s) at eps %g/255 failed the re-check (outside the "
                     "eps-ball or [0, 1], or classified correctly) and are left out",
@@ -90,8 +62,7 @@ def save_adversarial(path: str, model, test: ImageData, paper, sub: ImageData | 
             store["paper-pgd"][f"{r.eps:g}"] = _entry(model, test, r, "paper-pgd", batch,
                                                       device, logit=False)
     for eps, o in sorted(strongest(outcomes).items()):
-        store["strongest"][f"{eps:g}"] = _entry(model, sub, o, o.attack, batch, device,
-                                                logit=True)
+        store["strongest"][f"{eps:g}"] = _entry(model, sub, o, o.attack, batch, device, logit=True)
     save_atomic(store, path)
     counts = ", ".join(f"{e}/255 {v['attack']} {len(v['indices'])}"
                        for part in ("paper-pgd", "strongest") for e, v in store[part].items())

@@ -1,20 +1,11 @@
 """The strong evaluation next to the paper's: strong attacks, one table, masking checks.
 
-``main_clustr.py --strong`` and/or ``--autoattack`` run, after the paper's PGD sweep and on
-the same test images (or a fixed, seeded subset of them, ``--strong-subset N``):
-
-* PGD-CE and PGD-DLR on the proper logit, on the paper's eps grid with its step,
-  ``--iterations`` and ``--restarts`` (``utils.attacks.adaptive``);
-* AutoAttack (standard) at ``--autoattack-eps`` (default 8/255);
-
-and write, next to ``attack_results_ext.csv``:
-
-* ``attack_results_strong.csv`` -- ``epsilon, attack, robust_accuracy, examples, seconds``
-  for the clean images, the paper's PGD restricted to the same images, each strong attack,
-  and ``worst-case`` (an example is robust only if every attack at that eps failed);
-* ``diagnostics.json`` -- zero-gradient fractions under the paper's and the adaptive losses,
-  the paper-versus-strongest gap per eps, and the warnings (also logged);
-* ``robustness.png`` redrawn with every curve.
+``--strong`` (PGD-CE and PGD-DLR on the proper logit) and ``--autoattack`` run after the
+paper's PGD sweep, on the same test images (or ``--strong-subset N`` of them), and write
+``attack_results_strong.csv`` (the clean images, the paper's PGD on the same images, each
+attack and the worst case per eps), ``diagnostics.json`` (zero-gradient fractions, the
+paper-versus-strongest gap per eps, the warnings) and ``robustness.png`` with every curve.
+docs/evaluation.md describes them.
 """
 from __future__ import annotations
 
@@ -115,9 +106,8 @@ def write_table(outcomes: list[Outcome], n: int, path: str) -> None:
 def masking_diagnostics(attack: AttackConfig, model, sub: ImageData, outcomes: list[Outcome],
                         device, batch: int) -> dict:
     losses = {"paper": paper_loss, "pgd-ce": logit_ce_loss, "pgd-dlr": logit_dlr_loss}
-    start_eps = DIAGNOSTIC_EPS if DIAGNOSTIC_EPS in EPSILONS else None
-    grads = gradient_summary(model, sub, losses, batch, device, start_eps,
-                             attack.seed, EPSILONS.index(DIAGNOSTIC_EPS) if start_eps else 0)
+    grads = gradient_summary(model, sub, losses, batch, device, DIAGNOSTIC_EPS, attack.seed,
+                             EPSILONS.index(DIAGNOSTIC_EPS))
     for point, stats in grads.items():
         log.info("input gradients at %s: %s", point, ", ".join(
             f"{name} {100 * s['zero_fraction']:.1f}% exactly zero (median l1 "

@@ -2,12 +2,10 @@
 that a run never overwrites results it was not asked to replace.
 
 A training run refuses a directory that already holds any output of this project; an
-evaluation-only run (``--evaluate-ckpt``) refuses one that already holds evaluation outputs
-(``params.txt`` included, since it would be rewritten). ``--resume`` continues the run whose
-``resume.pth`` is there; ``--overwrite`` deletes the previous outputs first. Files of other
-names are never touched, so a directory may also hold the user's own notes or weights.
-All of this is decided before anything is written, under the lock that keeps a second run
-out of the directory (``run_lock``).
+evaluation-only run one that holds evaluation outputs (``params.txt`` included: it would be
+rewritten). ``--resume`` continues the run there; ``--overwrite`` deletes the previous
+outputs first. Files of other names are never touched. All of this is decided before
+anything is written, under the lock that keeps a second run out (``run_lock``).
 """
 from __future__ import annotations
 
@@ -63,8 +61,7 @@ class ExperimentDir:
         if found and not overwrite:
             kind = "evaluation results" if evaluate_only else "results"
             more = "" if evaluate_only else ", --resume to continue its run"
-            shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4
-                                            else "")
+            shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
             raise UsageError(f"{self.path} already holds {kind} ({shown}): choose a new "
                              f"--checkpoint directory, or pass --overwrite to replace them"
                              f"{more}")
@@ -94,5 +91,4 @@ class ExperimentDir:
             if os.path.realpath(self.file(name)) not in keep:
                 os.unlink(self.file(name))
         if old:
-            log.info("--overwrite: removed %d previous result file(s) from %s", len(old),
-                     self.path)
+            log.info("--overwrite: removed %d previous result file(s) from %s", len(old), self.path)

@@ -1,16 +1,11 @@
 """``model_info.json``: a RobustBench-style model card of an evaluation with ``--autoattack``.
 
-RobustBench describes each model of its leaderboard in ``model_info/<dataset>/Linf/<Name>.json``
-with the fields ``link``, ``name``, ``authors``, ``additional_data``, ``number_forward_passes``,
-``dataset``, ``venue``, ``architecture``, ``eps`` ("8/255"), ``clean_acc``, ``reported`` and
-``autoattack_acc`` (accuracies as strings with two decimals), and optional ``footnote`` and
-``unreliable``. This file has those fields, plus ``threat_model``, ``n_examples`` (the test
-images AutoAttack ran on), ``checkpoint_sha256`` and ``command``.
-
-Every number is taken from ``attack_results_strong.csv`` of the same folder, on the images
-AutoAttack attacked: ``clean_acc`` the clean row, ``reported`` the paper's PGD (what the paper
-reports), ``autoattack_acc`` AutoAttack, all at the first ``--autoattack-eps``. The command
-is rebuilt from ``args.json`` (every argument that differs from its default).
+RobustBench's fields (``model_info/<dataset>/Linf/<Name>.json``; listed in docs/usage.md),
+plus ``threat_model``, ``n_examples``, ``checkpoint_sha256`` and ``command``. Every number is
+taken from ``attack_results_strong.csv`` of the same folder, on the images AutoAttack
+attacked, at the first ``--autoattack-eps``: ``reported`` is the paper's PGD (what the paper
+reports). The command is rebuilt from ``args.json`` (every argument that differs from its
+default).
 
     python -m utils.outputs.model_info EXPDIR     # (re)write it for a finished evaluation
 """
@@ -27,16 +22,10 @@ from utils.outputs import files
 from utils.outputs.results import read_csv
 from utils.train_setting import build_parser
 
-MODEL_INFO = files.MODEL_INFO
 PAPER = {"link": "https://arxiv.org/abs/2006.07682",
          "authors": "Motasem Alfarra, Juan C. Pérez, Adel Bibi, Ali Thabet, Pablo Arbeláez, "
                     "Bernard Ghanem",
          "venue": "BMVC 2021"}
-
-
-def eps_text(eps: float) -> str:
-    """8.0 -> "8/255", 25.5 -> "25.5/255" (RobustBench's notation)."""
-    return f"{eps:g}/255"
 
 
 def command_line(args: dict) -> str:
@@ -90,7 +79,7 @@ def model_card(out_dir: str, ckpt_path: str) -> dict:
         "dataset": summary.get("dataset") or args.get("dataset"),
         "venue": PAPER["venue"] if clustered else "",
         "architecture": architecture(ckpt, summary),
-        "eps": eps_text(eps),
+        "eps": f"{eps:g}/255",  # RobustBench's notation: "8/255", "25.5/255"
         "clean_acc": f"{float(table[(0.0, 'clean')]['robust_accuracy']):.2f}",
         "reported": None if reported is None else f"{float(reported['robust_accuracy']):.2f}",
         "autoattack_acc": f"{float(table[(eps, 'autoattack')]['robust_accuracy']):.2f}",
@@ -105,7 +94,7 @@ def model_card(out_dir: str, ckpt_path: str) -> dict:
 
 
 def write_model_info(out_dir: str, ckpt_path: str) -> str:
-    path = os.path.join(out_dir, MODEL_INFO)
+    path = os.path.join(out_dir, files.MODEL_INFO)
     write_text_atomic(path, json.dumps(model_card(out_dir, ckpt_path), indent=2,
                                        ensure_ascii=False) + "\n")
     return path

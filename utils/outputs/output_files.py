@@ -1,9 +1,6 @@
-"""Files a command writes outside an experiment folder (a table, a plot, converted weights).
-
-Checked like the experiment folder, all of them before any is written: an existing file is
-replaced only when the user asked for it, a result file of an experiment folder
-(``checkpoint.pth``, ``attack_results_ext.csv``, ...) never, and two outputs never share a
-path. Each refusal is one ``UsageError`` line naming the flag and the path.
+"""Files a command writes outside an experiment folder (a table, a plot, converted weights),
+all checked before any is written: an existing file is replaced only when the user asked for
+it, an experiment folder's result file never, and two outputs never share a path.
 """
 from __future__ import annotations
 

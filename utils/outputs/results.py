@@ -9,14 +9,13 @@ from base.errors import UsageError
 from base.io import write_text_atomic
 
 LOG_HEADER = ("Epoch", "LR", "Train loss", "Train acc.", "Test loss", "Test acc.")
+_HEADER_LINE = "\t".join(LOG_HEADER) + "\n"
 
 
 class EpochLog:
-    """``log.txt``: a tab-separated header and one row per epoch, as the original's.
-
-    Every append rewrites the whole (small) file atomically, so a killed process leaves the
-    rows of completed epochs and never a half-written line.
-    """
+    """``log.txt``: a tab-separated header and one row per epoch, as the original's. Every
+    append rewrites the whole (small) file atomically, so a killed process leaves the rows of
+    completed epochs and never a half-written line."""
 
     def __init__(self, path: str, keep_epochs: int | None = None, write: bool = True):
         """A fresh log (header only); or, with ``keep_epochs=E`` when resuming, the existing
@@ -24,10 +23,7 @@ class EpochLog:
         dropped, so the resumed run writes them again). ``write=False`` only reads and
         checks, so a refusal leaves the file as it was; ``flush()`` writes it."""
         self.path = path
-        if keep_epochs is None:
-            self.text = "\t".join(LOG_HEADER) + "\n"
-        else:
-            self.text = self._kept_rows(keep_epochs)
+        self.text = _HEADER_LINE if keep_epochs is None else self._kept_rows(keep_epochs)
         if write:
             self.flush()
 
@@ -35,15 +31,14 @@ class EpochLog:
         write_text_atomic(self.path, self.text)
 
     def _kept_rows(self, epochs: int) -> str:
-        header = "\t".join(LOG_HEADER) + "\n"
         try:
             with open(self.path) as f:
                 lines = f.read().split("\n")[:-1]  # complete lines only
         except FileNotFoundError:
             lines = []
         if epochs == 0:
-            return header
-        if not lines or lines[0] + "\n" != header:
+            return _HEADER_LINE
+        if not lines or lines[0] + "\n" != _HEADER_LINE:
             raise UsageError(f"{self.path} is missing or has no log header: cannot resume "
                              f"into it (start afresh with --overwrite)")
         rows = [line for line in lines[1:] if line.split("\t", 1)[0].isdigit()
@@ -52,7 +47,7 @@ class EpochLog:
             raise UsageError(f"{self.path} does not hold one row for each of the {epochs} "
                              f"completed epochs: cannot resume into it (start afresh with "
                              f"--overwrite)")
-        return header + "".join(r + "\n" for r in rows)
+        return _HEADER_LINE + "".join(r + "\n" for r in rows)
 
     def append(self, epoch: int, lr: float, train_loss: float, train_acc: float,
                test_loss: float, test_acc: float) -> None:
@@ -81,16 +76,14 @@ LOSS_TERMS = ("magnet", "consistency", "xent")
 
 
 class MetricsCSV:
-    """``metrics.csv``: one row of named metrics per epoch, the whole file rewritten atomically.
-
-    ``magnet``, ``consistency`` and ``xent`` are the mean per-step contributions to the
-    training loss (weights applied, 0 for a disabled term); the other columns repeat
-    ``log.txt``'s full-set losses and accuracies, plus the epoch's wall time.
-    """
+    """``metrics.csv``: one row of named metrics per epoch, the whole file rewritten
+    atomically. ``magnet``, ``consistency`` and ``xent`` are the mean per-step contributions
+    to the training loss (weights applied, 0 for a disabled term); the other columns repeat
+    ``log.txt``'s full-set losses and accuracies, plus the epoch's wall time."""
 
     def __init__(self, path: str, keep_epochs: int | None = None):
-        """A fresh file; or, resuming after ``keep_epochs`` completed epochs, the existing rows
-        of those epochs (a row of an unfinished epoch is dropped and written again)."""
+        """A fresh file; or, resuming after ``keep_epochs`` completed epochs, the existing
+        rows of those epochs (a row of an unfinished epoch is dropped and written again)."""
         self.path = path
         self.rows: list[list] = []
         if keep_epochs and os.path.exists(path):

@@ -1,11 +1,10 @@
 """One run at a time per experiment folder.
 
-A run holds an exclusive ``flock`` on ``<folder>/.clustr.lock`` from before its folder check
-to its exit, so a second run started into the same ``--checkpoint`` is refused with one line
-instead of mixing its files with the first one's. The file names the holder (pid, host,
-start time). The kernel drops the lock of a process that dies, so a file left by a killed
-run is taken over, with a line that says so. A folder created only to hold the lock is
-removed again when the run ends without writing anything into it.
+A run holds an exclusive ``flock`` on ``<folder>/.clustr.lock`` (which names the holder: pid,
+host, start time) from before its folder check to its exit, so a second run into the same
+``--checkpoint`` is refused in one line instead of mixing its files with the first one's.
+The kernel drops a dead process's lock, so a file left by a killed run is taken over, with a
+line that says so; a folder created only to hold the lock is removed again if left empty.
 """
 from __future__ import annotations
 
@@ -82,10 +81,8 @@ def _make_folders(folder: str) -> str | None:
 
 
 def _remove_empty(folder: str, top: str | None) -> None:
-    if top is None:
-        return
     current = os.path.abspath(folder)
-    while True:
+    while top is not None:
         try:
             os.rmdir(current)
         except OSError:  # not empty: the run wrote into it

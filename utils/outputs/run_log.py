@@ -1,13 +1,8 @@
-"""``run.log`` and ``args.json`` in the experiment directory.
+"""``run.log`` and ``args.json`` in the experiment directory (see docs/failures.md).
 
-Every log line of the run (training, evaluation, warnings, the gradient-masking
-diagnostics, and the final error or stop line) goes to stdout as before and is appended to
-``run.log``, across resumes: a resumed run adds its lines below the interrupted run's.
+Every log line of the run goes to stdout and is appended to ``run.log``, across resumes.
 Lines logged before the directory may be written (while the inputs are checked) are held
 back and written once it is prepared, so a refused run leaves no ``run.log`` behind.
-Python ``warnings`` are routed into the log as well.
-
-``args.json`` holds the run's arguments, machine-readable, beside ``params.txt``.
 """
 from __future__ import annotations
 
@@ -18,7 +13,6 @@ import os
 from base.io import write_text_atomic
 from utils.outputs import files
 
-RUN_LOG, ARGS_JSON = files.RUN_LOG, files.ARGS_JSON
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
@@ -83,10 +77,10 @@ def attach(folder: str) -> None:
     """Start writing ``folder/run.log`` (the directory exists and may be written)."""
     for h in logging.getLogger().handlers:
         if isinstance(h, RunLogHandler):
-            h.attach(os.path.join(folder, RUN_LOG))
+            h.attach(os.path.join(folder, files.RUN_LOG))
 
 
 def write_args_json(folder: str, args) -> None:
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
-    write_text_atomic(os.path.join(folder, ARGS_JSON),
+    write_text_atomic(os.path.join(folder, files.ARGS_JSON),
                       json.dumps(values, indent=2, sort_keys=False) + "\n")

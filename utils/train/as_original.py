@@ -1,25 +1,8 @@
 """``--as-original``: train exactly as the original code did, to measure what our rules change.
 
-Each rule below restores one row of docs/differences.md (its name says which); ``adopt``
-hands them to a trainer once, in place of the project's own. Random streams are this
-project's (one seeded generator), not the original's numpy and torch global ones.
-
-* ``OriginalPasses`` -- "passes in train mode": the first k-means and sigma^2 passes in train
-  mode; after each epoch's last step the k-means refresh in eval mode, then the sigma^2 and
-  training-loss pass and the test-loss pass in train mode (test images update BatchNorm's
-  running statistics), then the accuracies in eval mode; training images augmented in every
-  pass, in batches of ceil(N/400) as the original's ``compute_reps(model, data, 400)``.
-* ``loss_with_same_class_clusters`` -- "reported loss": the full-set loss whose denominator
-  also counts every same-class cluster as exp(0) = 1.
-* ``leaky_train_mode_maximise`` and ``undetached`` -- "QTRADES / --actual-trades adversary":
-  the adversary in train mode, its last step's parameter gradients left in ``.grad`` (they
-  add to the training step's), and the clean side of the consistency term not detached.
-* ``skip_short_batch`` -- "short batches": a batch of fewer than m*d examples is skipped
-  (no update, no losses recorded; on the epoch's last step, no cluster refresh).
-* ``OriginalWeightSampler`` -- "weights kept across a refresh" and "weight 0": a cluster's
-  weight is the mean loss of its members when one of them was last drawn, kept across a
-  refresh; a cluster never drawn since the first losses has weight 0.
-* ``UnclippedFreePerturbation`` -- "delta carried unclipped" (free training).
+Each section below restores one row of docs/differences.md (its header names the row);
+``adopt`` hands them to a trainer once, in place of the project's own. Random streams are
+this project's (one seeded generator), not the original's numpy and torch global ones.
 """
 from __future__ import annotations
 
@@ -81,7 +64,11 @@ def embed_as_original(model: torch.nn.Module, images: torch.Tensor, device: torc
 
 
 class OriginalPasses:
-    """The original's passes over the data sets, around the Magnet steps of one trainer."""
+    """The original's passes over the data sets, around the Magnet steps of one trainer: the
+    first k-means and sigma^2 passes in train mode; after each epoch's last step the k-means
+    refresh in eval mode, then the sigma^2 and training-loss pass and the test-loss pass in
+    train mode (test images update BatchNorm's running statistics), then the accuracies in
+    eval mode; training images augmented in every pass."""
 
     def __init__(self, trainer):
         self.t = trainer

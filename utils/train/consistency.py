@@ -1,39 +1,22 @@
 """The extra loss terms of ClusTR's variants: QTRADES consistency and cross-entropy on scores.
 
 All of them read the cluster state of the current epoch (a ``ClusterHead``: centroids,
-classes and the inference sigma^2), while the Magnet term uses the batch's own means.
-
-* **QTRADES** (``--consistency-lambda λ``). The clean class probabilities p are the paper's
-  class scores normalised to sum to one. An adversarial batch x' maximises the soft-target
-  cross-entropy CE(p, s(x')) = -sum_c p_c log softmax(s(x'))_c, where s are the paper's
-  (bounded) class scores used as logits, as the original does; one signed-gradient step of
-  10/255 from a uniform start in the 8/255 ball. The loss adds λ · CE(p, s(x')).
-* ``--mse-consistency``: the divergence is the MSE between the clean and the adversarial
-  embeddings instead, and the adversary maximises that MSE.
-* ``--actual-trades``: the adversary is the original's TRADES-style one: a uniform start in
-  the 8/255 ball, then 10 signed-gradient steps on KL(p || softmax(s(x'))) (MSE with
-  ``--mse-consistency``). Each step is 0.03 *in normalised units*, as the original attacks
-  normalised images: 0.03 · std_c per channel c in pixels (about 1.5/255 for CIFAR). KL and
-  CE differ by the entropy of p, which does not depend on x', so both give the same steps;
-  the training term stays λ · CE.
-* ``--xent-lambda w``: adds w · CE(s(x), y) on the clean batch's paper scores.
-* ``--consistency-attack logit`` (an addition, not in the original): p = softmax(z(x)) and
-  both the adversary and the term use KL(p || softmax(z(x'))), z = ``ClusterHead.logits``
-  (the per-class log-sum-exp of -d^2/2sigma^2 over the counted clusters, the classifier's
-  proper logit); the loss adds λ · mean KL. ``--consistency-steps N > 1`` (also an
-  addition): the QTRADES adversary takes N steps of 2/255 (as TRADES) instead of one of
-  10/255, from the same uniform start; ``--actual-trades`` keeps its own 10 steps.
+classes and the inference sigma^2), while the Magnet term uses the batch's own means. The
+flags are described in docs/usage.md. QTRADES adds λ · CE(p, s(x')), with p the clean class
+probabilities (the paper's class scores normalised to sum to one), s the paper's bounded
+scores used as logits, as the original does, and x' its adversary. ``--actual-trades``
+keeps the original's adversary: 10 steps on KL(p || softmax(s(x'))) of 0.03 *in normalised
+units* (it attacked normalised images: 0.03 · std_c per channel in pixels); KL and CE differ
+by the entropy of p, constant in x', so the training term stays λ · CE.
 
 Decisions (written down because the original is silent or differs):
 
 * The clean side is a **fixed target**: p (and the clean embedding of the MSE variant) is
-  detached, so the consistency term pulls the adversarial prediction toward the clean one
-  and the clean prediction is shaped by the Magnet and cross-entropy terms only.
-* The adversary runs in **eval mode** (the caller's mode is restored) with
-  ``torch.autograd.grad`` on the input only, so no parameter ``.grad`` is written: the
-  original left the adversary's parameter gradients behind and they leaked into the step.
-* Every x' stays inside the 8/255 ball around x and inside [0, 1].
-* Random starts come from the caller's CPU generator, so a run is reproducible on any device.
+  detached, so the term pulls the adversarial prediction toward the clean one.
+* The adversary runs in **eval mode** with ``torch.autograd.grad`` on the input only, so no
+  parameter ``.grad`` is written: the original's adversary gradients leaked into the step.
+* Every x' stays inside the 8/255 ball around x and inside [0, 1]; random starts come from
+  the caller's CPU generator, so a run is reproducible on any device.
 """
 from __future__ import annotations
 
@@ -60,12 +43,10 @@ ATTACKS = ("paper", "logit")  # --consistency-attack: the scores the adversary a
 
 
 def class_probabilities(head: ClusterHead, emb: torch.Tensor) -> torch.Tensor:
-    """The paper's class scores divided by their sum, (N, C).
-
-    Computed as a softmax over the counted clusters' -d^2/2sigma^2 summed per class, which
-    equals scores / scores.sum(1) exactly but stays finite when every exp(-d^2/2sigma^2)
-    underflows (where the plain ratio would be 0/0).
-    """
+    """The paper's class scores divided by their sum, (N, C). Computed as a softmax over the
+    counted clusters' -d^2/2sigma^2 summed per class, which equals scores / scores.sum(1)
+    exactly but stays finite when every exp(-d^2/2sigma^2) underflows (where the plain ratio
+    would be 0/0)."""
     log_scores = head.cluster_log_scores(emb)  # (N, C*K)
     counted = log_scores.masked_fill(~head.counted_mask(log_scores), -float("inf"))
     per_cluster = counted.softmax(1)  # (N, C*K), zero outside the counted clusters
@@ -82,11 +63,6 @@ def kl_divergence(target: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """Per-example KL(target || softmax(scores)), (N,), with 0 log 0 = 0."""
     log_target = target.clamp_min(1e-30).log()
     return (target * (log_target - scores.log_softmax(1))).sum(1)
-
-
-def logit_probabilities(head: ClusterHead, emb: torch.Tensor) -> torch.Tensor:
-    """softmax over classes of the classifier's logit ``head.logits``, (N, C)."""
-    return head.logits(emb).softmax(1)
 
 
 @dataclass(frozen=True)
@@ -115,22 +91,14 @@ def adversary_conflict(adversary: Adversary, mse: bool, actual_trades: bool) -> 
     return None
 
 
-def trades_step(pixel_std) -> torch.Tensor:
-    """The --actual-trades step per channel in pixels, (1, 3, 1, 1): 0.03 normalised units
-    times the data set's per-channel std."""
-    return TRADES_STEP * torch.as_tensor(pixel_std, dtype=torch.float32).view(1, -1, 1, 1)
-
-
 def maximise(model: torch.nn.Module, x: torch.Tensor, objective: Callable[[torch.Tensor],
              torch.Tensor], start: torch.Tensor, step: float | torch.Tensor, steps: int,
              eps: float = EPS) -> torch.Tensor:
     """x' = x + delta maximising ``objective(x')`` (per example, (N,)) by signed gradients.
-
     ``start`` (N, 3, H, W) is the initial perturbation; it and every step are projected to
-    the eps-ball and to [0, 1]. ``step`` is a float or a per-channel (1, 3, 1, 1) tensor.
-    The model runs in eval mode and only the input gets a gradient, so parameter ``.grad``
-    is left exactly as it was.
-    """
+    the eps-ball and to [0, 1]. ``step`` is a float or a per-channel (1, 3, 1, 1) tensor. The
+    model runs in eval mode and only the input gets a gradient, so parameter ``.grad`` is
+    left exactly as it was."""
     x = x.detach()
     if isinstance(step, torch.Tensor):
         step = step.to(x.device, x.dtype)
@@ -155,7 +123,8 @@ class ExtraTerms:
         self.mse = bool(mse_consistency)
         self.actual_trades = bool(actual_trades)
         self.amp = amp
-        self.trades_step = trades_step(pixel_std)  # (1, 3, 1, 1), used with --actual-trades
+        # --actual-trades: 0.03 normalised units per channel, in pixels (1, 3, 1, 1)
+        self.trades_step = TRADES_STEP * torch.as_tensor(pixel_std).float().view(1, -1, 1, 1)
         # the adversary's loop and the clean side's target (--as-original replaces both)
         self.maximise, self.clean_side = maximise, torch.Tensor.detach
         adversary = adversary or Adversary()
@@ -174,11 +143,9 @@ class ExtraTerms:
     def terms(self, model: torch.nn.Module, head: ClusterHead, x: torch.Tensor,
               emb: torch.Tensor, labels: torch.Tensor,
               generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """{'consistency': ..., 'xent': ...} for the enabled terms, weights applied.
-
-        ``x`` (N, 3, H, W) is the batch the model saw, ``emb`` (N, 512) its training-mode
-        embeddings (with the graph), ``labels`` (N,) its classes.
-        """
+        """{'consistency': ..., 'xent': ...} for the enabled terms, weights applied. ``x``
+        (N, 3, H, W) is the batch the model saw, ``emb`` (N, 512) its training-mode
+        embeddings (with the graph), ``labels`` (N,) its classes."""
         out = {}
         if self.consistency_lambda > 0:
             out["consistency"] = self.consistency_lambda * self.consistency(
@@ -196,7 +163,7 @@ class ExtraTerms:
         if self.mse:
             return F.mse_loss(emb_adv, self.clean_side(emb))
         if self.logit:  # TRADES's KL on the classifier's logit, the clean side fixed
-            p = logit_probabilities(head, self.clean_side(emb))
+            p = head.logits(self.clean_side(emb)).softmax(1)
             return kl_divergence(p, head.logits(emb_adv)).mean()
         p = class_probabilities(head, self.clean_side(emb))  # fixed target
         return soft_cross_entropy(p, head.paper_scores(emb_adv)).mean()
@@ -211,7 +178,7 @@ class ExtraTerms:
             def objective(xa):
                 return (model(xa) - target_emb).pow(2).mean(1)
         elif self.logit:
-            p = logit_probabilities(head, target_emb)
+            p = head.logits(target_emb).softmax(1)
 
             def objective(xa):
                 return kl_divergence(p, head.logits(model(xa)))

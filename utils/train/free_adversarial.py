@@ -6,21 +6,13 @@ x + delta, and the ONE backward of the training loss gives both the parameter gr
 
     delta <- project(delta + eps * sign(grad_delta))   (eps-ball, and x + delta in [0, 1])
 
-As in the original: delta carries over from batch to batch within an epoch and is set to
-zero at the start of every epoch (``reset``); the sampler records the per-example losses of
-one extra no-grad forward of the *updated* network on x + the final delta, after the M
-replays; the replays train on the Magnet loss alone (no consistency or cross-entropy term).
-delta has the shape of a full batch (m*d examples); a smaller batch (a cluster with fewer
-than d examples) uses and updates the leading rows only, so the rest keep their values for
-the next full batch.
-
-Kept on purpose: delta carried to a new batch is first projected to that batch's image
-range, so every input is an image (the original carried it unchanged, so x + delta could
-leave [0, 1] on the first replay of a batch).
-
-Steps: as in the original, every replay is an optimiser step, and an epoch keeps its
-``len(train set) // (m*d)`` batches, so it makes M times as many steps (and costs about M
-times as much) as a plain epoch; the learning-rate milestones still count epochs.
+As in the original: delta carries over from batch to batch within an epoch and is zero at
+the start of every epoch; the sampler records the losses of one extra no-grad forward of the
+*updated* network on x + the final delta; the replays train on the Magnet loss alone; every
+replay is an optimiser step, so an epoch makes M times as many steps as a plain one (the
+learning-rate milestones still count epochs). Kept on purpose: delta carried to a new batch
+is first projected to that batch's image range (the original's x + delta could leave
+[0, 1] on the first replay of a batch).
 """
 from __future__ import annotations
 
@@ -32,7 +24,8 @@ EPS = 8.0 / 255
 
 
 class FreePerturbation:
-    """Owns delta (B, 3, H, W) across batches; ``perturb`` then ``step`` once per replay."""
+    """Owns delta (B, 3, H, W) across batches; ``perturb`` then ``step`` once per replay. A
+    batch smaller than B uses and updates delta's leading rows only."""
 
     def __init__(self, eps: float = EPS):
         self.eps = eps
@@ -45,9 +38,7 @@ class FreePerturbation:
 
     def current(self, x: torch.Tensor) -> torch.Tensor:
         """x + the delta after the last step, detached (for the sampler's loss forward)."""
-        if self.delta is None:
-            return x.detach()
-        return (x + self.delta[:len(x)]).detach()
+        return (x if self.delta is None else x + self.delta[:len(x)]).detach()
 
     def perturb(self, x: torch.Tensor) -> torch.Tensor:
         """x + delta for this replay, with delta a leaf that collects its gradient."""

@@ -1,11 +1,9 @@
 """k-means on the training device (opt-in, ``--kmeans-device``): scikit-learn's algorithm.
 
 scikit-learn's k-means runs on the host; on a GPU, where an epoch takes seconds, its fits
-are a tenth of the epoch. This is the same algorithm on the device, with the same n_init
-and max_iter: k-means++ seeding (the first centre uniformly, then for each further centre
-2 + int(log k) candidates drawn with probability proportional to the squared distance to the
-nearest centre so far, keeping the candidate of least potential), then Lloyd's iterations,
-keeping the start of least inertia. Three differences, none of which waits for the host:
+are a tenth of the epoch. This is the same algorithm on the device (greedy k-means++
+seeding, Lloyd's iterations, the same n_init and max_iter, the start of least inertia kept),
+with three differences, none of which waits for the host:
 
 * the random draws come from a device generator seeded with ``--kmeans-seed``, so the
   starts are not scikit-learn's (the inertia is close, not equal: see the tests);
@@ -23,7 +21,9 @@ from models.cluster_head import squared_distances
 
 
 def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k starting centres (k, D) of x (N, D), scikit-learn's greedy k-means++."""
+    """k starting centres (k, D) of x (N, D), scikit-learn's greedy k-means++: the first
+    uniformly, each further one the candidate of least potential among 2 + int(log k) drawn
+    with probability proportional to the squared distance to the nearest centre so far."""
     trials = 2 + int(math.log(k))
     first = torch.randint(len(x), (1,), generator=generator, device=x.device)
     centers = [x[first]]  # (1, D) each

@@ -3,22 +3,13 @@
     python -m utils.train.pretrain --dataset cifar10 --data-root ./data \
         --out pretrained_weights/resnet18.pt --epochs 200
 
-The standard CIFAR recipe: SGD (momentum 0.9, weight decay 5e-4, lr 0.1, batch 128) with a
-cosine (or multi-step) schedule, the training augmentation of ``datasets.data.augment``, the
-ResNet18's linear head on inputs in [0, 1]. Batches are indexed from the in-memory uint8
-tensors. After every epoch the train (running, augmented) and test (eval mode) loss and
-accuracy are logged and the weights are written atomically as a plain ``state_dict`` with
-the original's key names, so an interrupted run still leaves a usable file.
-
-``--pretrained-path`` starts from given weights instead of random ones. ``--adversarial``
-makes it the cross-entropy adversarial-training baseline (an addition to the original),
-following fast adversarial training (Wong et al. 2020): every batch is replaced by
-adversarial examples of the linear head's cross-entropy, either ``fgsm`` (one signed step
-of 1.25 eps from a uniform start in the eps-ball, eps = 8/255) or ``pgd`` (``--adv-steps``
-steps of 2/255 from the same start), always inside the ball and [0, 1]; the learning rate
-then follows one cycle per run by default (0 -> ``--lr`` at half of the steps -> 0, updated
-every step). The adversary is ``utils.train.consistency.maximise``: eval mode, gradients
-for the input only (fast_adversarial crafts in train mode).
+The standard CIFAR recipe through the linear head (docs/usage.md). After every epoch the
+weights are written atomically as a plain ``state_dict`` with the original's key names, so
+an interrupted run still leaves a usable file. ``--adversarial`` (an addition) makes it the
+adversarial-training baseline of fast adversarial training (Wong et al. 2020): FGSM (one
+step of 1.25 eps from a uniform start) or PGD examples of the cross-entropy, a one-cycle
+learning rate by default. The adversary is ``utils.train.consistency.maximise``: eval mode,
+gradients for the input only (fast_adversarial crafts in train mode).
 """
 from __future__ import annotations
 
@@ -33,9 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from base.cli import ArgParser, config, nonneg_float, nonneg_int, pos_float, pos_int
+from base.cli import ArgParser, config, nonneg_float, nonneg_int, pos_float, pos_int, run_command
 from base.device import resolve_device
-from base.errors import UsageError, exit_status
+from base.errors import UsageError
 from base.io import save_atomic
 from base.progress import progress, set_quiet
 from base.tensors import autocast, eval_mode, to_device
@@ -78,10 +69,9 @@ class PretrainConfig:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, steps_per_epoch: int = 1):
-    """SGD with momentum and weight decay, and its learning-rate schedule: per epoch, or
-    per step for ``onecycle`` (a triangle from 0 up to ``cfg.lr`` at half of the
-    ``epochs * steps_per_epoch`` steps and back to 0, fast adversarial training's cyclic
-    rate)."""
+    """SGD with momentum and weight decay, and its learning-rate schedule: per epoch, or per
+    step for ``onecycle`` (a triangle from 0 up to ``cfg.lr`` at half of the ``epochs *
+    steps_per_epoch`` steps and back to 0, fast adversarial training's cyclic rate)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     if cfg.schedule == "onecycle":
@@ -91,8 +81,7 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, steps_per_epoch:
     elif cfg.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     else:
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones),
-                                                         gamma=0.1)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones), gamma=0.1)
     return optimizer, scheduler
 
 
@@ -107,9 +96,8 @@ def adversarial_batch(model: ResNet18, x: torch.Tensor, y: torch.Tensor, cfg: Pr
     def objective(xa):
         return F.cross_entropy(model.classify(xa), y, reduction="none")
 
-    if cfg.adversarial == "fgsm":
-        return maximise(model, x, objective, start, FGSM_STEP, 1)
-    return maximise(model, x, objective, start, PGD_STEP, cfg.adv_steps)
+    step, steps = (FGSM_STEP, 1) if cfg.adversarial == "fgsm" else (PGD_STEP, cfg.adv_steps)
+    return maximise(model, x, objective, start, step, steps)
 
 
 def train_one_epoch(model: ResNet18, optimizer: torch.optim.Optimizer, data: ImageData,
@@ -159,11 +147,6 @@ def evaluate(model: ResNet18, data: ImageData, batch: int, device: torch.device,
     return loss_sum / max(1, len(data)), 100.0 * correct / max(1, len(data))
 
 
-def state_dict_cpu(model: ResNet18) -> dict:
-    """The plain weight file: the original's keys, CPU tensors, no normalisation buffers."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
 def pretrain(model: ResNet18, train: ImageData, test: ImageData, cfg: PretrainConfig,
              device: torch.device, out: str | None = None) -> list[dict]:
     """Train ``model`` with cross-entropy; one history row per epoch; saves to ``out``."""
@@ -179,8 +162,8 @@ def pretrain(model: ResNet18, train: ImageData, test: ImageData, cfg: PretrainCo
         if not per_step:
             scheduler.step()
         test_loss, test_acc = evaluate(model, test, cfg.test_batch, device, cfg.amp)
-        if out:
-            save_atomic(state_dict_cpu(model), out)
+        if out:  # the original's keys, CPU tensors, no normalisation buffers
+            save_atomic({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, out)
         row = dict(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc,
                    test_loss=test_loss, test_acc=test_acc, seconds=time.time() - start)
         history.append(row)
@@ -255,8 +238,7 @@ def run(args: argparse.Namespace) -> int:
                                         workers=args.workers), args.test_subset, args.seed)
     log.info("pre-training a ResNet18 on %s: %d training and %d test images, %d classes",
              args.dataset, len(train), len(test), train.num_classes)
-    mean, std = normalization_for(args.dataset)
-    model = ResNet18(train.num_classes, mean, std)
+    model = ResNet18(train.num_classes, *normalization_for(args.dataset))
     if args.pretrained_path:
         load_weights(model, args.pretrained_path)
         log.info("starting from %s", args.pretrained_path)
@@ -273,10 +255,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout)
-    return exit_status(lambda: run(args))
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
