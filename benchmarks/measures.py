@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from statistics import median
 
 import torch
 
@@ -16,7 +17,7 @@ from utils.eval.evaluation import run_sweep
 from utils.train.clustering import fit_clusters
 from utils.train.magnet_loss import magnet_loss
 
-from .timing import median, median_call, spread, step_times, timed
+from .timing import median_call, spread, step_times, timed
 from .workloads import Workload
 
 log = logging.getLogger("benchmarks")
@@ -28,7 +29,6 @@ def measure_epochs(w: Workload, repeats: int) -> dict:
     round then ``repeats`` timed. The steps are timed within the same epochs and summed per
     epoch, so that the rest of each epoch (``rest_s``: what is not a step) is known too."""
     runs = dict(zip(METHODS, (w.trainer, w.baseline)))
-    # per method: each timed epoch, each of its steps, and the sum of its steps
     epochs, steps, step_sums = ({name: [] for name in METHODS} for _ in range(3))
     for round_ in range(1 + repeats):
         for name, r in runs.items():
@@ -73,10 +73,8 @@ def epoch_phases(w: Workload) -> dict:
 
 
 def parts_residuals(epochs: dict, phases: dict) -> dict:
-    """"Epoch - sum of its parts": the median of (epoch - its own steps) less the other
-    parts timed apart (ClusTR: refresh, metrics, test pass; CE: test pass). Near zero when
-    the parts add up; large when an epoch holds time that no part shows (waits for the
-    device, the allocator, other processes)."""
+    """"Epoch - sum of its parts" (docs/benchmarking.md): the median of (epoch - its own
+    steps) less the other parts timed apart (ClusTR: refresh, metrics, test pass; CE: test)."""
     other = {"clustr": sum(phases["phases_s"].values()) - phases["phases_s"]["training steps"],
              "ce": phases["ce_test_s"]}
     return {name: {"residual_s": epochs["rest_s"][name] - other[name],

@@ -1,8 +1,6 @@
-"""The reproduction report (docs/reproducing.md): ``python -m benchmarks.reproduce --budget
-smoke|quick|cpu|paper``, or ``--measure`` the costs the cpu budget is chosen from. It runs the
-calls of ``benchmarks.reproduce_plan``, logged in WORK/logs/ and recorded in WORK/report.json:
-the same command with ``--resume`` reuses the finished calls once their files are checked and
-continues a stopped one with its own ``--resume``."""
+"""The reproduction report (docs/reproducing.md: its budgets, the cpu budget's costs, resume).
+It runs the calls of ``benchmarks.reproduce_plan``, logged in WORK/logs/ and recorded in
+WORK/report.json, which ``--resume`` continues."""
 from __future__ import annotations
 
 import json
@@ -148,17 +146,15 @@ def cpu_budget(costs: dict, train_count: int) -> Budget:
 
     fits = [e for e in range(1, CPU_MAX_EPOCHS + 1) if minutes(e) <= CPU_MINUTES]
     epochs = max(fits or [1])
-    measured = (f"costs measured by `{costs['command']}` on {costs['date']}, load average "
-                f"{costs['load']:.1f}")
-    if not fits:
-        return replace(CPU_BASE, epochs=1, chosen=(
-            f"no budget with this evaluation fits in {CPU_MINUTES:g} min on this machine: one "
-            f"epoch is predicted at {minutes(1):.0f} min, so the report trains one epoch "
-            f"({measured})"))
-    return replace(CPU_BASE, epochs=epochs, chosen=(
-        f"the most epochs whose predicted time is at most {CPU_MINUTES:g} min: "
-        f"{minutes(epochs):.0f} min for {epochs} epoch(s), {minutes(epochs + 1):.0f} min for "
-        f"{epochs + 1} ({measured})"))
+    if fits:
+        why = (f"the most epochs whose predicted time is at most {CPU_MINUTES:g} min: "
+               f"{minutes(epochs):.0f} min for {epochs} epoch(s), {minutes(epochs + 1):.0f} "
+               f"min for {epochs + 1}")
+    else:
+        why = (f"no budget with this evaluation fits in {CPU_MINUTES:g} min on this machine: "
+               f"one epoch is predicted at {minutes(1):.0f} min, so the report trains one epoch")
+    return replace(CPU_BASE, epochs=epochs, chosen=f"{why} (costs measured by "
+                   f"`{costs['command']}` on {costs['date']}, load average {costs['load']:.1f})")
 
 
 def write_costs(run: Run, paths: Paths, images: int, path: str) -> None:

@@ -12,10 +12,9 @@ import pandas as pd
 import torch
 
 from base.errors import UsageError
-from base.io import write_text_atomic
+from base.io import pyplot, save_figure, write_text_atomic
 from benchmarks.reproduce_plan import ROWS, TRAINING, Budget, Paths, Step, at, row_epochs
 from utils import experiments, tables
-from utils.plots import save_figure
 
 TABLE_EPS = (2.0, 8.0)
 CURVE_EPS = 8.0  # on the evaluation's eps grid (utils.attacks.pgd.EPSILONS): always measured
@@ -64,19 +63,14 @@ def curve_frame(steps: list[Step], paths: Paths) -> pd.DataFrame:
 
 def plot_curves(frame: pd.DataFrame, path: str) -> list[str]:
     """One colour per row, the paper's PGD solid, the worst case dashed; the lines' labels."""
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     rows = list(dict.fromkeys(frame["row"]))
     for (row, attack), line in frame.sort_values("epoch").groupby(["row", "attack"], sort=False):
         ax.plot(line["epoch"], line["accuracy"], "-" if attack == "paper PGD" else "--",
                 marker="o", color=f"C{rows.index(row)}", label=f"{ROWS[row]}: {attack}")
     ax.set(xlabel="epoch", ylabel=f"robust accuracy at {CURVE_EPS:g}/255 (%)", ylim=(-2, 102))
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     labels = [t.get_text() for t in ax.legend(fontsize=7).get_texts()]
     fig.tight_layout()
     save_figure(fig, path)

@@ -1,12 +1,7 @@
 """Benchmark ClusTR against plain cross-entropy training and write docs/results/BENCHMARKS.md.
 
-    python -m benchmarks.run                 # full run (the report records its duration)
-    python -m benchmarks.run --quick         # smoke run of the harness
-    python -m benchmarks.run --device cuda --amp --out docs/results/BENCHMARKS_cuda.md
-
-Sections (``--only``), on whatever device is present: epochs (R1 step ratio, R2 epoch
-ratio, R4 per-step overhead, the epoch by phases), pgd (R3 shrinking ratio) and seed (the
-seed's command end to end: measured whole on CUDA, estimated from epochs and pgd on a CPU).
+``python -m benchmarks.run [--quick] [--device cuda --amp] [--only epochs pgd seed]``: the
+sections, their ratios and the seed's command are described in docs/benchmarking.md.
 """
 from __future__ import annotations
 
@@ -14,6 +9,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -60,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", choices=("auto", "synthetic", "real"), default="auto",
                    help="synthetic: CIFAR-shaped random images; real: the shared CIFAR-10 "
                         "subset and weights; auto: real for R3 when present, else synthetic")
-    p.add_argument("--data-dir", type=Path, default=workloads.default_data_dir(),
+    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get(
+                       "CLUSTR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")),
                    help="holds cifar10-subset/ and weights/ ($CLUSTR_DATA or ../shared/data)")
     p.add_argument("--seed", type=int, default=111)
     g = p.add_argument_group("sizes (defaults: full run; --quick: the smaller value)")
@@ -85,7 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def data_for(section: str, args) -> str:
     """'real' or 'synthetic' for a section, refusing --data real without the files."""
-    present = workloads.real_data_present(args.data_dir)
+    present = ((args.data_dir / "cifar10-subset" / "train").is_dir()
+               and (args.data_dir / workloads.WEIGHTS).is_file())
     if args.data == "real" and not present:
         raise UsageError(f"--data real: no cifar10-subset/ and weights/resnet18_cifar10.pt "
                          f"under {args.data_dir}; pass --data-dir or use --data synthetic")
@@ -146,8 +144,7 @@ def run(args) -> dict:
     set_quiet(True)
     start = time.time()
     res = {"machine": machine_info(device),
-           "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                      if k != "command"},
+           "config": {k: v for k, v in vars(args).items() if k != "command"},
            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "command": args.command,
            "load": {"start": load_average()}, "warnings": []}

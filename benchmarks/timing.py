@@ -23,22 +23,15 @@ def timed(fn, device: torch.device):
     return out, time.perf_counter() - start
 
 
-def median(values) -> float:
-    values = list(values)
-    return statistics.median(values) if values else float("nan")
-
-
-def spread(values) -> dict:
-    """min, median, mean and max of a sample (NaN for an empty one)."""
-    values = sorted(values) or [float("nan")]
-    return {"min": values[0], "median": median(values), "mean": statistics.fmean(values),
-            "max": values[-1]}
+def spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values),
+            "mean": statistics.fmean(values), "max": max(values)}
 
 
 def median_call(fn, device: torch.device, repeats: int) -> float:
     """Median seconds of ``repeats`` calls of ``fn`` after one untimed call."""
     fn()
-    return median(timed(fn, device)[1] for _ in range(repeats))
+    return statistics.median(timed(fn, device)[1] for _ in range(repeats))
 
 
 @contextmanager

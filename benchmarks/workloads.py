@@ -5,7 +5,6 @@ k-means and the cluster metrics."""
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,16 +35,6 @@ class Setup:
     device: torch.device
     amp: bool = False
     kmeans_device: bool = False
-
-
-def default_data_dir() -> Path:
-    """``$CLUSTR_DATA``, else ``../shared/data`` next to the repository."""
-    return Path(os.environ.get("CLUSTR_DATA", Path(__file__).resolve().parents[2] / "shared"
-                               / "data"))
-
-
-def real_data_present(data_dir: Path) -> bool:
-    return (data_dir / "cifar10-subset" / "train").is_dir() and (data_dir / WEIGHTS).is_file()
 
 
 def synthetic_data(n: int, seed: int, num_classes: int = 10, modes: int = 2) -> ImageData:
