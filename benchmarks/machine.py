@@ -29,8 +29,7 @@ def instruction_sets() -> str:
     """The relevant flags of /proc/cpuinfo, and the kernel level torch dispatches to."""
     flags = (field("/proc/cpuinfo", ("flags", "Features")) or "").split()
     present = " ".join(f for f in ISA_FLAGS if f in flags) or "unknown"
-    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
-    return f"{present}; torch kernels: {capability}"
+    return f"{present}; torch kernels: {torch.backends.cpu.get_cpu_capability()}"
 
 
 def collect_env() -> str:

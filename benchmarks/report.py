@@ -6,6 +6,9 @@ import pandas as pd
 TARGETS = {"R1": 1.10, "R2": 1.40, "R3": 0.5, "R4": 0.05}
 METHODS = {"clustr": "ClusTR", "ce": "CE"}
 SPREAD = ["min", "median", "mean", "max"]
+INTRO = """Written by `python -m benchmarks.run` (see docs/benchmarking.md). Every ratio is of
+medians over repeats with warm-up excluded (min and max beside them); ratios
+compare runs made in the same process, alternated, on the same data."""
 
 
 def _s(seconds: float) -> str:
@@ -14,10 +17,9 @@ def _s(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 3 * 3600 else f"{seconds / 3600:.1f} h"
 
 
-def _table(rows: list, header: list[str]) -> list[str]:
-    """A Markdown table (pandas' writer, cells as written) and the blank line after it."""
-    return [pd.DataFrame(rows, columns=header).to_markdown(index=False,
-                                                           disable_numparse=True), ""]
+def _table(rows: list, header: list[str]) -> str:
+    """A Markdown table: pandas' writer, cells as written."""
+    return pd.DataFrame(rows, columns=header).to_markdown(index=False, disable_numparse=True)
 
 
 def _ratio(name: str, what: str, value: float, applies: bool = True) -> list:
@@ -29,18 +31,13 @@ def _ratio(name: str, what: str, value: float, applies: bool = True) -> list:
 
 
 def render(res: dict) -> str:
+    """The report's blocks (headings, paragraphs, tables), a blank line between them."""
     m, cfg = res["machine"], res["config"]
     warnings = res["warnings"] + (["quick (smoke) configuration: smaller batches and sizes "
                                    "than the targets assume; do not quote these figures."]
                                   if cfg["quick"] else [])
-    out = ["# Benchmarks", "",
-           "Written by `python -m benchmarks.run` (see docs/benchmarking.md). Every ratio is of",
-           "medians over repeats with warm-up excluded (min and max beside them); ratios",
-           "compare runs made in the same process, alternated, on the same data.", "",
-           *(f"> **Warning:** {w}" for w in warnings), *([""] if warnings else []),
-           "## Machine and command", ""]
     load = ", ".join(f"{k} {v:.2f}" for k, v in res["load"].items() if v is not None)
-    out += _table([
+    machine = [
         ["CPU", f"{m['cpu']} ({m['cores']} cores, {m['usable_cores']} usable)"],
         ["instruction sets", m["isa"]],
         ["torch", f"{m['torch']} used, {m['torch_pinned'] or 'none'} pinned in "
@@ -48,15 +45,17 @@ def render(res: dict) -> str:
         ["device", m["device"] + (" + bf16 autocast" if cfg["amp"] else "")],
         ["platform", m["platform"]], ["load average (1 min)", load or "unknown"],
         ["date", res["date"]], ["duration", f"{res['duration_s']:.0f} s"],
-        ["command", f"`{res['command']}`"]], ["", ""])
-    out += ["## Ratios", ""] + _table(_ratios(res), ["", "what", "value", "target", ""])
+        ["command", f"`{res['command']}`"]]
+    out = ["# Benchmarks", INTRO, "\n".join(f"> **Warning:** {w}" for w in warnings),
+           "## Machine and command", _table(machine, ["", ""]),
+           "## Ratios", _table(_ratios(res), ["", "what", "value", "target", ""])]
     for key, section in (("epochs", _epochs), ("seed_command", _seed_estimate),
                          ("pgd", _pgd)):
         if key in res:
             out += section(res)
     if "collect_env" in res:
-        out += ["## torch.utils.collect_env", "", "```", res["collect_env"].rstrip(), "```", ""]
-    return "\n".join(out) + "\n"
+        out += ["## torch.utils.collect_env", f"```\n{res['collect_env'].rstrip()}\n```"]
+    return "\n\n".join(b for b in out if b) + "\n\n"
 
 
 def _ratios(res: dict) -> list[list]:
@@ -104,21 +103,21 @@ def _epochs(res: dict) -> list[str]:
     e, ph, o = res["epochs"], res["phases"], res["overheads"]
     total, step = sum(ph["phases_s"].values()), e["step_s"]["clustr"]
     phases = {**ph["phases_s"], "(k-means alone, timed again)": ph["kmeans_s"]}
-    out = [f"## ClusTR epoch, phase by phase ({e['train_images']} training images, "
-           f"{e['steps_per_epoch']} steps of {e['batch']})", ""]
-    out += _table([[n, _s(s), f"{100 * s / total:.1f}%"] for n, s in phases.items()],
-                  ["phase", "time", "share"])
-    out += [f"### Spread ({e['repeats']} timed epochs per method after a warm-up)", ""]
-    out += _table([row for n, label in METHODS.items() for row in (
-        [f"{label} step", e["step_samples"][n], *map(_s, e["step_spread"][n].values())],
-        [f"{label} epoch", len(e["epoch_samples"][n]),
-         *map(_s, e["epoch_spread"][n].values())])], ["", "samples", *SPREAD])
-    out += ["Epochs: " + ", ".join(f"{n} {', '.join(f'{t:.2f}' for t in ts)} s"
-                                   for n, ts in e["epoch_samples"].items()), "",
-            "### What a ClusTR step adds (R4), and the data path both share", ""]
     parts = {**o["parts_s"], **{f"{n} (shared with CE)": s for n, s in o["shared_s"].items()}}
-    return out + _table([[n, _s(s), f"{100 * s / step:.2f}%"] for n, s in parts.items()],
-                        ["part", "per step", "share of the ClusTR step"])
+    return [f"## ClusTR epoch, phase by phase ({e['train_images']} training images, "
+            f"{e['steps_per_epoch']} steps of {e['batch']})",
+            _table([[n, _s(s), f"{100 * s / total:.1f}%"] for n, s in phases.items()],
+                   ["phase", "time", "share"]),
+            f"### Spread ({e['repeats']} timed epochs per method after a warm-up)",
+            _table([row for n, label in METHODS.items() for row in (
+                [f"{label} step", e["step_samples"][n], *map(_s, e["step_spread"][n].values())],
+                [f"{label} epoch", len(e["epoch_samples"][n]),
+                 *map(_s, e["epoch_spread"][n].values())])], ["", "samples", *SPREAD]),
+            "Epochs: " + ", ".join(f"{n} {', '.join(f'{t:.2f}' for t in ts)} s"
+                                   for n, ts in e["epoch_samples"].items()),
+            "### What a ClusTR step adds (R4), and the data path both share",
+            _table([[n, _s(s), f"{100 * s / step:.2f}%"] for n, s in parts.items()],
+                   ["part", "per step", "share of the ClusTR step"])]
 
 
 def _seed_estimate(res: dict) -> list[str]:
@@ -128,26 +127,25 @@ def _seed_estimate(res: dict) -> list[str]:
     parts = {**c["epoch_parts_s"], "epoch": c["epoch_s"],
              "training (30 epochs + the first refresh)": c["training_s"],
              "default sweep": c["sweep_s"], "total": c["total_s"]}
-    return ["## The seed's command, estimated (not measured)", "",
+    return ["## The seed's command, estimated (not measured)",
             f"From the median ClusTR step at batch {c['batch_measured']} (scaled to 240 per "
             f"step), the embedding pass, k-means and metrics per image, and PGD at "
             f"{_s(c['pgd_pass_s'])} per image and pass without shrinking (every example "
             f"attacked at every step: a fully robust model's cost; a model that breaks costs "
-            f"less).", ""] + _table([[n, _s(v)] for n, v in parts.items()],
-                                   ["part of one epoch", "estimate"])
+            f"less).", _table([[n, _s(v)] for n, v in parts.items()],
+                              ["part of one epoch", "estimate"])]
 
 
 def _pgd(res: dict) -> list[str]:
     p = res["pgd"]
-    out = [f"## PGD sweep (R3): {p['images']} test images, {p['data']} data, "
-           f"{p['iterations']} iterations, {p['restarts']} restart(s), clean accuracy "
-           f"{p['clean_acc']:.2f}%", ""]
-    out += _table([[f"{e['eps']:g}", f"{e['acc_shrink']:.2f}%", f"{e['acc_mask']:.2f}%",
-                    e["differ"]] for e in p["per_eps"]],
-                  ["eps (/255)", "robust acc., shrinking", "robust acc., masking",
-                   "predictions that differ"])
-    out += _table([[n, *map(_s, sp.values())] for n, sp in p["spread"].items()],
-                  ["sweep", *SPREAD])
-    return out + [f"Seconds per sweep: shrinking {p['samples']['shrink']}, masking "
-                  f"{p['samples']['mask']}.", ""]
-
+    return [f"## PGD sweep (R3): {p['images']} test images, {p['data']} data, "
+            f"{p['iterations']} iterations, {p['restarts']} restart(s), clean accuracy "
+            f"{p['clean_acc']:.2f}%",
+            _table([[f"{e['eps']:g}", f"{e['acc_shrink']:.2f}%", f"{e['acc_mask']:.2f}%",
+                     e["differ"]] for e in p["per_eps"]],
+                   ["eps (/255)", "robust acc., shrinking", "robust acc., masking",
+                    "predictions that differ"]),
+            _table([[n, *map(_s, sp.values())] for n, sp in p["spread"].items()],
+                   ["sweep", *SPREAD]),
+            f"Seconds per sweep: shrinking {p['samples']['shrink']}, masking "
+            f"{p['samples']['mask']}."]

@@ -95,14 +95,14 @@ def build_parser() -> ArgParser:
     p.add_argument("--measure-images", type=int, default=40, help="images --measure attacks")
     p.add_argument("--data", default="../shared/data", help="has cifar10-subset/ and weights/")
     p.add_argument("--dataset", default="imagefolder", help="(imagefolder)")
-    p.add_argument("--data-root", default=None, help="(DATA/cifar10-subset)")
-    p.add_argument("--pretrained-path", default=None,
+    p.add_argument("--data-root", help="(DATA/cifar10-subset)")
+    p.add_argument("--pretrained-path",
                    help="the starting weights (DATA/weights/resnet18_cifar10.pt)")
     p.add_argument("--rows", nargs="+", choices=list(ROWS), help="(all of the budget's)")
-    p.add_argument("--work", default=None, help="folder of the runs (reproduce_runs/BUDGET)")
-    p.add_argument("--out", default=None, help="(docs/results/REPRODUCTION_BUDGET.md)")
+    p.add_argument("--work", help="folder of the runs (reproduce_runs/BUDGET)")
+    p.add_argument("--out", help="(docs/results/REPRODUCTION_BUDGET.md)")
     p.add_argument("--device", default="auto", help="passed to every call (auto)")
-    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every call")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of every call")
     p.add_argument("--resume", action="store_true", help="continue the report in --work: "
                    "reuse its finished calls, continue the stopped one")
     p.add_argument("--render-only", action="store_true",

@@ -125,8 +125,7 @@ def pgd_section(args, setup: Setup, res: dict) -> None:
 
 def seed_section(args, setup: Setup, res: dict) -> None:
     if setup.device.type == "cuda":
-        res["seed_command"] = seed_command.measure(setup.device, setup.amp, args.seed,
-                                                   kmeans_device=setup.kmeans_device)
+        res["seed_command"] = seed_command.measure(setup)
     elif "epochs" in res and "pgd" in res:
         res["seed_command"] = seed_command.estimate(res)
     else:

@@ -5,9 +5,7 @@ it takes days, ``estimate`` scales the rates the benchmark measured."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-
-import torch
+from dataclasses import dataclass, replace
 
 from models.classifier import ClusterClassifier
 from utils.attacks.batch_size import attack_batch
@@ -62,14 +60,13 @@ def estimate(res: dict, seed: SeedCommand = SeedCommand()) -> dict:
             "pgd_pass_s": per_pass, "batch_measured": e["batch"], "seed": vars(seed)}
 
 
-def measure(device: torch.device, amp: bool, seed_value: int = 111,
-            seed: SeedCommand = SeedCommand(), kmeans_device: bool = False) -> dict:
-    """The seed's command run whole: seconds of the training (with the initial cluster
-    refresh) and of the sweep, with the attack batch ``utils.attacks.batch_size`` picks.
-    ``kmeans_device``: the refreshes after the first fit k-means on the device."""
-    train = synthetic_data(seed.train_images, seed_value)
-    test = synthetic_data(seed.test_images, seed_value + 1)
-    setup = Setup(seed.m, seed.d, seed.K, seed_value, device, amp, kmeans_device)
+def measure(setup: Setup, seed: SeedCommand = SeedCommand()) -> dict:
+    """The seed's command run whole on ``setup``'s device, seed, autocast and k-means (its
+    batch is the seed's): seconds of the training (with the initial cluster refresh) and of
+    the sweep, with the attack batch ``utils.attacks.batch_size`` picks."""
+    setup, device = replace(setup, m=seed.m, d=seed.d, K=seed.K), setup.device
+    train = synthetic_data(seed.train_images, setup.seed)
+    test = synthetic_data(seed.test_images, setup.seed + 1)
     epochs = []
 
     def training_run():
@@ -83,7 +80,7 @@ def measure(device: torch.device, amp: bool, seed_value: int = 111,
     model = ClusterClassifier(w.trainer.model, w.trainer.head()).to(device)
     batch = attack_batch(None, model, device, seed.test_images)
     result, sweep = timed(lambda: run_sweep(
-        AttackContext(model, test, device, batch, seed_value),
+        AttackContext(model, test, device, batch, setup.seed),
         PGD(iterations=seed.iterations, restarts=seed.restarts), 64), device)
     return {"kind": "measured", "epoch_samples": epochs, "training_s": training,
             "sweep_s": sweep, "total_s": training + sweep, "attack_batch": batch,

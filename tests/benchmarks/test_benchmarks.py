@@ -71,10 +71,11 @@ def test_load_warning_counts_other_work_relative_to_the_cores(monkeypatch):
 def test_seed_command_measured_whole_on_tiny_sizes():
     """The path a GPU runs, at toy sizes on the CPU: every epoch and the sweep timed."""
     from benchmarks.seed_command import SeedCommand, measure
+    from benchmarks.workloads import Setup
 
     tiny = SeedCommand(train_images=40, test_images=10, epochs=2, iterations=1, restarts=1,
                        m=2, d=4, K=2)
-    res = measure(torch.device("cpu"), False, 1, tiny)
+    res = measure(Setup(12, 20, 2, 1, torch.device("cpu")), tiny)  # the batch is the seed's
     assert res["kind"] == "measured" and len(res["epoch_samples"]) == 2
     assert res["attack_batch"] == 64 and 0 <= res["clean_acc"] <= 100
     assert res["total_s"] == res["training_s"] + res["sweep_s"] > sum(res["epoch_samples"])
