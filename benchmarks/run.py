@@ -117,10 +117,9 @@ def pgd_section(args, setup: Setup, res: dict) -> None:
     kmeans = KMeansSettings.for_dataset("cifar10", K, args.seed)
     model = fit_cluster_classifier(backbone, train, kmeans, L, batch=default_embed_batch(dev),
                                    device=dev).to(dev)
-    res["pgd"] = {**measures.measure_pgd(model, test, dev, PGD(iterations=args.iterations,
-                                                               restarts=RESTARTS),
-                                         args.test_batch, args.pgd_repeats, args.seed),
-                  "data": kind}
+    attack = PGD(iterations=args.iterations, restarts=RESTARTS)
+    res["pgd"] = {**measures.measure_pgd(model, test, dev, attack, args.test_batch,
+                                         args.pgd_repeats, args.seed), "data": kind}
 
 
 def seed_section(args, setup: Setup, res: dict) -> None:
