@@ -108,8 +108,9 @@ def resume_settings(*configs) -> dict:
     for cfg in configs:
         for f in dataclasses.fields(cfg):
             if "resume" in f.metadata:
+                argument = f.metadata["argument"] or f.name
                 value = getattr(cfg, f.name)
-                out[f.metadata["resume"] or _flag(f)] = (
+                out[f.metadata["resume"] or "--" + argument.replace("_", "-")] = (
                     list(value) if isinstance(value, tuple) else value)
     return out
 
@@ -121,7 +122,3 @@ def resume_arguments(*classes) -> frozenset[str]:
     return frozenset(f.metadata["argument"] or f.name for cls in classes
                      for f in dataclasses.fields(cls)
                      if "resume" in f.metadata and f.metadata["training"])
-
-
-def _flag(f: dataclasses.Field) -> str:
-    return "--" + (f.metadata["argument"] or f.name).replace("_", "-")
