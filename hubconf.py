@@ -24,8 +24,6 @@ def resnet18_stand_in(weights: str | None = None):
     """The stand-in ResNet18 ClusTR starts from (CIFAR-10, cross-entropy, not robust) through
     its linear head: ``weights``, else ``pretrained_weights/resnet18.pt`` where it exists,
     else the same weights converted in memory from the installed ``pyautoattack``."""
-    import os
-
     from models.checkpoint import copy_weights, load_weights
     from models.classifier import LinearClassifier
     from models.resnet import ResNet18
@@ -35,5 +33,5 @@ def resnet18_stand_in(weights: str | None = None):
     if not weights and not from_autoattack.DEFAULT_OUT.is_file():
         copy_weights(backbone, from_autoattack.converted()[0], from_autoattack.PACKAGE)
     else:
-        load_weights(backbone, os.fspath(weights or from_autoattack.DEFAULT_OUT))
+        load_weights(backbone, str(weights or from_autoattack.DEFAULT_OUT))
     return LinearClassifier(backbone.eval())

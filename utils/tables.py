@@ -5,12 +5,8 @@ honest columns, as a pandas DataFrame or Markdown, LaTeX or CSV.
                                                           [--plot FILE.png] [--overwrite]
 
 In Python (a notebook): ``experiment_table(["expA", "expB"])`` returns the DataFrame, its
-notes in ``df.attrs["notes"]``.
-
-Folders (read by ``utils.experiments``) are never written; ``--out``/``--plot`` replace an
-existing file only with ``--overwrite``. Cells a folder lacks stay empty and a note names the
-command that fills them; folders evaluated under different protocols are flagged in the
-notes, not silently mixed.
+notes in ``df.attrs["notes"]``: the command that fills a cell a folder lacks, and folders
+evaluated under different protocols (flagged, never silently mixed).
 """
 from __future__ import annotations
 
