@@ -24,21 +24,14 @@ def resnet18_stand_in(weights: str | None = None):
     """The stand-in ResNet18 ClusTR starts from (CIFAR-10, cross-entropy, not robust) through
     its linear head: ``weights``, else ``pretrained_weights/resnet18.pt`` where it exists,
     else the same weights converted in memory from the installed ``pyautoattack``."""
-    import importlib.resources
-    import os
-
     from models.checkpoint import copy_weights, load_weights
     from models.classifier import LinearClassifier
     from models.resnet import ResNet18
     from pretrained_weights import from_autoattack
 
     backbone = ResNet18(num_classes=10)
-    path = weights or (str(from_autoattack.DEFAULT_OUT)
-                       if from_autoattack.DEFAULT_OUT.is_file() else None)
-    if path is not None:
-        load_weights(backbone, os.fspath(path))
+    if not weights and not from_autoattack.DEFAULT_OUT.is_file():
+        copy_weights(backbone, from_autoattack.converted()[0], from_autoattack.PACKAGE)
     else:
-        source, _ = from_autoattack.package_source()
-        with importlib.resources.as_file(source) as file:
-            copy_weights(backbone, from_autoattack.convert(file), str(file))
+        load_weights(backbone, str(weights or from_autoattack.DEFAULT_OUT))
     return LinearClassifier(backbone.eval())

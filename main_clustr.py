@@ -155,7 +155,7 @@ def open_outputs(args, out: ExperimentDir, state: RunState, start: Position, dis
     first resume state, run.log and the arguments. Returns the epoch log and the metrics
     table, which keep a resumed run's completed epochs."""
     kept = start.epoch if args.resume else None
-    epoch_log = EpochLog(out.file(files.LOG), keep_epochs=kept, write=False)
+    epoch_log = EpochLog(out.file(files.LOG), keep_epochs=kept)
     metrics_csv = MetricsCSV(out.file(files.METRICS), keep_epochs=kept)
     # every input is checked on every process: from here on the experiment directory changes
     dist.barrier()

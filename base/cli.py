@@ -1,12 +1,6 @@
-"""Argument-parsing pieces every command-line tool of the project shares.
-
-``ArgParser`` answers a bad argument with one line and exit status 2, as every other bad
-input; the ``pos_*``, ``nonneg_*`` and ``seed_int`` types refuse out-of-range values at
-parse time, naming the value. ``config`` builds a stage's configuration dataclass from the
-parsed arguments, field by field, so no code below a command's ``main`` sees the Namespace.
-``resume_field`` declares, on a config's fields, what a resumed run must repeat: an
-evaluation's resume reads it through ``resume_settings``, a training run's through
-``resume_arguments``.
+"""Argument-parsing pieces every command-line tool of the project shares: a parser and types
+that refuse bad values in one line, and ``config``/``resume_field``, through which no code
+below a command's ``main`` sees the Namespace.
 """
 from __future__ import annotations
 
@@ -108,8 +102,9 @@ def resume_settings(*configs) -> dict:
     for cfg in configs:
         for f in dataclasses.fields(cfg):
             if "resume" in f.metadata:
+                argument = f.metadata["argument"] or f.name
                 value = getattr(cfg, f.name)
-                out[f.metadata["resume"] or _flag(f)] = (
+                out[f.metadata["resume"] or "--" + argument.replace("_", "-")] = (
                     list(value) if isinstance(value, tuple) else value)
     return out
 
@@ -121,7 +116,3 @@ def resume_arguments(*classes) -> frozenset[str]:
     return frozenset(f.metadata["argument"] or f.name for cls in classes
                      for f in dataclasses.fields(cls)
                      if "resume" in f.metadata and f.metadata["training"])
-
-
-def _flag(f: dataclasses.Field) -> str:
-    return "--" + (f.metadata["argument"] or f.name).replace("_", "-")

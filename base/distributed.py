@@ -13,21 +13,19 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from base.errors import UsageError
+
 
 @dataclass
 class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    initialized: bool = False  # a process group was joined (even a world of one)
+    enabled: bool = False  # a process group was joined (even a world of one)
 
     @classmethod
     def single(cls) -> Dist:
         return cls()
-
-    @property
-    def enabled(self) -> bool:
-        return self.initialized
 
     @property
     def is_main(self) -> bool:
@@ -113,7 +111,6 @@ def own_rank(d: Dist, saved):
         return saved
     sizes = [int(s) for s in saved["sizes"]]
     if len(sizes) != d.world_size:
-        from base.errors import UsageError
         raise UsageError(f"the run was interrupted with {len(sizes)} process(es) and continues "
                          f"with {d.world_size}: resume with the same number")
     start = sum(sizes[:d.rank])
@@ -143,7 +140,7 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> Dist:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return Dist(rank, world, local_rank, initialized=True)
+    return Dist(rank, world, local_rank, enabled=True)
 
 
 def close_distributed(d: Dist) -> None:

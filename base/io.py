@@ -1,8 +1,8 @@
 """File I/O every part of the project shares: weights-only loading, atomic writes, figures.
 
-``atomic_write`` (and ``save_atomic``, ``write_text_atomic``) write to a hidden temporary file
-beside the target and rename it over the target, so a killed process leaves the old file or
-the new one, never half of one.
+``atomic_write`` (and ``save_atomic``, ``write_text_atomic``) leave the old file or the new
+one, never half of one: a killed process leaves at worst a hidden ``.<name>.*`` temporary,
+removed by the next run in that directory (docs/failures.md).
 """
 from __future__ import annotations
 
@@ -114,10 +114,8 @@ def save_figure(fig, path: str | None) -> None:
 
 
 def atomic_write(path: str, write) -> None:
-    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``. A
-    process killed at any moment leaves either the previous file or the new one, never a
-    partial one (at worst a hidden ``.<name>.*`` temporary, removed by the next run). The
-    data and the rename are both flushed to disk before returning."""
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``;
+    the data and the rename are both flushed to disk before returning."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = _named(lambda: tempfile.mkstemp(prefix=temp_prefix(path), dir=folder), path)
     try:

@@ -1,12 +1,8 @@
 """Stopping cleanly on SIGTERM (how cluster schedulers end a job) and SIGINT (Ctrl-C).
 
-``install()`` makes a signal only *ask* to stop. The long loops call ``should_stop(dist)`` at
-their safe points; when it is true they save their resume state and raise ``Preempted``,
-which ``main_clustr.py`` turns into one line and exit status 128 + signal (docs/failures.md).
-Under torchrun ``should_stop`` is a collective (a MAX all-reduce of one flag), so a signal
-that reaches one process stops every process at the same safe point. Inside ``immediate()``
-(regions with nothing to save, such as one AutoAttack run), and on a second signal while a
-stop is pending, ``Preempted`` is raised at once.
+``install()`` makes a signal only *ask* to stop: the long loops call ``should_stop(dist)`` at
+their safe points, save their resume state and raise ``Preempted`` (docs/failures.md,
+"Preemption"). Inside ``immediate()`` and on a second signal it is raised at once.
 """
 from __future__ import annotations
 
@@ -107,15 +103,10 @@ _COUNTS: dict[str, int] = {}
 
 
 def point(name: str, rank: int = 0) -> None:
-    """A named point of the run (``train-epoch-1``, ``pgd-eps-0``, ``pgd-restart-0-1``,
-    ``autoattack-forward``, ...). With CLUSTR_TEST_KILL_AT or CLUSTR_TEST_SIGNAL_AT naming
-    it, the process is SIGKILLed or sent SIGTERM on the COUNT-th time it passes there
-    (default 1), on rank RANK only when given."""
+    """A named point of the run where the hooks above may kill or signal the process
+    (docs/failures.md, "Hooks for tests")."""
     for env, sig in ((KILL_AT_ENV, signal.SIGKILL), (SIGNAL_AT_ENV, signal.SIGTERM)):
-        spec = os.environ.get(env)
-        if not spec:
-            continue
-        target, _, on_rank = spec.partition("@")
+        target, _, on_rank = os.environ.get(env, "").partition("@")  # unset: matches no name
         want, _, count = target.partition(":")
         if want != name or (on_rank and int(on_rank) != rank):
             continue

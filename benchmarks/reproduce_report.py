@@ -123,7 +123,7 @@ def results(steps: list[Step], paths: Paths) -> str:
     evaluated = [s.key.split("/")[0] for s in steps if s.key.endswith("/eval")]
     exps = {row: load(paths, f"{row}/eval", ROWS[row]) for row in ROWS if row in evaluated}
     done = [x for x in exps.values() if x is not None]
-    table = tables.to_text(tables.build_table(done, TABLE_EPS, every_attack=True),
+    table = tables.to_text(tables.experiment_table(done, TABLE_EPS, every_attack=True),
                            "markdown", digits=1) if done else ""
     return table + "".join(f"* {ROWS[row]}: no results yet (see the calls below)\n"
                            for row, x in exps.items() if x is None)

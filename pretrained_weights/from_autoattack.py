@@ -54,31 +54,26 @@ def package_source() -> tuple[Traversable, str]:
     return source, package_version(PACKAGE, module)
 
 
-def fold_input_normalization(state: dict, mean=CIFAR_MEAN, std=CIFAR_STD) -> dict:
-    """Weights for inputs in [0, 1] -> the same network for inputs (x - mean) / std. Returns
-    a new dict; only ``conv1.weight`` and ``bn1.running_mean`` change."""
-    weight = state["conv1.weight"]  # (64, 3, 3, 3)
-    mean_t = torch.tensor(mean, dtype=weight.dtype).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=weight.dtype).view(1, 3, 1, 1)
-    folded = dict(state)
-    folded["conv1.weight"] = weight * std_t
-    folded["bn1.running_mean"] = state["bn1.running_mean"] - (weight * mean_t).sum((1, 2, 3))
-    return folded
-
-
-def convert(source: Path) -> dict:
-    """The package's weights, checked by name and shape against the ResNet18, then folded."""
+def converted() -> tuple[dict, str]:
+    """The package's weights, checked by name and shape against the ResNet18, with the CIFAR
+    mean and std folded in (only ``conv1.weight`` and ``bn1.running_mean`` change), and the
+    package's version."""
+    source, version = package_source()
     model = ResNet18(num_classes=10)
-    load_weights(model, str(source))  # by name, strict, one-line error listing any mismatch
+    with importlib.resources.as_file(source) as path:  # a real file even from a zip install
+        load_weights(model, str(path))  # by name, strict, one-line error listing any mismatch
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return fold_input_normalization(state)
+    weight = state["conv1.weight"]  # (64, 3, 3, 3)
+    mean = torch.tensor(CIFAR_MEAN, dtype=weight.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD, dtype=weight.dtype).view(1, 3, 1, 1)
+    state["conv1.weight"] = weight * std
+    state["bn1.running_mean"] = state["bn1.running_mean"] - (weight * mean).sum((1, 2, 3))
+    return state, version
 
 
 def run(out: Path, force: bool) -> None:
     check_outputs({"--out": str(out)}, "--force", force, make_folder=True)
-    source, version = package_source()
-    with importlib.resources.as_file(source) as path:  # a real file even from a zip install
-        state = convert(path)
+    state, version = converted()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_atomic(state, str(out))
     print(f"wrote {out}")

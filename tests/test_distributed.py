@@ -81,7 +81,7 @@ def _embed_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     images = torch.randint(0, 256, (16, 3, 32, 32), generator=torch.Generator().manual_seed(1),
                            dtype=torch.uint8)
     emb = compute_embeddings_split(model, images, 4, torch.device("cpu"),
-                                   Dist(rank, world, rank, initialized=True))
+                                   Dist(rank, world, rank, enabled=True))
     if rank == 0:
         torch.save(emb, out_file)
     dist.destroy_process_group()

@@ -86,6 +86,16 @@ def test_model_info_command_repeats_the_run(exp):
     assert vars(parse_args(argv[2:])) == {**recorded, "not_normalize": None}
 
 
+def test_model_info_command_writes_the_same_card_again(exp, capsys):
+    from base.errors import exit_status
+    from utils.outputs import model_info
+
+    written = (exp / "model_info.json").read_bytes()
+    assert exit_status(lambda: model_info.run([str(exp)])) == 0
+    assert capsys.readouterr().out.strip() == str(exp / "model_info.json")
+    assert (exp / "model_info.json").read_bytes() == written
+
+
 def test_tables_read_model_info(exp, tmp_path):
     df = tables.experiment_table([str(exp)])
     column = [c for c in df.columns if c.startswith("AutoAttack 8/255")]

@@ -1,10 +1,6 @@
-"""What an experiment folder holds, read and checked: ``Experiment`` and its readers.
-
-A folder is the ``--checkpoint`` directory of a ``main_clustr.py`` run (or of an
-``--evaluate-ckpt`` run). ``load_experiment`` reads ``params.txt``, ``attack_results_ext.csv``,
-``eval_summary.json`` (cross-checked cell by cell with the CSV), ``attack_results_strong.csv``
-and ``model_info.json`` where present, and labels the row from the arguments of the training
-run whose checkpoint was evaluated. ``utils.tables`` builds the paper tables from these.
+"""What an experiment folder (the ``--checkpoint`` directory of a ``main_clustr.py`` run)
+holds, read and checked: ``Experiment`` and its readers, from which ``utils.tables`` builds
+the paper tables. A row is labelled from the training run whose checkpoint was evaluated.
 """
 from __future__ import annotations
 
@@ -21,10 +17,9 @@ from base.errors import UsageError, first_line
 from base.io import file_sha256
 from utils.outputs import files
 
-# what main_clustr.py writes into the experiment folder (utils/evaluation.py,
-# utils/strong_evaluation.py); a file with other columns is of another format and refused
-PARAMS, SUMMARY, CHECKPOINT = files.PARAMS, files.SUMMARY, files.CHECKPOINT
-PAPER_CSV, STRONG_CSV = files.PAPER_RESULTS, files.STRONG_RESULTS
+# the columns utils/eval writes; a file with other columns is of another format and refused
+PARAMS, SUMMARY, PAPER_CSV, STRONG_CSV = (files.PARAMS, files.SUMMARY, files.PAPER_RESULTS,
+                                          files.STRONG_RESULTS)
 PAPER_HEADER = ["epsilons", "test_set_accs"]
 STRONG_HEADER = ["epsilon", "attack", "robust_accuracy", "examples", "seconds"]
 SUMMARY_KEYS = ("test_images", "iterations", "restarts", "clean_acc", "robust_acc")
@@ -43,7 +38,6 @@ class Experiment:
     summary: dict | None = None
     strong: dict[tuple[float, str], float] = field(default_factory=dict)  # (eps, attack)
     strong_images: int | None = None
-    strong_seconds: dict[tuple[float, str], float] = field(default_factory=dict)
     relabelled: str | None = None  # why the label is not the training run's
     model_info: dict | None = None  # model_info.json (RobustBench fields), where present
 
@@ -56,7 +50,7 @@ class Experiment:
         """The checkpoint this folder's results are of."""
         if self.evaluate_only:
             return str(self.params["evaluate_ckpt"])
-        return os.path.join(self.path, CHECKPOINT)
+        return os.path.join(self.path, files.CHECKPOINT)
 
     @property
     def test_images(self) -> int | None:
@@ -95,7 +89,7 @@ def load_experiment(path: str, label: str | None = None) -> Experiment:
     if SUMMARY in found:
         exp.summary = _read_summary(found[SUMMARY], exp.paper)
     if STRONG_CSV in found:
-        exp.strong, exp.strong_images, exp.strong_seconds = _read_strong(found[STRONG_CSV])
+        exp.strong, exp.strong_images = _read_strong(found[STRONG_CSV])
     if files.MODEL_INFO in found:
         _read_model_info(found[files.MODEL_INFO], exp)
     exp.label = one_line_text(label or default_label(exp))
@@ -157,12 +151,16 @@ def _read_paper(path: str) -> dict[float, float]:
     return acc
 
 
-def _read_summary(path: str, paper: dict[float, float]) -> dict:
+def _read_json(path: str, what: str):
     try:
         with open(path) as f:
-            summary = json.load(f)
+            return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path} is not a JSON file ({first_line(exc)})") from None
+        raise UsageError(f"{path} is not {what} ({first_line(exc)})") from None
+
+
+def _read_summary(path: str, paper: dict[float, float]) -> dict:
+    summary = _read_json(path, "a JSON file")
     missing = [k for k in SUMMARY_KEYS if not isinstance(summary, dict) or k not in summary]
     if missing:
         raise UsageError(f"{path} has no {', '.join(missing)}: a file of another format or an "
@@ -189,32 +187,29 @@ def _cross_check(path: str, summary: dict, paper: dict[float, float]) -> None:
                              f"folder again")
 
 
-def _read_strong(path: str):
-    """(eps, attack) -> accuracy, the number of images, (eps, attack) -> seconds (where
-    measured)."""
+def _read_strong(path: str) -> tuple[dict[tuple[float, str], float], int]:
+    """(eps, attack) -> accuracy, and the number of images."""
     df = _read_csv(path, STRONG_HEADER)
     if df.empty:
         raise UsageError(f"{path} has no rows")
     keys = [(_number(path, e, "epsilon", 0, 255), a) for e, a in zip(df["epsilon"], df["attack"])]
     acc = {k: _number(path, v, "accuracy", 0, 100) for k, v in zip(keys, df["robust_accuracy"])}
-    seconds = {k: _number(path, s, "seconds") for k, s in zip(keys, df["seconds"]) if s}
     sizes = set(df["examples"])
     if len(sizes) != 1 or not next(iter(sizes)).isdigit():
         raise UsageError(f"{path}: the 'examples' column must hold one image count")
-    return acc, int(next(iter(sizes))), seconds
+    return acc, int(next(iter(sizes)))
 
 
 def _read_model_info(path: str, exp: Experiment) -> None:
     """``model_info.json``: its AutoAttack accuracy fills the AutoAttack cell (a folder that
     has only the card still gets one) and must agree with ``attack_results_strong.csv``."""
+    what = "a model_info.json of this project"
+    info = _read_json(path, what)
     try:
-        with open(path) as f:
-            info = json.load(f)
         eps = _number(path, str(info["eps"]).removesuffix("/255"), "eps", 0, 255)
         acc = _number(path, str(info["autoattack_acc"]), "autoattack_acc", 0, 100)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise UsageError(f"{path} is not a model_info.json of this project "
-                         f"({first_line(exc)})") from None
+    except (KeyError, TypeError) as exc:
+        raise UsageError(f"{path} is not {what} ({first_line(exc)})") from None
     known = exp.strong.get((eps, "autoattack"))
     if known is not None and abs(known - acc) > 0.005:
         raise UsageError(f"{path} (AutoAttack {acc:.2f}%) and {STRONG_CSV} ({known:.2f}%) are "
@@ -285,22 +280,16 @@ def one_line_text(text: str) -> str:
     return " ".join("".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in text).split())
 
 
-def _unique_labels(exps: list[Experiment]) -> None:
-    seen = Counter(e.label for e in exps)
-    for e in exps:
-        if seen[e.label] > 1:
-            e.label = f"{e.label} [{os.path.normpath(e.path)}]"
-
-
 def load_experiments(folders) -> list[Experiment]:
     """``folders``: paths, ``NAME=PATH`` strings, or (name, path) pairs."""
-    exps = []
-    for item in folders:
-        name, path = (item if isinstance(item, tuple) else _split_named(str(item)))
-        exps.append(load_experiment(path, name))
+    exps = [load_experiment(path, name) for name, path in (
+        item if isinstance(item, tuple) else _split_named(str(item)) for item in folders)]
     if not exps:
         raise UsageError("no experiment folder given")
-    _unique_labels(exps)
+    seen = Counter(x.label for x in exps)
+    for x in exps:
+        if seen[x.label] > 1:
+            x.label = f"{x.label} [{os.path.normpath(x.path)}]"
     return exps
 
 

@@ -39,10 +39,14 @@ def describe(ckpt: dict) -> list[tuple[str, str]]:
     model = classifier_from_checkpoint(ckpt)  # validates weights and cluster state
     head = model.head
     names = model.class_names or [str(c) for c in range(model.num_classes)]
-    acc, args = ckpt.get("test_acc"), ckpt.get("args")
+    acc, args, epoch, fmt = (ckpt.get(k) for k in ("test_acc", "args", "epoch", "format"))
+    if isinstance(epoch, int) and not isinstance(epoch, bool):  # both codes count from 0
+        epoch = f"{epoch} (counted from 0: {epoch + 1} epoch(s) done)"
     rows = [
-        ("format", _format(ckpt)),
-        ("epoch", _epoch(ckpt.get("epoch"))),
+        ("format", "the original ClusTR code's (no 'format' key)" if fmt is None
+         else f"{fmt} (this project)" if fmt == FORMAT
+         else f"{fmt!r} (unknown to this version; read by the original's keys)"),
+        ("epoch", "not recorded" if epoch is None else str(epoch)),
         ("test accuracy", "not recorded" if acc is None else
          f"{float(acc):.2f}% (clean, cluster classifier, when the file was saved)"),
         ("data set", str(ckpt.get("dataset", "not recorded"))),
@@ -76,22 +80,6 @@ def not_clustr(ckpt: dict) -> str:
     return (f"not a ClusTR checkpoint (no cluster keys): a plain ResNet18 state_dict "
             f"({n:,} parameters, {backbone.linear.out_features}-way linear head), usable with "
             f"--pretrained-path, or evaluated through its linear head by --evaluate-ckpt")
-
-
-def _epoch(epoch) -> str:
-    """Both this project and the original count checkpoint epochs from 0."""
-    if not isinstance(epoch, int) or isinstance(epoch, bool):
-        return "not recorded" if epoch is None else str(epoch)
-    return f"{epoch} (counted from 0: {epoch + 1} epoch(s) done)"
-
-
-def _format(ckpt: dict) -> str:
-    fmt = ckpt.get("format")
-    if fmt is None:
-        return "the original ClusTR code's (no 'format' key)"
-    if fmt == FORMAT:
-        return f"{fmt} (this project)"
-    return f"{fmt!r} (unknown to this version; read by the original's keys)"
 
 
 def _input_normalisation(model: ClusterClassifier, recorded: bool) -> str:

@@ -2,11 +2,8 @@
 
     python -m utils.plots expA/checkpoint.pth --data-root ./data --out clusters.png [--tsne]
 
-``clusters.png``: the test embeddings in two dimensions (PCA, or t-SNE), the cluster centres,
-and arrows to where the paper's PGD and PGD-CE carry a few embeddings; ``clusters.json``
-beside it holds the projection (PCA: its mean and components, so any 512-d point can be
-placed) and the points' coordinates. ``training_curves.png``: the curves of ``metrics.csv``.
-docs/usage.md ("Pictures of a model") describes both.
+``clusters.json`` beside the picture holds the projection (PCA: its mean and components, so
+any 512-d point can be placed); docs/usage.md ("Pictures of a model") describes both files.
 """
 from __future__ import annotations
 

@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cluster_checkpoint(args) -> dict:
-    """The epoch-0 ClusTR checkpoint of the pretrained weights."""
+def write_clusters(args) -> None:
+    """The epoch-0 ClusTR checkpoint of the pretrained weights, written to ``args.out``."""
+    set_quiet(args.quiet)
+    start = time.time()
     device = resolve_device(args.device)
     train = balanced_subset(load_dataset(args.dataset, args.data_root, "train",
                                          workers=args.workers), args.train_subset, args.seed)
@@ -74,20 +76,14 @@ def cluster_checkpoint(args) -> dict:
     log.info("pretrained clusters: %d training images, %d clusters, test accuracy %.2f%% on "
              "%d images", len(train), head.num_clusters, 100 * test_acc.item(), len(test))
     extra = {"args": vars(args), "dataset": args.dataset, "classes": list(train.classes)}
-    return build_checkpoint(model, head, args.k, 0, 100 * test_acc.item(), extra)
+    ckpt = build_checkpoint(model, head, args.k, 0, 100 * test_acc.item(), extra)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_atomic(ckpt, args.out)
+    log.info("wrote %s (%.0fs)", args.out, time.time() - start)
 
 
 def main(argv=None) -> int:
     return run_command(build_parser(), write_clusters, argv)
-
-
-def write_clusters(args) -> None:
-    set_quiet(args.quiet)
-    start = time.time()
-    ckpt = cluster_checkpoint(args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_atomic(ckpt, args.out)
-    log.info("wrote %s (%.0fs)", args.out, time.time() - start)
 
 
 if __name__ == "__main__":

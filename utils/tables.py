@@ -5,12 +5,8 @@ honest columns, as a pandas DataFrame or Markdown, LaTeX or CSV.
                                                           [--plot FILE.png] [--overwrite]
 
 In Python (a notebook): ``experiment_table(["expA", "expB"])`` returns the DataFrame, its
-notes in ``df.attrs["notes"]``.
-
-Folders (read by ``utils.experiments``) are never written; ``--out``/``--plot`` replace an
-existing file only with ``--overwrite``. Cells a folder lacks stay empty and a note names the
-command that fills them; folders evaluated under different protocols are flagged in the
-notes, not silently mixed.
+notes in ``df.attrs["notes"]``: the command that fills a cell a folder lacks, and folders
+evaluated under different protocols (flagged, never silently mixed).
 """
 from __future__ import annotations
 
@@ -44,13 +40,10 @@ def experiment_table(folders, epsilons=None, every_attack: bool = False) -> pd.D
     """The table as a DataFrame: one row per folder (index: the label), accuracies in %,
     NaN where a folder lacks the result, the notes in ``df.attrs["notes"]``. ``epsilons``:
     the eps columns (units of 1/255; default every one found); ``every_attack``: also
-    PGD-CE and PGD-DLR on the logit."""
+    PGD-CE and PGD-DLR on the logit. ``folders``: paths (as ``load_experiments`` takes
+    them) or loaded ``Experiment``s."""
     exps = folders if folders and isinstance(folders[0], Experiment) else \
         load_experiments(folders)
-    return build_table(exps, epsilons, every_attack)
-
-
-def build_table(exps: list[Experiment], epsilons=None, every_attack: bool = False) -> pd.DataFrame:
     grid = sorted({e for x in exps for e in x.paper if e > 0} |
                   {e for x in exps for e, _ in x.strong if e > 0})
     if epsilons is not None:
@@ -85,7 +78,6 @@ def build_table(exps: list[Experiment], epsilons=None, every_attack: bool = Fals
     numeric = [c for c in df.columns if c != "protocol"]
     df[numeric] = df[numeric].astype(float)
     df.attrs["notes"] = table_notes(exps, grid, aa_grid, differ)
-    df.attrs["folders"] = [x.path for x in exps]
     return df
 
 
@@ -261,7 +253,7 @@ def run(argv=None) -> None:
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UsageError(f"--plot {args.plot}: the plot is a PNG; name it FILE.png")
     exps = load_experiments(args.folders)
-    df = build_table(exps, args.eps, args.every_attack)
+    df = experiment_table(exps, args.eps, args.every_attack)
     text = to_text(df, args.format, args.digits)
     png = io.BytesIO()  # drawn before anything is written: a failure leaves no file
     if args.plot:

@@ -1,11 +1,6 @@
-"""The experiment directory (``--checkpoint``): what this project writes there, and the rule
-that a run never overwrites results it was not asked to replace.
-
-A training run refuses a directory that already holds any output of this project; an
-evaluation-only run one that holds evaluation outputs (``params.txt`` included: it would be
-rewritten). ``--resume`` continues the run there; ``--overwrite`` deletes the previous
-outputs first. Files of other names are never touched. All of this is decided before
-anything is written, under the lock that keeps a second run out (``run_lock``).
+"""The experiment directory (``--checkpoint``): a run never overwrites results it was not
+asked to replace, decided before anything is written, under the lock that keeps a second run
+out (``run_lock``). The rules: docs/failures.md, "No clobbering".
 """
 from __future__ import annotations
 
@@ -44,12 +39,21 @@ class ExperimentDir:
     def locked(self, enabled: bool = True):
         """Held from before ``check`` to the run's end: one run at a time in the directory
         (``run_lock``); ``enabled`` False (the other processes of a torchrun) holds none."""
-        self._check_location()
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise UsageError(f"--checkpoint {self.path} is a file, not a directory: choose "
+                             f"another experiment directory")
+        folder = os.path.abspath(self.path)
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise UsageError(f"--checkpoint {self.path}: {folder} is a file, not a directory")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UsageError(f"--checkpoint {self.path}: {folder} is not writable")
         return holding_lock(self.path) if enabled else contextlib.nullcontext()
 
     def check(self, evaluate_only: bool, resume: bool, overwrite: bool) -> None:
-        """Refuse, before anything is written, a directory this run must not write into."""
-        self._check_location()
+        """Refuse, before anything is written, a directory this run must not write into (its
+        location was checked by ``locked``)."""
         if resume:
             name, kind = (EVAL_RESUME, "evaluation") if evaluate_only else (RESUME, "run")
             if not os.path.isfile(self.file(name)):
@@ -65,18 +69,6 @@ class ExperimentDir:
             raise UsageError(f"{self.path} already holds {kind} ({shown}): choose a new "
                              f"--checkpoint directory, or pass --overwrite to replace them"
                              f"{more}")
-
-    def _check_location(self) -> None:
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise UsageError(f"--checkpoint {self.path} is a file, not a directory: choose "
-                             f"another experiment directory")
-        folder = os.path.abspath(self.path)
-        while not os.path.exists(folder):
-            folder = os.path.dirname(folder)
-        if not os.path.isdir(folder):
-            raise UsageError(f"--checkpoint {self.path}: {folder} is a file, not a directory")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise UsageError(f"--checkpoint {self.path}: {folder} is not writable")
 
     def prepare(self, evaluate_only: bool, overwrite: bool, inputs=()) -> None:
         """Create the directory, drop temporaries left by a killed run and, with

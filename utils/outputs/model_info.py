@@ -1,11 +1,7 @@
 """``model_info.json``: a RobustBench-style model card of an evaluation with ``--autoattack``.
 
-RobustBench's fields (``model_info/<dataset>/Linf/<Name>.json``; listed in docs/usage.md),
-plus ``threat_model``, ``n_examples``, ``checkpoint_sha256`` and ``command``. Every number is
-taken from ``attack_results_strong.csv`` of the same folder, on the images AutoAttack
-attacked, at the first ``--autoattack-eps``: ``reported`` is the paper's PGD (what the paper
-reports). The command is rebuilt from ``args.json`` (every argument that differs from its
-default).
+Its fields and where each number comes from: docs/usage.md ("Model card"). ``reported`` is
+the paper's PGD (what the paper reports), on the images AutoAttack attacked.
 
     python -m utils.outputs.model_info EXPDIR     # (re)write it for a finished evaluation
 """
@@ -45,16 +41,9 @@ def command_line(args: dict) -> str:
     return shlex.join(argv)
 
 
-def architecture(ckpt: dict, summary: dict) -> str:
-    if summary.get("classifier") != "clusters":
-        return "ResNet-18 (linear head)"
-    rule = "L nearest" if summary.get("normalize_probs", True) else "all clusters"
-    return (f"ResNet-18 + ClusTR cluster head (K={ckpt.get('K')} clusters per class, "
-            f"L={summary.get('L')}, {rule})")
-
-
-def model_card(out_dir: str, ckpt_path: str) -> dict:
-    """The card's fields, read from the folder's result files and the checkpoint."""
+def model_card(out_dir: str, ckpt_path: str | None = None) -> dict:
+    """The card's fields, read from the folder's result files and the checkpoint (default:
+    the one its ``args.json`` names)."""
     rows = read_csv(os.path.join(out_dir, files.STRONG_RESULTS))
     table = {(float(r["epsilon"]), r["attack"]): r for r in rows}
     aa_eps = [e for e, attack in table if attack == "autoattack"]
@@ -66,19 +55,24 @@ def model_card(out_dir: str, ckpt_path: str) -> dict:
         summary = json.load(f)
     with open(os.path.join(out_dir, files.ARGS_JSON)) as f:
         args = json.load(f)
+    ckpt_path = ckpt_path or args.get("evaluate_ckpt") or os.path.join(out_dir, files.CHECKPOINT)
     ckpt = load_checkpoint(ckpt_path)
     reported = table.get((eps, "paper-pgd"))
     name = os.path.basename(os.path.dirname(os.path.abspath(ckpt_path)))
     clustered = summary.get("classifier") == "clusters"
+    paper = PAPER if clustered else dict.fromkeys(PAPER, "")
+    rule = "L nearest" if summary.get("normalize_probs", True) else "all clusters"
     return {
-        "link": PAPER["link"] if clustered else "",
+        "link": paper["link"],
         "name": f"ClusTR ({name})" if clustered else name,
-        "authors": PAPER["authors"] if clustered else "",
+        "authors": paper["authors"],
         "additional_data": False,
         "number_forward_passes": 1,
         "dataset": summary.get("dataset") or args.get("dataset"),
-        "venue": PAPER["venue"] if clustered else "",
-        "architecture": architecture(ckpt, summary),
+        "venue": paper["venue"],
+        "architecture": "ResNet-18 (linear head)" if not clustered else (
+            f"ResNet-18 + ClusTR cluster head (K={ckpt.get('K')} clusters per class, "
+            f"L={summary.get('L')}, {rule})"),
         "eps": f"{eps:g}/255",  # RobustBench's notation: "8/255", "25.5/255"
         "clean_acc": f"{float(table[(0.0, 'clean')]['robust_accuracy']):.2f}",
         "reported": None if reported is None else f"{float(reported['robust_accuracy']):.2f}",
@@ -93,7 +87,7 @@ def model_card(out_dir: str, ckpt_path: str) -> dict:
     }
 
 
-def write_model_info(out_dir: str, ckpt_path: str) -> str:
+def write_model_info(out_dir: str, ckpt_path: str | None = None) -> str:
     path = os.path.join(out_dir, files.MODEL_INFO)
     write_text_atomic(path, json.dumps(model_card(out_dir, ckpt_path), indent=2,
                                        ensure_ascii=False) + "\n")
@@ -108,10 +102,7 @@ def run(argv: list[str]) -> None:
     for name in (files.STRONG_RESULTS, files.SUMMARY, files.ARGS_JSON):
         if not os.path.isfile(os.path.join(folder, name)):
             raise UsageError(f"{folder} has no {name}: not an evaluation folder")
-    with open(os.path.join(folder, files.ARGS_JSON)) as f:
-        args = json.load(f)
-    ckpt = args.get("evaluate_ckpt") or os.path.join(folder, files.CHECKPOINT)
-    print(write_model_info(folder, ckpt))
+    print(write_model_info(folder))
 
 
 if __name__ == "__main__":

@@ -21,21 +21,19 @@ def check_outputs(outputs: dict[str, str | None], replace: str, replacing: bool,
     the writer creates missing folders."""
     seen: dict[str, str] = {}
     for flag, path in outputs.items():
-        if path is None:
-            continue
-        path = str(path)
-        check_output(flag, path, make_folder)
-        if os.path.exists(path) and not replacing:
-            raise UsageError(f"{flag} {path} already exists: choose another name, or pass "
-                             f"{replace} to replace it")
-        real = os.path.realpath(path)
-        if real in seen:
-            raise UsageError(f"{flag} and {seen[real]} name the same file {path}: give each "
-                             f"output its own")
-        seen[real] = flag
+        if path is not None:
+            _check_output(flag, str(path), make_folder)
+            if os.path.exists(path) and not replacing:
+                raise UsageError(f"{flag} {path} already exists: choose another name, or pass "
+                                 f"{replace} to replace it")
+            real = os.path.realpath(path)
+            if real in seen:
+                raise UsageError(f"{flag} and {seen[real]} name the same file {path}: give "
+                                 f"each output its own")
+            seen[real] = flag
 
 
-def check_output(flag: str, path: str, make_folder: bool = False) -> None:
+def _check_output(flag: str, path: str, make_folder: bool) -> None:
     """One output path: a file name in a writable folder, not an experiment's result."""
     if not path.strip():
         raise UsageError(f"{flag} is empty: name the file to write")

@@ -17,15 +17,12 @@ class EpochLog:
     append rewrites the whole (small) file atomically, so a killed process leaves the rows of
     completed epochs and never a half-written line."""
 
-    def __init__(self, path: str, keep_epochs: int | None = None, write: bool = True):
+    def __init__(self, path: str, keep_epochs: int | None = None):
         """A fresh log (header only); or, with ``keep_epochs=E`` when resuming, the existing
-        log cut back to its rows for epochs 1..E (rows of an epoch that did not finish are
-        dropped, so the resumed run writes them again). ``write=False`` only reads and
-        checks, so a refusal leaves the file as it was; ``flush()`` writes it."""
+        log cut back to its rows for epochs 1..E (the resumed run writes the others again).
+        Nothing is written before ``flush()``, so a refusal leaves the file as it was."""
         self.path = path
-        self.text = _HEADER_LINE if keep_epochs is None else self._kept_rows(keep_epochs)
-        if write:
-            self.flush()
+        self.text = self._kept_rows(keep_epochs) if keep_epochs else _HEADER_LINE
 
     def flush(self) -> None:
         write_text_atomic(self.path, self.text)
@@ -36,8 +33,6 @@ class EpochLog:
                 lines = f.read().split("\n")[:-1]  # complete lines only
         except FileNotFoundError:
             lines = []
-        if epochs == 0:
-            return _HEADER_LINE
         if not lines or lines[0] + "\n" != _HEADER_LINE:
             raise UsageError(f"{self.path} is missing or has no log header: cannot resume "
                              f"into it (start afresh with --overwrite)")

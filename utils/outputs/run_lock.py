@@ -1,10 +1,6 @@
-"""One run at a time per experiment folder.
-
-A run holds an exclusive ``flock`` on ``<folder>/.clustr.lock`` (which names the holder: pid,
-host, start time) from before its folder check to its exit, so a second run into the same
-``--checkpoint`` is refused in one line instead of mixing its files with the first one's.
-The kernel drops a dead process's lock, so a file left by a killed run is taken over, with a
-line that says so; a folder created only to hold the lock is removed again if left empty.
+"""One run at a time per experiment folder: an exclusive ``flock`` on ``<folder>/.clustr.lock``
+(docs/failures.md). The kernel drops a dead process's lock, so a file left by a killed run is
+taken over; a folder created only to hold the lock is removed again if left empty.
 """
 from __future__ import annotations
 

@@ -16,11 +16,12 @@ from utils.outputs import files
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
-class RunLogHandler(logging.Handler):
-    """Holds records until ``attach(path)``, then appends every record to ``path``."""
+class RunLogHandler(logging.StreamHandler):
+    """Holds records until ``attach(path)``, then appends every record to ``path``; a failed
+    write (a full disk) goes to ``handleError`` and does not end the run: stdout has the line."""
 
     def __init__(self):
-        super().__init__(logging.DEBUG)
+        super().__init__()
         self.setFormatter(logging.Formatter(FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
         self.held: list[logging.LogRecord] = []
         self.stream = None
@@ -29,21 +30,14 @@ class RunLogHandler(logging.Handler):
         if self.stream is None:
             self.stream = open(path, "a", encoding="utf-8")
             for record in self.held:
-                self._write(record)
+                super().emit(record)
             self.held = []
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.stream is None:
             self.held.append(record)
         else:
-            self._write(record)
-
-    def _write(self, record: logging.LogRecord) -> None:
-        try:
-            self.stream.write(self.format(record) + "\n")
-            self.stream.flush()
-        except Exception:  # a full disk must not end the run: stdout still has the line
-            self.handleError(record)
+            super().emit(record)
 
     def write_line(self, text: str) -> None:
         """One line (the run's final error or stop line) to the file only, if open."""
