@@ -30,18 +30,12 @@ def input_gradients(model, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) ->
     return grad
 
 
-def gradient_stats(grads: torch.Tensor) -> dict:
-    """Fraction of examples whose gradient is exactly zero, and the median l1 norm."""
-    l1 = grads.flatten(1).abs().sum(1)  # (N,)
-    return {"zero_fraction": (l1 == 0).float().mean().item(),
-            "median_l1": l1.median().item() if len(l1) else float("nan")}
-
-
 def gradient_summary(model, data: ImageData, losses: dict[str, LossFn], batch: int, device,
                      start_eps: float | None = None, seed: int = 111,
                      eps_index: int = 0) -> dict:
-    """``{point: {loss name: gradient_stats}}`` for the clean images and, with ``start_eps``
-    (units of 1/255), at the first restart's random start of the sweeps at that eps."""
+    """``{point: {loss name: stats}}`` for the clean images and, with ``start_eps`` (units of
+    1/255), at the first restart's random start of the sweeps at that eps. The stats: the
+    fraction of examples whose input gradient is exactly zero, and its median l1 norm."""
     device = torch.device(device)
     points = {"clean": None}
     if start_eps is not None:
@@ -57,7 +51,9 @@ def gradient_summary(model, data: ImageData, losses: dict[str, LossFn], batch: i
                 x = x + random_start(x, eps / 255, keys)
             for name, loss_fn in losses.items():
                 grads[name].append(input_gradients(model, x, y, loss_fn).cpu())
-        summary[point] = {name: gradient_stats(torch.cat(g)) for name, g in grads.items()}
+        l1 = {name: torch.cat(g).flatten(1).abs().sum(1) for name, g in grads.items()}  # (N,)
+        summary[point] = {name: {"zero_fraction": (n == 0).float().mean().item(),
+                                 "median_l1": n.median().item()} for name, n in l1.items()}
     return summary
 
 
