@@ -34,13 +34,8 @@ from models.resnet import ResNet18, normalization_for
 from utils.attacks.batch_size import attack_batch
 from utils.eval.adversarial_store import save_adversarial
 from utils.eval.eval_state import check_arguments as check_eval_arguments
-from utils.eval.evaluation import (
-    AttackConfig,
-    EvalConfig,
-    evaluate_model,
-    load_eval_inputs,
-    open_eval_state,
-)
+from utils.eval.eval_state import open_eval_state
+from utils.eval.evaluation import AttackConfig, EvalConfig, evaluate_model, load_eval_inputs
 from utils.eval.strong_evaluation import evaluate_strong
 from utils.outputs import files, run_log
 from utils.outputs.experiment_dir import ExperimentDir

@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from base.cli import resume_settings
+from base.distributed import Dist
 from base.errors import UsageError
 from base.io import file_sha256, load_checkpoint, save_atomic
 from base.tensors import tensor_sha256
+from utils.outputs import files
 
 log = logging.getLogger("clustr")
 
@@ -29,20 +32,6 @@ CHANGES = (("checkpoint_sha256", "the evaluated checkpoint's content changed"),
            ("test_sha256", "the test images changed (same number, other content)"),
            ("device", "--device {} (now {})"),
            ("world_size", "{} process(es) (now {})"))
-
-
-def fingerprint(settings: dict, ckpt_path: str, images: torch.Tensor, labels: torch.Tensor,
-                device: torch.device, world_size: int) -> dict:
-    """What the results depend on, as plain types; ``settings`` are keyed by their flags
-    (``base.cli.resume_settings``)."""
-    return {
-        "args": dict(settings),
-        "checkpoint_sha256": file_sha256(ckpt_path),
-        "test_images": int(len(labels)),
-        "test_sha256": tensor_sha256(images, labels),
-        "device": torch.device(device).type,
-        "world_size": int(world_size),
-    }
 
 
 def settings_difference(saved: dict, now: dict) -> str | None:
@@ -86,36 +75,6 @@ class EvalState:
     units: dict[str, dict] = field(default_factory=dict)
     write: bool = False
 
-    @classmethod
-    def open(cls, path: str, fp: dict, resume: bool, write: bool = True,
-             fresh_if_checkpoint_changed: bool = False) -> EvalState:
-        """A new state, or with ``resume`` the one in ``path`` (when there is one) after
-        checking that it evaluates the same thing. ``fresh_if_checkpoint_changed``: the sweep
-        after training, where a resumed training run that trained further makes a new
-        checkpoint, whose evaluation starts afresh."""
-        if not (resume and os.path.isfile(path)):
-            return cls(path, fp, write=write)
-        saved = load_checkpoint(path)
-        if saved.get("format") != FORMAT or "fingerprint" not in saved or "units" not in saved:
-            raise UsageError(f"{path} is not an evaluation resume state of this project: "
-                             f"start afresh with --overwrite")
-        if (fresh_if_checkpoint_changed and saved["fingerprint"].get("checkpoint_sha256")
-                != fp["checkpoint_sha256"]):
-            log.info("the checkpoint changed since %s was written: the evaluation starts "
-                     "afresh", path)
-            return cls(path, fp, write=write)
-        try:
-            diff = difference(saved["fingerprint"], fp)
-        except (KeyError, TypeError) as exc:
-            raise UsageError(f"{path} is damaged or from other code ({exc!r}): start afresh "
-                             f"with --overwrite") from exc
-        if diff:
-            raise refuse(diff)
-        done = [k for k, u in saved["units"].items() if u.get("done")]
-        log.info("resuming the evaluation from %s (%d unit(s) done%s)", path, len(done),
-                 ": " + ", ".join(done) if done else "")
-        return cls(path, fp, saved["units"], write=write)
-
     def get(self, key: str) -> dict | None:
         return self.units.get(key)
 
@@ -128,3 +87,42 @@ class EvalState:
         if self.write:
             save_atomic({"format": FORMAT, "fingerprint": self.fingerprint,
                          "units": self.units}, self.path)
+
+
+def open_eval_state(cfg, attack, ckpt_path: str, test, out_dir: str, device,
+                    dist: Dist | None = None, resume: str | None = None) -> EvalState:
+    """The resume state of the evaluation that ``cfg`` and ``attack`` (``EvalConfig``,
+    ``AttackConfig``) describe, with its fingerprint (nothing is written yet): new (``resume``
+    None), the saved one checked against this run ("continue"), or the saved one unless it
+    evaluated another checkpoint ("unless-retrained": the sweep after a resumed training
+    run, which may have trained further)."""
+    dist = dist or Dist.single()
+    path = os.path.join(out_dir, files.EVAL_RESUME)
+    fp = {"args": resume_settings(cfg, attack),  # keyed by their flags
+          "checkpoint_sha256": file_sha256(ckpt_path),
+          "test_images": int(len(test.labels)),
+          "test_sha256": tensor_sha256(test.images, test.labels),
+          "device": torch.device(device).type,
+          "world_size": int(dist.world_size)}
+    if resume is None or not os.path.isfile(path):
+        return EvalState(path, fp, write=dist.is_main)
+    saved = load_checkpoint(path)
+    if saved.get("format") != FORMAT or "fingerprint" not in saved or "units" not in saved:
+        raise UsageError(f"{path} is not an evaluation resume state of this project: "
+                         f"start afresh with --overwrite")
+    if (resume == "unless-retrained" and saved["fingerprint"].get("checkpoint_sha256")
+            != fp["checkpoint_sha256"]):
+        log.info("the checkpoint changed since %s was written: the evaluation starts afresh",
+                 path)
+        return EvalState(path, fp, write=dist.is_main)
+    try:
+        diff = difference(saved["fingerprint"], fp)
+    except (KeyError, TypeError) as exc:
+        raise UsageError(f"{path} is damaged or from other code ({exc!r}): start afresh "
+                         f"with --overwrite") from exc
+    if diff:
+        raise refuse(diff)
+    done = [k for k, u in saved["units"].items() if u.get("done")]
+    log.info("resuming the evaluation from %s (%d unit(s) done%s)", path, len(done),
+             ": " + ", ".join(done) if done else "")
+    return EvalState(path, fp, saved["units"], write=dist.is_main)

@@ -16,16 +16,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from base.cli import resume_field, resume_settings
+from base.cli import resume_field
 from base.distributed import Dist
 from base.errors import UsageError
-from base.io import atomic_write, load_checkpoint, write_text_atomic
+from base.io import load_checkpoint, pyplot, save_figure, write_text_atomic
 from datasets.data import ImageData, balanced_subset, check_same_classes, load_dataset
 from models.checkpoint import backbone_from_state, has_clusters
 from models.classifier import ClusterClassifier, LinearClassifier
 from utils.attacks.pgd import EPSILONS, PGD, STEP
 from utils.attacks.sweep import AttackContext, Outcome, percent, predictions, sweep
-from utils.eval.eval_state import EvalState, fingerprint
+from utils.eval.eval_state import EvalState
 from utils.outputs import files
 from utils.outputs.results import write_csv
 
@@ -160,21 +160,6 @@ def load_eval_inputs(cfg: EvalConfig, ckpt_path: str):
     return model, test
 
 
-def open_eval_state(cfg: EvalConfig, attack: AttackConfig, ckpt_path: str, test: ImageData,
-                    out_dir: str, device, dist: Dist | None = None,
-                    resume: str | None = None) -> EvalState:
-    """The evaluation's resume state, checked against this run's settings, checkpoint and
-    test images (nothing is written): new (``resume`` None), the saved one ("continue"), or
-    the saved one unless it evaluated another checkpoint ("unless-retrained": the sweep
-    after a resumed training run, which may have trained further)."""
-    dist = dist or Dist.single()
-    return EvalState.open(os.path.join(out_dir, files.EVAL_RESUME),
-                          fingerprint(resume_settings(cfg, attack), ckpt_path, test.images,
-                                      test.labels, device, dist.world_size),
-                          resume is not None, write=dist.is_main,
-                          fresh_if_checkpoint_changed=resume == "unless-retrained")
-
-
 def evaluate_model(model, test: ImageData, attack: AttackConfig, out_dir: str,
                    device: torch.device, about: dict, dist: Dist | None = None,
                    state: EvalState | None = None) -> SweepResult:
@@ -229,11 +214,7 @@ def write_summary(path: str, result: SweepResult, setup: dict) -> None:
 
 def plot_robustness(path: str, curves: dict[str, list[tuple[float, float]]]) -> None:
     """Accuracy (%) against eps (x/255), one line per attack; written atomically."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
     for name, points in curves.items():
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="o", label=name)
@@ -243,7 +224,4 @@ def plot_robustness(path: str, curves: dict[str, list[tuple[float, float]]]) -> 
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
