@@ -202,14 +202,17 @@ def test_zero_gradient_fractions_on_a_constructed_case():
 
 def test_gap_warnings_and_worst_case():
     t, f = True, False
-    paper = {8.0: torch.tensor([t, t, t, f])}
-    strong = {8.0: ("pgd-ce", torch.tensor([t, f, f, f]))}
-    rows, warnings = robustness_gaps(paper, strong, threshold=5.0)
+    paper = Outcome("paper-pgd", 8.0, torch.tensor([t, t, t, f]))
+    worst = Outcome("worst-case", 8.0, torch.tensor([t, f, f, f]))
+    strong = [paper, Outcome("pgd-ce", 8.0, worst.robust), worst]
+    rows, warnings = robustness_gaps(strong, threshold=5.0)
     assert rows[0]["paper_pgd"] == 75.0 and rows[0]["strongest"] == 25.0
     assert rows[0]["gap"] == 50.0 and rows[0]["robust_to_paper_only"] == 2
+    assert rows[0]["strongest_attack"] == "worst case of paper-pgd, pgd-ce"
     assert len(warnings) == 1 and "8/255" in warnings[0]
-    assert robustness_gaps(paper, strong, threshold=60.0)[1] == []
-    assert robustness_gaps(paper, {8.0: ("x", paper[8.0])}, 0.0)[1] == []
+    assert robustness_gaps(strong, threshold=60.0)[1] == []
+    same = Outcome("worst-case", 8.0, paper.robust)
+    assert robustness_gaps([paper, same], 0.0)[1] == []
 
     clean = torch.tensor([t, t, t, f])
     outcomes = [Outcome("paper-pgd", 8.0, torch.tensor([t, t, f, t])),

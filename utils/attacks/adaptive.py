@@ -5,8 +5,7 @@ from the clusters and so overstates robustness. The attacks here target the clas
 proper logit ``model(x)`` (same arg-max as the paper's scores): PGD with cross-entropy and
 with the DLR margin loss, run by ``utils.attacks.sweep`` with the paper's step, iterations
 and early stopping but AutoAttack's rule across restarts (**fooled wins**), and AutoAttack,
-standard version, from either package (``utils.attacks.autoattack_backend``). An example
-counts as fooled when the logit's arg-max differs from its label.
+standard version, from either package (``utils.attacks.autoattack_backend``).
 """
 from __future__ import annotations
 

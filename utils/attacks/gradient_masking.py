@@ -7,7 +7,7 @@ Two symptoms, after the checks of AutoAttack's authors (``checks.py``):
   sign-PGD cannot move (``gradient_summary``: the share of exactly-zero gradients per loss).
 * **A robustness gap.** Where the loss saturates without vanishing, PGD wanders away from
   every cluster without crossing a decision boundary (``robustness_gaps``: the paper PGD's
-  accuracy against the strongest attack's on the same examples).
+  accuracy against the worst case of every attack on the same examples).
 """
 from __future__ import annotations
 
@@ -57,17 +57,18 @@ def gradient_summary(model, data: ImageData, losses: dict[str, LossFn], batch: i
     return summary
 
 
-def robustness_gaps(paper: dict[float, torch.Tensor],
-                    strongest: dict[float, tuple[str, torch.Tensor]],
-                    threshold: float = GAP_THRESHOLD) -> tuple[list[dict], list[str]]:
-    """Per eps, the paper PGD's accuracy against the strongest attack's on the same examples.
-    ``paper[eps]`` and ``strongest[eps][1]`` are (N,) bool robust flags;
-    ``strongest[eps][0]`` names the attack. Returns one row per eps (accuracies in %, the gap
+def robustness_gaps(outcomes, threshold: float = GAP_THRESHOLD) -> tuple[list[dict], list[str]]:
+    """Per eps, the paper PGD's accuracy against the worst case's on the same examples, from
+    the strong evaluation's ``Outcome``s. Returns one row per eps (accuracies in %, the gap
     in points, and how many examples only the paper's attack leaves robust) and a warning per
     eps whose gap exceeds ``threshold``."""
+    paper = {o.eps: o.robust for o in outcomes if o.attack == "paper-pgd"}
     rows, warnings = [], []
-    for eps in sorted(set(paper) & set(strongest)):
-        name, robust = strongest[eps]
+    for worst in sorted((o for o in outcomes if o.attack == "worst-case" and o.eps in paper),
+                        key=lambda o: o.eps):
+        eps, robust = worst.eps, worst.robust
+        name = "worst case of " + ", ".join(o.attack for o in outcomes
+                                            if o.eps == eps and o.attack != "worst-case")
         p_acc = paper[eps].float().mean().item() * 100.0
         s_acc = robust.float().mean().item() * 100.0
         gap = p_acc - s_acc

@@ -116,7 +116,6 @@ def attack_unit(ctx: AttackContext, attack: PGD, e: int, eps: float,
 
 
 def unpack(name: str, eps: float, unit: dict, labels: torch.Tensor) -> Outcome:
-    """The outcome a finished unit holds."""
     adv = (unit["adv_rows"], unit["adv_images"]) if "adv_rows" in unit else None
     return Outcome(name, eps, unit["pred"] == labels, unit["seconds"], adv,
                    unit.get("package", ""), unit["pred"], unit.get("linf"), unit.get("steps"))
@@ -199,14 +198,12 @@ class _Run:
         """Restart ``r`` on this process's ``b``-th batch, merged by the attack's rule."""
         ctx, a = self.ctx, self.attack
         pos = torch.arange(self.lo + b * ctx.batch, min(self.lo + (b + 1) * ctx.batch, self.hi))
-        labels = ctx.data.labels[self.rows[pos]]
         if a.fooled_wins:  # an example fooled by an earlier restart stays so
-            pos = pos[unit["pred"][pos] == labels]
-            labels = ctx.data.labels[self.rows[pos]]
+            pos = pos[unit["pred"][pos] == ctx.data.labels[self.rows[pos]]]
         if len(pos) == 0:
             return
         rows, dev = self.rows[pos], ctx.device
-        x, y = to_device(ctx.data.images[rows], dev), labels.to(dev)
+        x, y = to_device(ctx.data.images[rows], dev), ctx.data.labels[rows].to(dev)
         res = pgd_restart(ctx.model, x, y, self.eps / 255, a,
                           start_keys(ctx.seed, self.e, r, ctx.data.indices[rows]))
         take = kept(unit["loss"][pos].to(dev), res, a.fooled_wins)

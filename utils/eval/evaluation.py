@@ -1,11 +1,9 @@
 """The paper's robustness evaluation: clean accuracy, then a PGD l-inf sweep over eps.
 
 ``load_eval_inputs`` rebuilds the checkpoint from disk into a fresh model (what was trained
-is never what gets evaluated) and loads the test set, both as ``EvalConfig`` says;
-``evaluate_model`` attacks it as ``AttackConfig`` says and writes ``attack_results_ext.csv``
-(the original's schema), ``predictions_eps<E>.csv`` per eps, ``robustness.png`` and
-``eval_summary.json`` (what was attacked: classifier, L, normalisation rule, attack
-settings, accuracies, seconds per eps). The file names come from ``utils.outputs.files``.
+is never what gets evaluated) and loads the test set, as ``EvalConfig`` says;
+``evaluate_model`` attacks it as ``AttackConfig`` says and writes the paper's result files
+(README.md's outputs table).
 """
 from __future__ import annotations
 

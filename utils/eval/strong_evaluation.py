@@ -2,10 +2,8 @@
 
 ``--strong`` (PGD-CE and PGD-DLR on the proper logit) and ``--autoattack`` run after the
 paper's PGD sweep, on the same test images (or ``--strong-subset N`` of them), and write
-``attack_results_strong.csv`` (the clean images, the paper's PGD on the same images, each
-attack and the worst case per eps), ``diagnostics.json`` (zero-gradient fractions, the
-paper-versus-strongest gap per eps, the warnings) and ``robustness.png`` with every curve.
-docs/evaluation.md describes them.
+``attack_results_strong.csv``, ``diagnostics.json`` and ``robustness.png`` with every curve,
+as docs/evaluation.md describes.
 """
 from __future__ import annotations
 
@@ -113,13 +111,7 @@ def masking_diagnostics(attack: AttackConfig, model, sub: ImageData, outcomes: l
         log.info("input gradients at %s: %s", point, ", ".join(
             f"{name} {100 * s['zero_fraction']:.1f}% exactly zero (median l1 "
             f"{s['median_l1']:.3g})" for name, s in stats.items()))
-    paper = {o.eps: o.robust for o in outcomes if o.attack == "paper-pgd"}
-    strongest = {}
-    for o in outcomes:
-        if o.attack == "worst-case":
-            names = [a.attack for a in outcomes if a.eps == o.eps and a.attack != "worst-case"]
-            strongest[o.eps] = ("worst case of " + ", ".join(names), o.robust)
-    gaps, warnings = robustness_gaps(paper, strongest, GAP_THRESHOLD)
+    gaps, warnings = robustness_gaps(outcomes, GAP_THRESHOLD)
     for w in warnings:
         log.warning("WARNING: %s", w)
     return {
