@@ -304,7 +304,7 @@ def evaluate(model, test, attack: AttackConfig, out_dir: str, device: torch.devi
     attack = dataclasses.replace(attack, attack_batch=attack_batch(attack.attack_batch, model,
                                                                    device, len(test)))
     paper = evaluate_model(model, test, attack, out_dir, device, about, dist, state)
-    if attack.any_strong and dist.is_main:
+    if (attack.strong or attack.autoattack) and dist.is_main:
         evaluate_strong(model, test, paper, attack, out_dir, device, state)
         if attack.autoattack:  # the RobustBench-style card, from the files just written
             log.info("wrote %s", write_model_info(out_dir, about["checkpoint"]))

@@ -64,10 +64,6 @@ class AttackConfig:
     strong_subset: int | None = resume_field(None)  # the strong attacks on so many images
     save_adv: bool = resume_field(False)  # keep the adversarial images that fooled the model
 
-    @property
-    def any_strong(self) -> bool:  # --strong or --autoattack
-        return self.strong or self.autoattack
-
 
 @dataclass
 class SweepResult:
