@@ -34,13 +34,8 @@ from models.resnet import ResNet18, normalization_for
 from utils.attacks.batch_size import attack_batch
 from utils.eval.adversarial_store import save_adversarial
 from utils.eval.eval_state import check_arguments as check_eval_arguments
-from utils.eval.evaluation import (
-    AttackConfig,
-    EvalConfig,
-    evaluate_model,
-    load_eval_inputs,
-    open_eval_state,
-)
+from utils.eval.eval_state import open_eval_state
+from utils.eval.evaluation import AttackConfig, EvalConfig, evaluate_model, load_eval_inputs
 from utils.eval.strong_evaluation import evaluate_strong
 from utils.outputs import files, run_log
 from utils.outputs.experiment_dir import ExperimentDir
@@ -309,7 +304,7 @@ def evaluate(model, test, attack: AttackConfig, out_dir: str, device: torch.devi
     attack = dataclasses.replace(attack, attack_batch=attack_batch(attack.attack_batch, model,
                                                                    device, len(test)))
     paper = evaluate_model(model, test, attack, out_dir, device, about, dist, state)
-    if attack.any_strong and dist.is_main:
+    if (attack.strong or attack.autoattack) and dist.is_main:
         evaluate_strong(model, test, paper, attack, out_dir, device, state)
         if attack.autoattack:  # the RobustBench-style card, from the files just written
             log.info("wrote %s", write_model_info(out_dir, about["checkpoint"]))

@@ -28,14 +28,16 @@ _EXPECTED_FILES = {
 PROBE_SECONDS = 5.0  # how long the offline check waits for the download server
 
 
-def _split_files(name: str, root: str, split: str) -> list[str]:
-    """The extracted files torchvision reads for ``split`` (its archive is the alternative)."""
-    if name == "cifar10":
-        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-        return [os.path.join(root, "cifar-10-batches-py", n) for n in names]
-    if name == "cifar100":
-        return [os.path.join(root, "cifar-100-python", split)]
-    return [os.path.join(root, f"{split}_32x32.mat")]
+def _on_disk(name: str, root: str, split: str) -> bool:
+    """Whether torchvision finds ``split`` under ``root``: its archive or its extracted files."""
+    import torchvision.datasets as tvd
+
+    if name == "svhn":
+        return os.path.isfile(os.path.join(root, tvd.SVHN.split_list[split][1]))
+    cifar = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+    extracted = cifar.train_list if split == "train" else cifar.test_list
+    return os.path.isfile(os.path.join(root, cifar.filename)) or all(
+        os.path.isfile(os.path.join(root, cifar.base_folder, f)) for f, _ in extracted)
 
 
 def _download_server(name: str, split: str) -> tuple[str, int]:
@@ -83,10 +85,7 @@ def check_available(name: str, root: str, splits=("train", "test")) -> None:
         return
     if name not in _EXPECTED_FILES:
         return  # load_dataset names the valid choices
-    archive = os.path.join(root, {"cifar10": "cifar-10-python.tar.gz",
-                                  "cifar100": "cifar-100-python.tar.gz"}.get(name, "-"))
-    missing = [s for s in splits if not os.path.isfile(archive)
-               and not all(os.path.isfile(f) for f in _split_files(name, root, s))]
+    missing = [s for s in splits if not _on_disk(name, root, s)]
     server = _download_server(name, missing[0]) if missing else None
     if server and not reachable(*server):
         raise UsageError(f"{name} {missing[0]} set not found in "
@@ -194,16 +193,11 @@ def _load_image_folder(root: str, split: str, workers: int) -> ImageData:
         return np.asarray(img)
 
     paths = [path for path, _ in ds.samples]
-    if workers > 0:
-        with ThreadPoolExecutor(workers) as pool:
-            images = np.stack(list(pool.map(read, paths)))
-    else:
-        images = np.stack([read(p) for p in paths])
+    with ThreadPoolExecutor(max(workers, 1)) as pool:
+        images = np.stack(list(pool.map(read, paths)))
     labels = torch.as_tensor(ds.targets, dtype=torch.long)
-    names = [os.path.basename(p) for p in paths]
-    rank = torch.empty(len(names), dtype=torch.long)
-    rank[torch.as_tensor(sorted(range(len(names)), key=names.__getitem__))] = torch.arange(
-        len(names))
+    by_name = sorted(range(len(paths)), key=lambda i: os.path.basename(paths[i]))
+    rank = torch.as_tensor(by_name, dtype=torch.long).argsort()  # the inverse permutation
     return ImageData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels,
                      list(ds.classes), stored_rank=rank)
 

@@ -154,8 +154,7 @@ def stored_L(ckpt: dict, num_clusters: int) -> int:
     if "L" not in ckpt:
         return 10
     value = ckpt["L"]
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and \
-            not value.is_floating_point():
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= num_clusters:
         raise UsageError(f"the checkpoint's L {str(value)[:40]!r} is not a whole number from 1 "

@@ -53,22 +53,16 @@ class ClusterClassifier(nn.Module):
         return self.head.predict(self.backbone(x))
 
     @classmethod
-    def from_checkpoint(cls, path: str, map_location="cpu", dataset: str | None = None,
+    def from_checkpoint(cls, ckpt, map_location="cpu", dataset: str | None = None,
                         L: int | None = None, normalize: bool | None = None
                         ) -> ClusterClassifier:
-        """The classifier of a checkpoint of this project or of the original code, in eval
-        mode on ``map_location``. ``L`` and ``normalize`` override the checkpoint's values;
-        ``dataset`` (the input normalisation) too, else the recorded data set's, else CIFAR's
-        (the original's checkpoints record none)."""
-        model = classifier_from_checkpoint(load_checkpoint(path, "cpu"), dataset=dataset, L=L,
-                                           normalize=normalize)
+        """The classifier of a checkpoint (its path, or the loaded dict) of this project or of
+        the original code, in eval mode on ``map_location``. ``L`` and ``normalize`` override
+        the checkpoint's values; ``dataset`` (the input normalisation) too, else the recorded
+        data set's, else CIFAR's (the original's checkpoints record none)."""
+        ckpt = ckpt if isinstance(ckpt, dict) else load_checkpoint(ckpt, "cpu")
+        model = cls(*cluster_parts(ckpt, dataset=dataset, L=L, normalize=normalize))
         return model.to(map_location)
-
-
-def classifier_from_checkpoint(ckpt: dict, dataset: str | None = None, L: int | None = None,
-                               normalize: bool | None = None) -> ClusterClassifier:
-    """A ClusterClassifier in eval mode; explicit ``L``/``normalize`` win over the file's."""
-    return ClusterClassifier(*cluster_parts(ckpt, dataset=dataset, L=L, normalize=normalize))
 
 
 class LinearClassifier(nn.Module):

@@ -19,8 +19,6 @@ class ClusterHead(nn.Module):
     def __init__(self, centers: torch.Tensor, classes: torch.Tensor, variance: torch.Tensor,
                  num_classes: int, L: int = 10, normalize: bool = True):
         super().__init__()
-        if variance.dim() == 0:
-            variance = variance.expand(centers.shape[0])
         self.register_buffer("centers", centers.detach().float().clone())
         self.register_buffer("classes", classes.detach().long().clone())
         self.register_buffer("variance", variance.detach().float().reshape(-1).clone())

@@ -111,3 +111,24 @@ def pgd(model, x, y, eps, step, iterations, restarts, keys_fn, loss_fn=paper_los
                 getattr(best, name).dtype)
         best.correct = best.pred == y
     return best
+
+
+def quick_autoattack(monkeypatch, attacks: list[str], iterations: int) -> None:
+    """Make ``run_autoattack`` build AutoAttack's custom version: ``attacks`` with
+    ``iterations`` each, a quick run in place of the standard version."""
+    from utils.attacks import adaptive
+
+    def make(backend, model, eps, device, seed, log_path=None):
+        key = "attacks_to_run" if backend.package == "autoattack" else "attacks"
+        adversary = backend.module.AutoAttack(model, norm="Linf", eps=eps, version="custom",
+                                              device=device, seed=seed, **{key: attacks})
+        adversary.fab.n_iter = iterations
+        for apgd in (adversary.apgd, adversary.apgd_targeted):
+            # APGD derives its step-size checkpoints from n_iter at construction
+            apgd.n_iter = apgd.n_iter_orig = iterations
+            apgd.n_iter_2 = max(int(0.22 * iterations), 1)
+            apgd.n_iter_min = max(int(0.06 * iterations), 1)
+            apgd.size_decr = max(int(0.03 * iterations), 1)
+        return adversary
+
+    monkeypatch.setattr(adaptive, "make_adversary", make)

@@ -18,7 +18,12 @@ from base.tensors import to_device
 from datasets.data import ImageData, to_float
 from models.classifier import ClusterClassifier
 from tests.conftest import ROOT
-from tests.eval_helpers import real_backbone, real_cluster_classifier, real_test_data
+from tests.eval_helpers import (
+    quick_autoattack,
+    real_backbone,
+    real_cluster_classifier,
+    real_test_data,
+)
 from utils.attacks.adaptive import adaptive_attacks, run_autoattack
 from utils.attacks.pgd import PGD
 from utils.attacks.sweep import AttackContext, predictions, sweep
@@ -96,12 +101,12 @@ def test_adaptive_pgd_on_the_gpu_is_no_weaker_than_the_papers(gpu_model, images)
     assert ce.accuracy <= paper.per_eps[0].accuracy
 
 
-def test_autoattack_runs_on_the_gpu(gpu_model, images):
+def test_autoattack_runs_on_the_gpu(gpu_model, images, monkeypatch):
     pytest.importorskip("pyautoattack", reason="pyautoattack not installed "
                         "(pip install pyautoattack==0.2.0)")
+    quick_autoattack(monkeypatch, ["apgd-ce"], 10)
     few = images.take(slice(20))
-    out = run_autoattack(AttackContext(gpu_model, few, GPU, 20, seed=0), 8.0,
-                         custom=(["apgd-ce"], 10))
+    out = run_autoattack(AttackContext(gpu_model, few, GPU, 20, seed=0), 8.0)
     with torch.no_grad():
         clean = gpu_model.predict(to_float(few.images).to(GPU)).cpu() == few.labels
     assert out.robust.device.type == "cpu" and out.robust.shape == (20,)

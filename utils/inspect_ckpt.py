@@ -25,7 +25,7 @@ from models.checkpoint import (
     backbone_from_state,
     has_clusters,
 )
-from models.classifier import ClusterClassifier, classifier_from_checkpoint
+from models.classifier import ClusterClassifier
 
 LABEL_WIDTH = 16
 LINE_WIDTH = 100
@@ -36,7 +36,7 @@ def describe(ckpt: dict) -> list[tuple[str, str]]:
     """(label, text) rows for a ClusTR checkpoint; UsageError for anything else."""
     if not has_clusters(ckpt):  # also refuses a dict with only some of the cluster keys
         raise UsageError(not_clustr(ckpt))
-    model = classifier_from_checkpoint(ckpt)  # validates weights and cluster state
+    model = ClusterClassifier.from_checkpoint(ckpt)  # validates weights and cluster state
     head = model.head
     names = model.class_names or [str(c) for c in range(model.num_classes)]
     acc, args, epoch, fmt = (ckpt.get(k) for k in ("test_acc", "args", "epoch", "format"))

@@ -9,7 +9,6 @@ import argparse
 from base.cli import ArgParser, nonneg_float, nonneg_int, pos_float, pos_int, seed_int
 from datasets.data import DATASETS
 from utils.attacks import autoattack_backend
-from utils.attacks.adaptive import AUTOATTACK_HINT
 from utils.outputs import files
 from utils.train.consistency import ATTACKS, Adversary, adversary_conflict
 
@@ -169,7 +168,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(conflict)
     # the strong evaluation: refused now, before any training, if it could not run
     if args.autoattack and not autoattack_backend.available():
-        parser.error(AUTOATTACK_HINT)
+        parser.error(autoattack_backend.HINT)
     extras = [flag for flag, given in (("--strong-subset", args.strong_subset is not None),
                                        ("--autoattack-eps", args.autoattack_eps != [8.0]))
               if given]

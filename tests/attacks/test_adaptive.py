@@ -13,14 +13,9 @@ from base.errors import UsageError
 from datasets.data import ImageData, to_float
 from models.classifier import ClusterClassifier
 from models.cluster_head import ClusterHead
-from tests.eval_helpers import pgd, real_cluster_classifier, real_test_data
-from utils.attacks.adaptive import (
-    AUTOATTACK_HINT,
-    adaptive_attacks,
-    dlr_loss,
-    logit_dlr_loss,
-    run_autoattack,
-)
+from tests.eval_helpers import pgd, quick_autoattack, real_cluster_classifier, real_test_data
+from utils.attacks.adaptive import adaptive_attacks, dlr_loss, logit_dlr_loss, run_autoattack
+from utils.attacks.autoattack_backend import HINT as AUTOATTACK_HINT
 from utils.attacks.gradient_masking import gradient_summary, robustness_gaps
 from utils.attacks.pgd import PGD, logit_ce_loss, paper_loss, random_start, start_keys
 from utils.attacks.sweep import AttackContext, Outcome, predictions, sweep
@@ -139,20 +134,18 @@ def test_adaptive_attack_is_no_weaker_than_the_papers(cluster_model, test_images
     ctx = AttackContext(cluster_model, test_images, CPU, 20, seed=111)
     paper = run_sweep(ctx, PGD(iterations=5, restarts=1), 20, eps)
     clean = predictions(cluster_model, test_images.images, 20, CPU, logits=True)
-    for attack, grid in zip(adaptive_attacks(5, 1), (eps, (8.0,))):
-        indices = [eps.index(e) for e in grid]
-        outcomes = sweep(ctx, attack, grid, clean, eps_indices=indices)
-        for o, e in zip(outcomes, indices):
-            assert o.accuracy <= paper.per_eps[e].accuracy, (attack.name, o.eps)
-    assert outcomes[0].accuracy < paper.clean_acc  # the attack did something
+    for attack in adaptive_attacks(5, 1):
+        for o, p in zip(sweep(ctx, attack, eps, clean), paper.per_eps):
+            assert o.accuracy <= p.accuracy, (attack.name, o.eps)
+    assert o.accuracy < paper.clean_acc  # the attack did something
 
 
-def test_autoattack_runs_end_to_end(cluster_model, test_images):
+def test_autoattack_runs_end_to_end(cluster_model, test_images, monkeypatch):
     pytest.importorskip("pyautoattack", reason="pyautoattack not installed "
                         "(pip install pyautoattack==0.2.0)")
+    quick_autoattack(monkeypatch, ["apgd-ce"], 3)
     few = test_images.take(slice(4))
-    out = run_autoattack(AttackContext(cluster_model, few, CPU, 4, seed=0), 8.0,
-                         custom=(["apgd-ce"], 3))
+    out = run_autoattack(AttackContext(cluster_model, few, CPU, 4, seed=0), 8.0)
     clean = cluster_model.predict(to_float(few.images)) == few.labels
     assert out.attack == "autoattack" and out.eps == 8.0 and out.robust.shape == (4,)
     assert not (out.robust & ~clean).any()  # a misclassified image is never robust
@@ -209,14 +202,17 @@ def test_zero_gradient_fractions_on_a_constructed_case():
 
 def test_gap_warnings_and_worst_case():
     t, f = True, False
-    paper = {8.0: torch.tensor([t, t, t, f])}
-    strong = {8.0: ("pgd-ce", torch.tensor([t, f, f, f]))}
-    rows, warnings = robustness_gaps(paper, strong, threshold=5.0)
+    paper = Outcome("paper-pgd", 8.0, torch.tensor([t, t, t, f]))
+    worst = Outcome("worst-case", 8.0, torch.tensor([t, f, f, f]))
+    strong = [paper, Outcome("pgd-ce", 8.0, worst.robust), worst]
+    rows, warnings = robustness_gaps(strong, threshold=5.0)
     assert rows[0]["paper_pgd"] == 75.0 and rows[0]["strongest"] == 25.0
     assert rows[0]["gap"] == 50.0 and rows[0]["robust_to_paper_only"] == 2
+    assert rows[0]["strongest_attack"] == "worst case of paper-pgd, pgd-ce"
     assert len(warnings) == 1 and "8/255" in warnings[0]
-    assert robustness_gaps(paper, strong, threshold=60.0)[1] == []
-    assert robustness_gaps(paper, {8.0: ("x", paper[8.0])}, 0.0)[1] == []
+    assert robustness_gaps(strong, threshold=60.0)[1] == []
+    same = Outcome("worst-case", 8.0, paper.robust)
+    assert robustness_gaps([paper, same], 0.0)[1] == []
 
     clean = torch.tensor([t, t, t, f])
     outcomes = [Outcome("paper-pgd", 8.0, torch.tensor([t, t, f, t])),

@@ -9,8 +9,8 @@ import torch
 
 from base.cli import resume_settings
 from base.errors import UsageError
-from utils.eval.eval_state import check_arguments
-from utils.eval.evaluation import AttackConfig, EvalConfig, open_eval_state
+from utils.eval.eval_state import check_arguments, open_eval_state
+from utils.eval.evaluation import AttackConfig, EvalConfig
 
 CPU = torch.device("cpu")
 TEST = SimpleNamespace(images=torch.zeros(4, 3, 32, 32, dtype=torch.uint8),

@@ -5,8 +5,7 @@ from the clusters and so overstates robustness. The attacks here target the clas
 proper logit ``model(x)`` (same arg-max as the paper's scores): PGD with cross-entropy and
 with the DLR margin loss, run by ``utils.attacks.sweep`` with the paper's step, iterations
 and early stopping but AutoAttack's rule across restarts (**fooled wins**), and AutoAttack,
-standard version, from either package (``utils.attacks.autoattack_backend``). An example
-counts as fooled when the logit's arg-max differs from its label.
+standard version, from either package (``utils.attacks.autoattack_backend``).
 """
 from __future__ import annotations
 
@@ -18,13 +17,11 @@ import torch
 from base import preemption
 from base.errors import UsageError
 from base.tensors import eval_mode, to_device
-from utils.attacks.autoattack_backend import HINT, find_backend, make_adversary, run_adversary
+from utils.attacks.autoattack_backend import find_backend, make_adversary, run_adversary
 from utils.attacks.pgd import PGD, LossFn, in_threat_model, logit_ce_loss
 from utils.attacks.sweep import AttackContext, Outcome, predictions, unpack
 
 log = logging.getLogger("clustr")
-
-AUTOATTACK_HINT = HINT
 
 
 def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -63,7 +60,7 @@ def autoattack_unit(ctx: AttackContext, eps: float, i: int, log_path: str | None
     """AutoAttack at one eps, saved as unit ``autoattack/<i>`` (it cannot be saved part-way:
     a stop request during it ends the run at once, to continue from the previous unit)."""
     key = f"autoattack/{i}"
-    unit = ctx.get(key)
+    unit = ctx.state.get(key)
     if unit is None or not unit.get("done"):
         with preemption.immediate():
             out = run_autoattack(ctx, eps, log_path)
@@ -71,39 +68,26 @@ def autoattack_unit(ctx: AttackContext, eps: float, i: int, log_path: str | None
                 "package": out.package}
         if out.adv is not None:
             unit["adv_rows"], unit["adv_images"] = out.adv
-        ctx.put(key, unit)
+        ctx.state.put(key, unit)
         preemption.point(f"autoattack-eps-{i}")
     return unpack("autoattack", eps, unit, ctx.data.labels)
 
 
-def run_autoattack(ctx: AttackContext, eps: float, log_path: str | None = None,
-                   custom: tuple[list[str], int] | None = None) -> Outcome:
-    """AutoAttack l-inf at ``eps`` (units of 1/255) on the logits of ``ctx.model``, all of
-    ``ctx.data`` (``Outcome.package`` names the package used). Its images are checked, not
-    trusted: an example counts as broken only if its returned image lies in the eps-ball and
-    in [0, 1] and the logit's arg-max on it is wrong. ``custom=(attacks, iterations)`` gives
-    quick runs (tests); the reported evaluation uses the standard version."""
+def run_autoattack(ctx: AttackContext, eps: float, log_path: str | None = None) -> Outcome:
+    """AutoAttack l-inf, standard version, at ``eps`` (units of 1/255) on the logits of
+    ``ctx.model``, all of ``ctx.data`` (``Outcome.package`` names the package used). Its
+    images are checked, not trusted: an example counts as broken only if its returned image
+    lies in the eps-ball and in [0, 1] and the logit's arg-max on it is wrong."""
     model, data, batch, device = ctx.model, ctx.data, ctx.batch, torch.device(ctx.device)
-    version, (attacks, iterations) = ("custom", custom) if custom else ("standard", (None, None))
     backend = find_backend()
-    num_classes = data.num_classes
-    if version == "standard" and num_classes < 4:
+    if data.num_classes < 4:
         raise UsageError(f"AutoAttack's standard version needs at least 4 classes (its "
                          f"targeted DLR loss uses the 4th logit); this data set has "
-                         f"{num_classes}")
-    adversary = make_adversary(backend, _Watched(model), eps / 255, version, device,
-                               ctx.seed, attacks, log_path)
-    targets = min(9, num_classes - 1)  # standard uses 9 target classes: all of CIFAR-10's
+                         f"{data.num_classes}")
+    adversary = make_adversary(backend, _Watched(model), eps / 255, device, ctx.seed, log_path)
+    targets = min(9, data.num_classes - 1)  # standard uses 9 target classes: all of CIFAR-10's
     adversary.apgd_targeted.n_target_classes = targets
     adversary.fab.n_target_classes = targets
-    if iterations is not None:
-        adversary.fab.n_iter = iterations
-        for apgd in (adversary.apgd, adversary.apgd_targeted):
-            # APGD derives its step-size checkpoints from n_iter at construction
-            apgd.n_iter = apgd.n_iter_orig = iterations
-            apgd.n_iter_2 = max(int(0.22 * iterations), 1)
-            apgd.n_iter_min = max(int(0.06 * iterations), 1)
-            apgd.size_decr = max(int(0.03 * iterations), 1)
     x = to_device(data.images, device).contiguous()
     y = data.labels.to(device)
     start = time.time()
@@ -117,7 +101,7 @@ def run_autoattack(ctx: AttackContext, eps: float, log_path: str | None = None,
         adv = (rows.cpu(), x_adv[rows].detach().float().cpu())
     outcome = Outcome("autoattack", eps, robust.cpu(), time.time() - start, adv,
                       backend.name(), pred.cpu())
-    log.info("AutoAttack (%s, %s) eps %g/255: %.2f%% robust on %d images (%.0fs)", version,
+    log.info("AutoAttack (standard, %s) eps %g/255: %.2f%% robust on %d images (%.0fs)",
              backend.name(), eps, outcome.accuracy, len(y), outcome.seconds)
     return outcome
 

@@ -67,15 +67,11 @@ def package_version(package: str, module) -> str:
         return str(getattr(module, "__version__", "unknown"))
 
 
-def make_adversary(backend: Backend, model: torch.nn.Module, eps: float, version: str,
-                   device: torch.device, seed: int, attacks: list[str] | None = None,
-                   log_path: str | None = None):
-    """An AutoAttack l-inf adversary at ``eps`` (pixel units) from ``backend``."""
-    github = backend.package == "autoattack"
-    kwargs = {"log_path": log_path} if github else {}
-    if version == "custom":
-        kwargs["attacks_to_run" if github else "attacks"] = attacks
-    return backend.module.AutoAttack(model, norm="Linf", eps=eps, version=version,
+def make_adversary(backend: Backend, model: torch.nn.Module, eps: float, device: torch.device,
+                   seed: int, log_path: str | None = None):
+    """An AutoAttack l-inf adversary, standard version, at ``eps`` (pixel units)."""
+    kwargs = {"log_path": log_path} if backend.package == "autoattack" else {}
+    return backend.module.AutoAttack(model, norm="Linf", eps=eps, version="standard",
                                      device=device, seed=seed, **kwargs)
 
 

@@ -7,7 +7,7 @@ Two symptoms, after the checks of AutoAttack's authors (``checks.py``):
   sign-PGD cannot move (``gradient_summary``: the share of exactly-zero gradients per loss).
 * **A robustness gap.** Where the loss saturates without vanishing, PGD wanders away from
   every cluster without crossing a decision boundary (``robustness_gaps``: the paper PGD's
-  accuracy against the strongest attack's on the same examples).
+  accuracy against the worst case of every attack on the same examples).
 """
 from __future__ import annotations
 
@@ -30,18 +30,12 @@ def input_gradients(model, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) ->
     return grad
 
 
-def gradient_stats(grads: torch.Tensor) -> dict:
-    """Fraction of examples whose gradient is exactly zero, and the median l1 norm."""
-    l1 = grads.flatten(1).abs().sum(1)  # (N,)
-    return {"zero_fraction": (l1 == 0).float().mean().item(),
-            "median_l1": l1.median().item() if len(l1) else float("nan")}
-
-
 def gradient_summary(model, data: ImageData, losses: dict[str, LossFn], batch: int, device,
                      start_eps: float | None = None, seed: int = 111,
                      eps_index: int = 0) -> dict:
-    """``{point: {loss name: gradient_stats}}`` for the clean images and, with ``start_eps``
-    (units of 1/255), at the first restart's random start of the sweeps at that eps."""
+    """``{point: {loss name: stats}}`` for the clean images and, with ``start_eps`` (units of
+    1/255), at the first restart's random start of the sweeps at that eps. The stats: the
+    fraction of examples whose input gradient is exactly zero, and its median l1 norm."""
     device = torch.device(device)
     points = {"clean": None}
     if start_eps is not None:
@@ -57,21 +51,24 @@ def gradient_summary(model, data: ImageData, losses: dict[str, LossFn], batch: i
                 x = x + random_start(x, eps / 255, keys)
             for name, loss_fn in losses.items():
                 grads[name].append(input_gradients(model, x, y, loss_fn).cpu())
-        summary[point] = {name: gradient_stats(torch.cat(g)) for name, g in grads.items()}
+        l1 = {name: torch.cat(g).flatten(1).abs().sum(1) for name, g in grads.items()}  # (N,)
+        summary[point] = {name: {"zero_fraction": (n == 0).float().mean().item(),
+                                 "median_l1": n.median().item()} for name, n in l1.items()}
     return summary
 
 
-def robustness_gaps(paper: dict[float, torch.Tensor],
-                    strongest: dict[float, tuple[str, torch.Tensor]],
-                    threshold: float = GAP_THRESHOLD) -> tuple[list[dict], list[str]]:
-    """Per eps, the paper PGD's accuracy against the strongest attack's on the same examples.
-    ``paper[eps]`` and ``strongest[eps][1]`` are (N,) bool robust flags;
-    ``strongest[eps][0]`` names the attack. Returns one row per eps (accuracies in %, the gap
+def robustness_gaps(outcomes, threshold: float = GAP_THRESHOLD) -> tuple[list[dict], list[str]]:
+    """Per eps, the paper PGD's accuracy against the worst case's on the same examples, from
+    the strong evaluation's ``Outcome``s. Returns one row per eps (accuracies in %, the gap
     in points, and how many examples only the paper's attack leaves robust) and a warning per
     eps whose gap exceeds ``threshold``."""
+    paper = {o.eps: o.robust for o in outcomes if o.attack == "paper-pgd"}
     rows, warnings = [], []
-    for eps in sorted(set(paper) & set(strongest)):
-        name, robust = strongest[eps]
+    for worst in sorted((o for o in outcomes if o.attack == "worst-case" and o.eps in paper),
+                        key=lambda o: o.eps):
+        eps, robust = worst.eps, worst.robust
+        name = "worst case of " + ", ".join(o.attack for o in outcomes
+                                            if o.eps == eps and o.attack != "worst-case")
         p_acc = paper[eps].float().mean().item() * 100.0
         s_acc = robust.float().mean().item() * 100.0
         gap = p_acc - s_acc

@@ -25,6 +25,7 @@ from base.progress import progress
 from base.tensors import eval_mode, to_device
 from datasets.data import ImageData, to_float
 from utils.attacks.pgd import PGD, kept, pgd_restart, start_keys
+from utils.eval.eval_state import EvalState
 
 log = logging.getLogger("clustr")
 
@@ -64,18 +65,11 @@ class AttackContext:
     batch: int                  # examples per attack batch
     seed: int = 111             # of the per-example random starts
     dist: Dist = field(default_factory=Dist.single)
-    state: object = None        # an EvalState (get/put), or None: nothing saved
+    state: EvalState = field(default_factory=EvalState)  # default: kept in memory only
     keep_adv: bool = False      # keep the adversarial images that fooled the model
 
     def __post_init__(self):
         self.device = torch.device(self.device)
-
-    def get(self, key: str) -> dict | None:
-        return self.state.get(key) if self.state is not None else None
-
-    def put(self, key: str, unit: dict) -> None:
-        if self.state is not None:
-            self.state.put(key, unit)
 
 
 @torch.no_grad()
@@ -95,19 +89,17 @@ def predictions(model, images: torch.Tensor, batch: int, device, dist: Dist | No
     return dist.gather_rows(torch.cat(out), len(images))
 
 
-def sweep(ctx: AttackContext, attack: PGD, epsilons, clean_pred: torch.Tensor,
-          eps_indices: list[int] | None = None) -> list[Outcome]:
-    """``attack`` at every eps; ``eps_indices[e]`` is the position of ``epsilons[e]`` in the
-    paper's grid (the random starts and unit names use it: with the same seed, every attack
-    starts each restart of an example from the same point)."""
-    eps_indices = list(range(len(epsilons))) if eps_indices is None else eps_indices
+def sweep(ctx: AttackContext, attack: PGD, epsilons, clean_pred: torch.Tensor) -> list[Outcome]:
+    """``attack`` at every eps; the eps's position ``e`` names its unit and seeds its random
+    starts (with the same seed, every attack starts each restart of an example from the same
+    point)."""
     outcomes = []
-    for n, (eps, e) in enumerate(zip(epsilons, eps_indices)):
+    for e, eps in enumerate(epsilons):
         outcomes.append(attack_unit(ctx, attack, e, eps, clean_pred))
         log.info("%s eps %g/255: %.2f%% robust on %d images (%.0fs)", attack.title, eps,
                  outcomes[-1].accuracy, len(clean_pred), outcomes[-1].seconds)
         preemption.point(f"{attack.name}-eps-{e}", ctx.dist.rank)
-        if n + 1 < len(epsilons) and preemption.should_stop(ctx.dist):
+        if e + 1 < len(epsilons) and preemption.should_stop(ctx.dist):
             raise preemption.stop(f"after {attack.title} eps {eps:g}/255")
     return outcomes
 
@@ -117,14 +109,13 @@ def attack_unit(ctx: AttackContext, attack: PGD, e: int, eps: float,
     """``attack`` at ``eps`` (units of 1/255, index ``e`` of the paper's grid), resumed from
     ``ctx.state`` when it holds the unit."""
     key = f"{attack.name}/{e}"
-    unit = ctx.get(key)
+    unit = ctx.state.get(key)
     if unit is None or not unit["done"]:
         unit = _Run(ctx, attack, e, eps, clean_pred).run(unit)
     return unpack(attack.name, eps, unit, ctx.data.labels)
 
 
 def unpack(name: str, eps: float, unit: dict, labels: torch.Tensor) -> Outcome:
-    """The outcome a finished unit holds."""
     adv = (unit["adv_rows"], unit["adv_images"]) if "adv_rows" in unit else None
     return Outcome(name, eps, unit["pred"] == labels, unit["seconds"], adv,
                    unit.get("package", ""), unit["pred"], unit.get("linf"), unit.get("steps"))
@@ -161,7 +152,7 @@ class _Run:
         unit = dict(unit, **gathered, restart=restart, batch=batch,
                     batch_size=self.ctx.batch, seconds=self.before + time.perf_counter()
                     - self.begin)
-        self.ctx.put(self.key, unit)
+        self.ctx.state.put(self.key, unit)
         return unit
 
     def run(self, unit: dict | None) -> dict:
@@ -200,21 +191,19 @@ class _Run:
             done["adv_rows"] = rows[fooled]
             done["adv_images"] = (to_float(data.images[rows[fooled]]) + unit["delta"][fooled]
                                   ).clamp(0.0, 1.0)
-        self.ctx.put(self.key, done)
+        self.ctx.state.put(self.key, done)
         return done
 
     def _batch(self, unit: dict, r: int, b: int) -> None:
         """Restart ``r`` on this process's ``b``-th batch, merged by the attack's rule."""
         ctx, a = self.ctx, self.attack
         pos = torch.arange(self.lo + b * ctx.batch, min(self.lo + (b + 1) * ctx.batch, self.hi))
-        labels = ctx.data.labels[self.rows[pos]]
         if a.fooled_wins:  # an example fooled by an earlier restart stays so
-            pos = pos[unit["pred"][pos] == labels]
-            labels = ctx.data.labels[self.rows[pos]]
+            pos = pos[unit["pred"][pos] == ctx.data.labels[self.rows[pos]]]
         if len(pos) == 0:
             return
         rows, dev = self.rows[pos], ctx.device
-        x, y = to_device(ctx.data.images[rows], dev), labels.to(dev)
+        x, y = to_device(ctx.data.images[rows], dev), ctx.data.labels[rows].to(dev)
         res = pgd_restart(ctx.model, x, y, self.eps / 255, a,
                           start_keys(ctx.seed, self.e, r, ctx.data.indices[rows]))
         take = kept(unit["loss"][pos].to(dev), res, a.fooled_wins)

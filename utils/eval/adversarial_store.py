@@ -25,15 +25,15 @@ def _entry(model, data: ImageData, o, name: str, batch: int, device, logit: bool
     """The re-checked images of outcome ``o`` (rows of ``data``), as attack ``name``: in the
     eps-ball and [0, 1], and misclassified by ``model`` (its logit's or ``predict``'s
     arg-max) on a fresh pass."""
-    (rows, images), attack, eps = o.adv, name, o.eps
+    (rows, images), eps = o.adv, o.eps
     labels = data.labels[rows]
     pred = predictions(model, images, batch, device, logits=logit)
     valid = in_threat_model(to_float(data.images[rows]), images, eps / 255) & (pred != labels)
     if not valid.all():
         log.warning("--save-adv: %d %s image(s) at eps %g/255 failed the re-check (outside the "
                     "eps-ball or [0, 1], or classified correctly) and are left out",
-                    int((~valid).sum()), attack, eps)
-    return {"attack": attack, "eps": float(eps),
+                    int((~valid).sum()), name, eps)
+    return {"attack": name, "eps": float(eps),
             "prediction": "logit arg-max" if logit else "paper scores arg-max",
             "indices": data.indices[rows][valid].clone(), "labels": labels[valid].clone(),
             "pred": pred[valid].clone(), "images": images[valid].float().contiguous().clone()}

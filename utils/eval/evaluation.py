@@ -1,11 +1,9 @@
 """The paper's robustness evaluation: clean accuracy, then a PGD l-inf sweep over eps.
 
 ``load_eval_inputs`` rebuilds the checkpoint from disk into a fresh model (what was trained
-is never what gets evaluated) and loads the test set, both as ``EvalConfig`` says;
-``evaluate_model`` attacks it as ``AttackConfig`` says and writes ``attack_results_ext.csv``
-(the original's schema), ``predictions_eps<E>.csv`` per eps, ``robustness.png`` and
-``eval_summary.json`` (what was attacked: classifier, L, normalisation rule, attack
-settings, accuracies, seconds per eps). The file names come from ``utils.outputs.files``.
+is never what gets evaluated) and loads the test set, as ``EvalConfig`` says;
+``evaluate_model`` attacks it as ``AttackConfig`` says and writes the paper's result files
+(README.md's outputs table).
 """
 from __future__ import annotations
 
@@ -16,28 +14,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from base.cli import resume_field, resume_settings
+from base.cli import resume_field
 from base.distributed import Dist
 from base.errors import UsageError
-from base.io import atomic_write, load_checkpoint, write_text_atomic
+from base.io import load_checkpoint, pyplot, save_figure, write_text_atomic
 from datasets.data import ImageData, balanced_subset, check_same_classes, load_dataset
 from models.checkpoint import backbone_from_state, has_clusters
-from models.classifier import LinearClassifier, classifier_from_checkpoint
-from utils.attacks.batch_size import attack_batch
+from models.classifier import ClusterClassifier, LinearClassifier
 from utils.attacks.pgd import EPSILONS, PGD, STEP
 from utils.attacks.sweep import AttackContext, Outcome, percent, predictions, sweep
-from utils.eval.eval_state import EvalState, fingerprint
+from utils.eval.eval_state import EvalState
 from utils.outputs import files
 from utils.outputs.results import write_csv
 
 log = logging.getLogger("clustr")
 
 
-# Fields declared with resume_field change the results: an evaluation continued with
-# --resume must repeat them (``eval_state.fingerprint``); the others may change. A training
-# run continued with --resume repeats them as well (``utils.train.resume``), but those
-# declared training=False: its evaluation checks them itself (``eval_state.check_arguments``)
-# or, after more epochs, starts afresh on the new checkpoint.
+# Fields declared with resume_field change the results: a resumed run must repeat them.
 @dataclass
 class EvalConfig:
     """What is evaluated: the test data and the classifier's inference settings."""
@@ -71,10 +64,6 @@ class AttackConfig:
     strong_subset: int | None = resume_field(None)  # the strong attacks on so many images
     save_adv: bool = resume_field(False)  # keep the adversarial images that fooled the model
 
-    @property
-    def any_strong(self) -> bool:  # --strong or --autoattack
-        return self.strong or self.autoattack
-
 
 @dataclass
 class SweepResult:
@@ -91,14 +80,9 @@ class SweepResult:
 def run_sweep(ctx: AttackContext, attack: PGD, test_batch: int = 64,
               epsilons=EPSILONS) -> SweepResult:
     """Clean predictions (in batches of ``test_batch``), then ``attack`` (the paper's PGD)
-    at each eps on the examples still classified correctly (``utils.attacks.sweep``).
-
-    Examples misclassified without attack count as non-robust (delta = 0 already fools
-    them) and are not attacked, so the robust accuracy never exceeds the clean one. The
-    original attacked them too and scored them at their random start. Each eps is attacked
-    independently, as in the paper; the random starts depend on (seed, eps index, restart,
-    example index), so neither the batch size nor the number of processes changes them.
-    """
+    at each eps, independently, on the examples still classified correctly (the others
+    count as non-robust; the original attacked them too and scored them at their random
+    start). ``utils.attacks.sweep`` runs it."""
     ctx.model = ctx.model.to(ctx.device)
     data = ctx.data
     clean = predictions(ctx.model, data.images, test_batch, ctx.device, ctx.dist)
@@ -115,8 +99,8 @@ def load_eval_model(cfg: EvalConfig, ckpt_path: str):
         log.warning("%s was trained on %s but is evaluated on --dataset %s", ckpt_path,
                     ckpt["dataset"], cfg.dataset)
     if has_clusters(ckpt):
-        model = classifier_from_checkpoint(ckpt, dataset=cfg.dataset, L=cfg.L,
-                                           normalize=cfg.normalize)
+        model = ClusterClassifier.from_checkpoint(ckpt, dataset=cfg.dataset, L=cfg.L,
+                                                  normalize=cfg.normalize)
         head = model.head
         if head.L > head.num_clusters:
             raise UsageError(f"--L {head.L} is larger than the checkpoint's "
@@ -170,33 +154,16 @@ def load_eval_inputs(cfg: EvalConfig, ckpt_path: str):
     return model, test
 
 
-def open_eval_state(cfg: EvalConfig, attack: AttackConfig, ckpt_path: str, test: ImageData,
-                    out_dir: str, device, dist: Dist | None = None,
-                    resume: str | None = None) -> EvalState:
-    """The evaluation's resume state, checked against this run's settings, checkpoint and
-    test images (nothing is written): new (``resume`` None), the saved one ("continue"), or
-    the saved one unless it evaluated another checkpoint ("unless-retrained": the sweep
-    after a resumed training run, which may have trained further)."""
-    dist = dist or Dist.single()
-    return EvalState.open(os.path.join(out_dir, files.EVAL_RESUME),
-                          fingerprint(resume_settings(cfg, attack), ckpt_path, test.images,
-                                      test.labels, device, dist.world_size),
-                          resume is not None, write=dist.is_main,
-                          fresh_if_checkpoint_changed=resume == "unless-retrained")
-
-
 def evaluate_model(model, test: ImageData, attack: AttackConfig, out_dir: str,
                    device: torch.device, about: dict, dist: Dist | None = None,
                    state: EvalState | None = None) -> SweepResult:
-    """The paper's sweep (split over the processes under torchrun); the main process writes
+    """The paper's sweep (split over the processes under torchrun), in batches of
+    ``attack.attack_batch`` (settled by ``main_clustr.evaluate``); the main process writes
     its files, ``eval_summary.json`` headed by ``about`` (checkpoint and data set). The
-    progress goes to ``state`` (``utils.eval.eval_state``), which ``--resume`` continues
-    from; the strong evaluation (``utils.eval.strong_evaluation``) follows on the same
-    images when ``attack.any_strong``."""
-    dist = dist or Dist.single()
-    state = state or EvalState("", {}, write=False)
+    progress goes to ``state``, which ``--resume`` continues from."""
+    dist, state = dist or Dist.single(), state or EvalState()
     state.save()  # from here on, --resume has an evaluation to continue
-    batch = attack_batch(attack.attack_batch, model, device, len(test))
+    batch = attack.attack_batch
     log.info("attacks in batches of %d", batch)
     ctx = AttackContext(model, test, torch.device(device), batch, attack.seed, dist, state,
                         attack.save_adv)
@@ -241,11 +208,7 @@ def write_summary(path: str, result: SweepResult, setup: dict) -> None:
 
 def plot_robustness(path: str, curves: dict[str, list[tuple[float, float]]]) -> None:
     """Accuracy (%) against eps (x/255), one line per attack; written atomically."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
     for name, points in curves.items():
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="o", label=name)
@@ -255,7 +218,4 @@ def plot_robustness(path: str, curves: dict[str, list[tuple[float, float]]]) -> 
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

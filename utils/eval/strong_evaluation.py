@@ -2,10 +2,8 @@
 
 ``--strong`` (PGD-CE and PGD-DLR on the proper logit) and ``--autoattack`` run after the
 paper's PGD sweep, on the same test images (or ``--strong-subset N`` of them), and write
-``attack_results_strong.csv`` (the clean images, the paper's PGD on the same images, each
-attack and the worst case per eps), ``diagnostics.json`` (zero-gradient fractions, the
-paper-versus-strongest gap per eps, the warnings) and ``robustness.png`` with every curve.
-docs/evaluation.md describes them.
+``attack_results_strong.csv``, ``diagnostics.json`` and ``robustness.png`` with every curve,
+as docs/evaluation.md describes.
 """
 from __future__ import annotations
 
@@ -19,11 +17,11 @@ import torch
 from base.io import write_text_atomic
 from datasets.data import ImageData, balanced_subset
 from utils.attacks.adaptive import adaptive_attacks, autoattack_unit, logit_dlr_loss
-from utils.attacks.batch_size import attack_batch
 from utils.attacks.gradient_masking import GAP_THRESHOLD, gradient_summary, robustness_gaps
 from utils.attacks.pgd import EPSILONS, STEP, logit_ce_loss, paper_loss
 from utils.attacks.sweep import AttackContext, Outcome, predictions, sweep
 from utils.eval.adversarial_store import save_adversarial
+from utils.eval.eval_state import EvalState
 from utils.eval.evaluation import AttackConfig, SweepResult, plot_robustness
 from utils.outputs import files
 from utils.outputs.results import write_csv
@@ -35,12 +33,13 @@ DIAGNOSTIC_EPS = 8.0  # the random start of the gradient diagnostics, units of 1
 
 def evaluate_strong(model, test: ImageData, paper: SweepResult, attack: AttackConfig,
                     out_dir: str, device, state=None) -> dict:
-    """Strong attacks on the images the paper's sweep attacked; returns the diagnostics.
-    ``state`` (``utils.eval.eval_state.EvalState``) keeps their progress for ``--resume``."""
+    """Strong attacks on the images the paper's sweep attacked, in batches of
+    ``attack.attack_batch``; returns the diagnostics. ``state`` keeps their progress for
+    ``--resume``."""
     device = torch.device(device)
     sub, pos = strong_images(test, attack.strong_subset, attack.seed)
-    batch = attack_batch(attack.attack_batch, model, device, len(sub))
-    ctx = AttackContext(model, sub, device, batch, attack.seed, state=state,
+    batch = attack.attack_batch
+    ctx = AttackContext(model, sub, device, batch, attack.seed, state=state or EvalState(),
                         keep_adv=attack.save_adv)
     start = time.time()
     clean_pred = predictions(model, sub.images, attack.test_batch, device, logits=True)
@@ -112,10 +111,7 @@ def masking_diagnostics(attack: AttackConfig, model, sub: ImageData, outcomes: l
         log.info("input gradients at %s: %s", point, ", ".join(
             f"{name} {100 * s['zero_fraction']:.1f}% exactly zero (median l1 "
             f"{s['median_l1']:.3g})" for name, s in stats.items()))
-    paper = {o.eps: o.robust for o in outcomes if o.attack == "paper-pgd"}
-    strongest = {o.eps: (worst_name(outcomes, o.eps), o.robust) for o in outcomes
-                 if o.attack == "worst-case"}
-    gaps, warnings = robustness_gaps(paper, strongest, GAP_THRESHOLD)
+    gaps, warnings = robustness_gaps(outcomes, GAP_THRESHOLD)
     for w in warnings:
         log.warning("WARNING: %s", w)
     return {
@@ -132,11 +128,6 @@ def masking_diagnostics(attack: AttackConfig, model, sub: ImageData, outcomes: l
         "paper_vs_strongest": gaps,
         "warnings": warnings,
     }
-
-
-def worst_name(outcomes: list[Outcome], eps: float) -> str:
-    names = [o.attack for o in outcomes if o.eps == eps and o.attack != "worst-case"]
-    return "worst case of " + ", ".join(names)
 
 
 def plot_all(paper: SweepResult, outcomes: list[Outcome], n: int, full: bool, path: str) -> None:
