@@ -68,9 +68,3 @@ def kmeans(x: torch.Tensor, k: int, n_init: int, max_iter: int, seed: int) -> to
             best_inertia = torch.minimum(inertia, best_inertia)
     return best
 
-
-def kmeans_on(device: torch.device, x: torch.Tensor, k: int, n_init: int, max_iter: int,
-              seed: int) -> torch.Tensor:
-    """The centroids (k, D) of the CPU embeddings x (N, D), fitted on ``device`` in float32,
-    back on the CPU."""
-    return kmeans(x.float().to(device), k, n_init, max_iter, seed).cpu()
