@@ -21,7 +21,7 @@ from tests.test_cli import run_cli
 from tests.train.test_variants import CPU, a_batch, make_trainer
 from utils.train import as_original
 from utils.train.clustering import KMeansSettings, fit_clusters
-from utils.train.consistency import EPS
+from utils.train.consistency import RADIUS as EPS
 from utils.train.embeddings import compute_embeddings
 from utils.train.magnet_loss import magnet_loss, magnet_loss_full
 

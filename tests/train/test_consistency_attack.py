@@ -11,12 +11,12 @@ import torch
 from base.errors import UsageError
 from tests.train.test_variants import a_batch, make_trainer
 from utils.train.consistency import (
-    EPS,
     PGD_STEP,
     QTRADES_STEP,
     Adversary,
     class_probabilities,
 )
+from utils.train.consistency import RADIUS as EPS
 
 
 def plain_logits(head, emb: torch.Tensor) -> torch.Tensor:
@@ -176,11 +176,11 @@ def test_the_flags_are_recorded_with_the_run(tmp_path):
     import json
 
     from utils.outputs.run_log import write_args_json
-    from utils.train_setting import params_line, parse_args
+    from utils.train_setting import params_line, parse_args, run_arguments
 
     args = parse_args(["--checkpoint", "x", "--consistency-lambda", "2",
                        "--consistency-attack", "logit", "--consistency-steps", "2"])
     assert "consistency_attack: logit | consistency_steps: 2" in params_line(args)
-    write_args_json(str(tmp_path), args)
+    write_args_json(str(tmp_path), run_arguments(args))
     saved = json.loads((tmp_path / "args.json").read_text())
     assert saved["consistency_attack"] == "logit" and saved["consistency_steps"] == 2

@@ -18,6 +18,7 @@ from datasets.magnet_sampler import MagnetSampler
 from models.cluster_head import squared_distances
 from utils.attacks.pgd import project_linf
 from utils.train.clustering import nearest_own_cluster, variance_of
+from utils.train.consistency import RADIUS
 from utils.train.free_adversarial import FreePerturbation
 from utils.train.magnet_loss import EPS as LOSS_EPS
 
@@ -42,27 +43,6 @@ def adopt(trainer) -> None:
 
 
 # -- row "passes in train mode" ---------------------------------------------------------------
-@torch.no_grad()
-def embed_as_original(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
-                      train_mode: bool, generator: torch.Generator | None = None,
-                      dataset: str = "cifar10") -> torch.Tensor:
-    """Embeddings (N, 512) on the CPU, in order, in batches of ceil(N/400), with the model in
-    train mode (batch statistics; BatchNorm's running statistics move) or eval mode; the
-    images augmented when a ``generator`` is given (the original's training transform)."""
-    batch = max(1, math.ceil(len(images) / EMBED_CHUNKS))
-    was_training, out = model.training, []
-    model.train(train_mode)
-    try:
-        for start in range(0, len(images), batch):
-            x = images[start:start + batch]
-            if generator is not None:
-                x = augment(x, dataset, generator)
-            out.append(model(to_device(x, device)).float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out)
-
-
 class OriginalPasses:
     """The original's passes over the data sets, around the Magnet steps of one trainer: the
     first k-means and sigma^2 passes in train mode; after each epoch's last step the k-means
@@ -73,17 +53,27 @@ class OriginalPasses:
     def __init__(self, trainer):
         self.t = trainer
 
+    @torch.no_grad()
     def _embed(self, data, train_mode: bool, augmented: bool) -> torch.Tensor:
-        """Embeddings (N, 512) in the data set's order, computed in the order its files were
-        stored in (``stored_rank``): the original reads CIFAR-10 in its official order, in
-        which a train-mode batch mixes classes, and the shared image folder's file names
-        keep that order (batch and row)."""
+        """Embeddings (N, 512) on the CPU in the data set's order, computed in batches of
+        ceil(N/400) in the order its files were stored in (``stored_rank``): the original
+        reads CIFAR-10 in its official order, in which a train-mode batch mixes classes, and
+        the shared image folder's file names keep that order (batch and row)."""
         t = self.t
-        gen = t.generator if augmented else None
         order = data.stored_rank.argsort()
-        emb = embed_as_original(t.model, data.images[order], t.device, train_mode, gen,
-                                t.cfg.dataset)
-        return emb[order.argsort()]  # back to the data set's order
+        images = data.images[order]
+        batch = max(1, math.ceil(len(images) / EMBED_CHUNKS))
+        was_training, out = t.model.training, []
+        t.model.train(train_mode)
+        try:
+            for start in range(0, len(images), batch):
+                x = images[start:start + batch]
+                if augmented:  # the original's training transform
+                    x = augment(x, t.cfg.dataset, t.generator)
+                out.append(t.model(to_device(x, t.device)).float().cpu())
+        finally:
+            t.model.train(was_training)
+        return torch.cat(out)[order.argsort()]  # back to the data set's order
 
     def _refresh(self, emb: torch.Tensor) -> None:
         t = self.t
@@ -149,7 +139,7 @@ def leaky_train_mode_maximise(summed: bool):
     the last step's parameter gradients stay in ``.grad``. The objective is summed over the
     batch with ``summed`` (--actual-trades: ``KLDivLoss(size_average=False)``), else
     averaged (the cross-entropy and MSE criteria)."""
-    def maximise(model, x, objective, start, step, steps, eps=8.0 / 255):
+    def maximise(model, x, objective, start, step, steps, eps=RADIUS):
         x = x.detach()
         if isinstance(step, torch.Tensor):
             step = step.to(x.device, x.dtype)

@@ -41,13 +41,13 @@ from datasets.data import (
 from models.checkpoint import load_weights
 from models.resnet import ResNet18, normalization_for
 from utils.outputs.output_files import check_outputs
-from utils.train.consistency import EPS, PGD_STEP, maximise
+from utils.train.consistency import PGD_STEP, RADIUS, maximise
 
 log = logging.getLogger("clustr")
 
 SCHEDULES = ("cosine", "multistep", "onecycle")
 ADVERSARIAL = ("none", "fgsm", "pgd")
-FGSM_STEP = 1.25 * EPS  # fast adversarial training's alpha: 10/255 at eps 8/255
+FGSM_STEP = 1.25 * RADIUS  # fast adversarial training's alpha: 10/255 at eps 8/255
 PGD_STEPS = 7  # --adv-steps default, as fast_adversarial's train_pgd.py
 
 
@@ -91,7 +91,7 @@ def adversarial_batch(model: ResNet18, x: torch.Tensor, y: torch.Tensor, cfg: Pr
     from a uniform start in the eps-ball drawn from ``generator`` (float32, no autocast)."""
     if cfg.adversarial == "none":
         return x
-    start = torch.empty(x.shape).uniform_(-EPS, EPS, generator=generator)
+    start = torch.empty(x.shape).uniform_(-RADIUS, RADIUS, generator=generator)
 
     def objective(xa):
         return F.cross_entropy(model.classify(xa), y, reduction="none")

@@ -23,10 +23,10 @@ from base.tensors import autocast, to_device
 from datasets.data import ImageData, augment
 from datasets.magnet_sampler import MagnetSampler
 from models.cluster_head import ClusterHead
-from models.resnet import ResNet18, normalization_for
+from models.resnet import ResNet18
 from utils.train import as_original
 from utils.train.clustering import Clusters, KMeansSettings, fit_clusters
-from utils.train.consistency import Adversary, ExtraTerms
+from utils.train.consistency import ExtraTerms
 from utils.train.embeddings import compute_embeddings_split, default_embed_batch
 from utils.train.free_adversarial import FreePerturbation
 from utils.train.magnet_loss import magnet_loss, magnet_loss_full
@@ -107,12 +107,7 @@ class ClusTRTrainer:
         self.kmeans = KMeansSettings.for_dataset(cfg.dataset, cfg.K, cfg.kmeans_seed,
                                                  device if cfg.kmeans_device else None)
         self.clusters: Clusters | None = None
-        self.train_embeddings: torch.Tensor | None = None
-        self.extras = ExtraTerms(cfg.consistency_lambda, cfg.xent_lambda, cfg.mse_consistency,
-                                 cfg.actual_trades, cfg.amp,
-                                 pixel_std=normalization_for(cfg.dataset)[1],
-                                 adversary=Adversary(cfg.consistency_attack,
-                                                     cfg.consistency_steps))
+        self.extras = ExtraTerms(cfg)
         self.free = FreePerturbation() if cfg.minibatch_replays > 0 else None
         if self.free and (cfg.consistency_lambda > 0 or cfg.xent_lambda > 0):
             log.warning("--consistency-lambda/--xent-lambda have no effect with "
@@ -168,10 +163,8 @@ class ClusTRTrainer:
 
     # -- clusters ---------------------------------------------------------------------------
     def refresh_clusters(self) -> torch.Tensor:
-        """Embed the training set once, re-run k-means, hand the result to the sampler.
-
-        Returns the embeddings (N, 512) so the caller can reuse them for the metrics.
-        """
+        """Embed the training set once, re-run k-means, hand the result to the sampler;
+        returns the embeddings (N, 512), which the metrics reuse."""
         batch = self.cfg.embed_batch or default_embed_batch(self.device)
         emb = self.embed(self.train.images, batch, "embed train")
         self.clusters = self._fit_once(emb)
@@ -214,17 +207,12 @@ class ClusTRTrainer:
                            self.cfg.normalize)
 
     # -- one epoch --------------------------------------------------------------------------
-    def train_epoch(self, desc: str = "train", start_step: int = 0,
-                    totals: dict | None = None) -> dict:
-        """Magnet steps over one epoch; returns the mean of every loss term per optimiser step.
-
-        With free training each batch is replayed ``minibatch_replays`` times, one optimiser
-        step per replay, on the Magnet loss alone; delta starts the epoch at zero, and the
-        sampler records the losses of a no-grad forward of the updated network on x + the
-        final delta (``free_losses``). A resumed run starts at ``start_step`` with the
-        running ``totals`` of the steps done (and, with free training, the saved delta).
-        A batch ``keep_batch`` refuses (--as-original: a short one) is drawn, not trained on.
-        """
+    def train_epoch(self, start_step: int = 0, totals: dict | None = None) -> dict:
+        """Magnet steps over one epoch (free training: ``minibatch_replays`` optimiser steps
+        per batch, see ``utils/train/free_adversarial.py``); returns the mean of every loss
+        term per optimiser step. A resumed run starts at ``start_step`` with the running
+        ``totals`` of the steps done. A batch ``keep_batch`` refuses (--as-original: a short
+        one) is drawn, not trained on."""
         self.model.train()
         head = self.head().to(self.device)  # this epoch's clusters, for the extra terms
         replays = max(1, self.cfg.minibatch_replays)
@@ -233,7 +221,7 @@ class ClusTRTrainer:
         steps = self.steps_per_epoch()
         if self.free and start_step == 0:
             self.free.reset()  # the original sets delta to zero at every epoch's start
-        bar = progress(range(start_step, steps), desc=desc, leave=False)
+        bar = progress(range(start_step, steps), desc="train", leave=False)
         value = float("nan")
         for step in bar:
             indices, cluster_ids = self.sampler.sample(self.generator)
@@ -262,10 +250,9 @@ class ClusTRTrainer:
                                                   extras=not self.free)
             loss = sum(terms.values())
             loss.backward()
-            # the step's one wait for the device: after the backward is queued, before
-            # the update, so a non-finite loss never reaches the weights
-            # every process agrees: a non-finite loss on one ends all of them at once
-            # (one copy back: the loss, then the per-example losses the sampler needs)
+            # the step's one wait for the device (one copy back: the loss, then the
+            # per-example losses the sampler needs), before the update, so a non-finite
+            # loss never reaches the weights; on one process it ends all of them at once
             host = torch.cat([loss.detach().float()[None], per_example.detach().float()]).cpu()
             value, losses = float(host[0]), host[1:]
             finite = math.isfinite(value)
@@ -286,11 +273,9 @@ class ClusTRTrainer:
         return value
 
     def batch_images(self, indices: torch.Tensor) -> torch.Tensor:
-        """The augmented float batch (N, 3, H, W) on the device, channels_last.
-
-        The uint8 training set stays on the device (``device_images``), so a step copies
-        only the indices and the augmentation's draws, which come from the CPU generator in
-        the same order as ever: the batches are bit-identical to augmenting on the CPU."""
+        """The augmented float batch (N, 3, H, W) on the device, channels_last. The uint8
+        training set stays there, so a step copies only the indices and the augmentation's
+        draws (from the CPU generator): bit-identical to augmenting on the CPU."""
         stored = self.device_images()
         images = stored[indices.to(stored.device, non_blocking=True)]
         return to_device(augment(images, self.cfg.dataset, self.generator), self.device)
@@ -347,14 +332,13 @@ class ClusTRTrainer:
         return terms, per_example
 
     def run_epoch(self, start_step: int = 0, totals: dict | None = None) -> EpochMetrics:
-        components = self.train_epoch(start_step=start_step, totals=totals)
+        components = self.train_epoch(start_step, totals)
         return EpochMetrics(*self.epoch_end(self.last_step_trained), components)
 
     def eval_passes(self, refresh: bool = True) -> tuple[float, float, float, float]:
-        """After the steps: the cluster refresh and the metrics from one eval-mode pass
-        over the un-augmented training set, and one over the test set. Returns (train loss,
-        train accuracy, test loss, test accuracy); every batch was trained on, so
-        ``refresh`` is always true here."""
+        """After the steps (every batch trained on, so always ``refresh``): the cluster
+        refresh and the metrics from one eval-mode pass over the un-augmented training set,
+        and one over the test set: (train loss, train accuracy, test loss, test accuracy)."""
         train_emb = self.refresh_clusters()
         train_loss, train_acc = self.metrics(train_emb, self.train.labels)
         test_emb = self.embed(self.test.images, self.cfg.test_batch, "embed test")
@@ -366,10 +350,8 @@ class ClusTRTrainer:
         """What a resumed run needs besides the network and the optimiser: the clusters, the
         sampler's per-example losses and the generator of batches and augmentation. Tensors
         and plain types only, so it loads with ``weights_only=True``."""
-        c = self.clusters
         state = {"generator": self._generator_state(), "sampler": self.sampler.state_dict(),
-                 "clusters": {"centers": c.centers, "classes": c.classes,
-                              "assignments": c.assignments, "variance": c.variance}}
+                 "clusters": dict(vars(self.clusters))}
         if self.free is not None and self.free.delta is not None:
             # carried across batches; each process has its own: (world, B, 3, H, W) under
             # torchrun, restored per rank
