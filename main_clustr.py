@@ -54,12 +54,6 @@ from utils.train_setting import ignored_arguments, params_line, parse_args, run_
 log = logging.getLogger("clustr")
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def load_data(args):
     train = load_dataset(args.dataset, args.data_root, "train", workers=args.workers)
     test = load_dataset(args.dataset, args.data_root, "test", workers=args.workers)
@@ -122,7 +116,7 @@ def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = No
     with preemption.immediate():  # loading and first clustering: a signal stops at once
         state, start = build_run(args, out, device, dist)
     epoch_log, metrics_csv = open_outputs(args, out, state, start, dist)
-    extra = {"args": {k: v for k, v in vars(args).items()}, "dataset": args.dataset,
+    extra = {"args": run_arguments(args), "dataset": args.dataset,
              "classes": list(state.trainer.train.classes)}
     ckpt_path = out.file(files.CHECKPOINT)
     log_batches(args, state.trainer, dist)
@@ -175,7 +169,7 @@ def record_arguments(args, out: ExperimentDir) -> None:
     args.json."""
     run_log.attach(out.path)
     write_text_atomic(out.file(files.PARAMS), params_line(args) + "\n")
-    run_log.write_args_json(out.path, args)
+    run_log.write_args_json(out.path, run_arguments(args))
 
 
 def log_batches(args, trainer: ClusTRTrainer, dist: Dist) -> None:
@@ -203,13 +197,14 @@ def save_checkpoint(state: RunState, epoch: int, test_acc: float, extra: dict,
 
 
 def stop_or_save(state: RunState, every: int, epoch: int, dist: Dist):
-    """The trainer's ``after_step``: the periodic resume save (``--checkpoint-every``) and,
-    when a signal asked to stop, a save of this step's position and the stop."""
-    save, steps = state.step_saver(every, epoch), state.trainer.steps_per_epoch()
+    """The trainer's ``after_step``: the resume save every ``every`` steps of epoch ``epoch``
+    (``--checkpoint-every``; its last step is saved after the epoch) and, when a signal
+    asked to stop, a save of this step's position and the stop."""
+    steps = state.trainer.steps_per_epoch()
 
     def after_step(done: int, totals) -> None:  # totals(): the running sums (a collective)
-        if save is not None:
-            save(done, totals)
+        if every > 0 and done % every == 0 and done < steps:
+            state.save(Position(epoch - 1, done, totals()))
         preemption.point(f"train-step-{epoch}-{done}", dist.rank)
         if done < steps and preemption.should_stop(dist):  # the last step: after the epoch
             state.save(Position(epoch - 1, done, totals()))
@@ -250,7 +245,9 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
     set_quiet(args.quiet or not dist.is_main)
     for warning in ignored_arguments(args):
         log.warning(warning)
-    seed_everything(args.seed)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
     out = ExperimentDir(args.checkpoint)
     evaluate_only = args.evaluate_ckpt is not None
     out.check(evaluate_only, args.resume, args.overwrite)  # before anything is read or written
