@@ -72,15 +72,14 @@ def check_strong_subset(args, test) -> None:
         balanced_subset(test, args.strong_subset, args.seed, flag="--strong-subset")
 
 
-def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist | None = None):
+def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist):
     """Data, network, optimiser, scheduler and trainer, every input checked; restored from
     ``resume.pth`` with ``--resume``. Nothing is written here."""
     train_set, test_set = load_data(args)
     check_class_sizes(train_set.labels, train_set.classes, args.k)
     log.info("data: %s, %d training and %d test images, %d classes", args.dataset,
              len(train_set), len(test_set), train_set.num_classes)
-    mean, std = normalization_for(args.dataset)
-    model = ResNet18(train_set.num_classes, mean, std)
+    model = ResNet18(train_set.num_classes, *normalization_for(args.dataset))
     run_args = run_arguments(args)
     resume = read_resume(out.file(files.RESUME), run_args, args.epochs) if args.resume else None
     if resume is not None and resume["epoch"] >= args.epochs:  # its evaluation goes on
@@ -109,10 +108,9 @@ def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist | None 
     return state, Position()
 
 
-def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = None) -> str:
+def train(args, out: ExperimentDir, device: torch.device, dist: Dist) -> str:
     """Train ClusTR, or continue an interrupted run, and return the last checkpoint's path.
     Under torchrun every process trains; only the main one writes."""
-    dist = dist or Dist.single()
     with preemption.immediate():  # loading and first clustering: a signal stops at once
         state, start = build_run(args, out, device, dist)
     epoch_log, metrics_csv = open_outputs(args, out, state, start, dist)

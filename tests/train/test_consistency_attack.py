@@ -13,7 +13,6 @@ from tests.train.test_variants import a_batch, make_trainer
 from utils.train.consistency import (
     PGD_STEP,
     QTRADES_STEP,
-    Adversary,
     class_probabilities,
 )
 from utils.train.consistency import RADIUS as EPS
@@ -137,9 +136,9 @@ def test_bad_adversary_values_are_refused():
     from utils.train_setting import parse_args
 
     with pytest.raises(UsageError, match="--consistency-attack"):
-        Adversary("cross-entropy")
+        make_trainer(consistency_attack="cross-entropy")
     with pytest.raises(UsageError, match="--consistency-steps 0"):
-        Adversary("paper", 0)
+        make_trainer(consistency_steps=0)
     with pytest.raises(UsageError, match="--mse-consistency"):
         make_trainer(consistency_lambda=1.0, consistency_attack="logit", mse_consistency=True)
     base = ["--checkpoint", "x"]

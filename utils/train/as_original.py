@@ -1,7 +1,8 @@
 """``--as-original``: train exactly as the original code did, to measure what our rules change.
 
-Each section below restores one row of docs/differences.md (its header names the row);
-``adopt`` hands them to a trainer once, in place of the project's own. Random streams are
+Each section below restores one row of docs/differences.md (its header, or for a one-line
+rule a comment in ``adopt``, names the row); ``adopt`` hands them to a trainer once, in place
+of the project's own. Random streams are
 this project's (one seeded generator), not the original's numpy and torch global ones.
 """
 from __future__ import annotations
@@ -35,9 +36,11 @@ def adopt(trainer) -> None:
     trainer.sampler = OriginalWeightSampler(old.labels, old.num_classes, cfg.K, cfg.m, cfg.d)
     if trainer.free is not None:
         trainer.free = UnclippedFreePerturbation()
+    # row "QTRADES / --actual-trades adversary": its leaky loop; the clean side keeps its graph
     trainer.extras.maximise = leaky_train_mode_maximise(summed=cfg.actual_trades)
-    trainer.extras.clean_side = undetached
-    trainer.keep_batch = skip_short_batch(cfg.m * cfg.d)
+    trainer.extras.clean_side = lambda t: t
+    # row "short batches": the DataLoader's drop_last trains only batches of all m*d rows
+    trainer.keep_batch = lambda n: n == cfg.m * cfg.d
     passes = OriginalPasses(trainer)
     trainer.first_clusters, trainer.epoch_end = passes.first_clusters, passes.epoch_end
 
@@ -75,11 +78,6 @@ class OriginalPasses:
             t.model.train(was_training)
         return torch.cat(out)[order.argsort()]  # back to the data set's order
 
-    def _refresh(self, emb: torch.Tensor) -> None:
-        t = self.t
-        t.clusters = t._fit_once(emb)
-        t.sampler.update_clusters(t.clusters.assignments, t.clusters.centers)
-
     def _variance_and_loss(self) -> float:
         """sigma^2 from a train-mode pass over the augmented training set (the original's
         ``compute_real_losses(..., compute_variance=True)``), and that pass's loss."""
@@ -97,14 +95,14 @@ class OriginalPasses:
 
     def first_clusters(self) -> None:
         """Before training: k-means on a train-mode pass, sigma^2 from another."""
-        self._refresh(self._embed(self.t.train, train_mode=True, augmented=True))
+        self.t.refresh_clusters(self._embed(self.t.train, train_mode=True, augmented=True))
         self._variance_and_loss()
 
     def epoch_end(self, refresh: bool) -> tuple[float, float, float, float]:
         """(train loss, train accuracy, test loss, test accuracy) as the original's log."""
         t = self.t
         if refresh:  # inside the last step, in eval mode, on augmented images
-            self._refresh(self._embed(t.train, train_mode=False, augmented=True))
+            t.refresh_clusters(self._embed(t.train, train_mode=False, augmented=True))
         train_loss = self._variance_and_loss()
         test_loss = self._loss(self._embed(t.test, True, False), t.test.labels)
         head = t.head()
@@ -153,17 +151,6 @@ def leaky_train_mode_maximise(summed: bool):
         return (x + delta).detach()
 
     return maximise
-
-
-def undetached(t: torch.Tensor) -> torch.Tensor:
-    """The clean side of the consistency term, with its graph (the original's)."""
-    return t
-
-
-# -- row "short batches" ----------------------------------------------------------------------
-def skip_short_batch(full: int):
-    """The DataLoader's ``drop_last``: train a batch only when it holds all ``full`` rows."""
-    return lambda n: n == full
 
 
 # -- rows "weights kept across a refresh" and "weight 0" -------------------------------------

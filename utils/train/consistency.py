@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -59,27 +58,17 @@ def kl_divergence(target: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return (target * (log_target - scores.log_softmax(1))).sum(1)
 
 
-@dataclass(frozen=True)
-class Adversary:
-    """What the QTRADES adversary attacks (``attack`` in ATTACKS) and its number of steps."""
-
-    attack: str = "paper"
-    steps: int = 1
-
-    def __post_init__(self):
-        if self.attack not in ATTACKS:
-            raise UsageError(f"--consistency-attack {self.attack!r}: choose from "
-                             f"{', '.join(ATTACKS)}")
-        if self.steps < 1:
-            raise UsageError(f"--consistency-steps {self.steps}: must be at least 1")
-
-
-def adversary_conflict(adversary: Adversary, mse: bool, actual_trades: bool) -> str | None:
-    """Why ``adversary`` cannot combine with the other consistency flags, or None."""
-    if adversary.attack == "logit" and mse:
+def adversary_error(attack: str, steps: int, mse: bool, actual_trades: bool) -> str | None:
+    """Why the QTRADES adversary's ``attack`` (in ATTACKS) and ``steps`` are refused, alone or
+    with the other consistency flags; None where they are not."""
+    if attack not in ATTACKS:
+        return f"--consistency-attack {attack!r}: choose from {', '.join(ATTACKS)}"
+    if steps < 1:
+        return f"--consistency-steps {steps}: must be at least 1"
+    if attack == "logit" and mse:
         return ("--consistency-attack logit attacks the class probabilities: it does not "
                 "combine with --mse-consistency")
-    if adversary.steps != 1 and actual_trades:
+    if steps != 1 and actual_trades:
         return ("--consistency-steps sets the QTRADES adversary's steps: --actual-trades "
                 "keeps the original's 10 steps of 0.03 normalised units")
     return None
@@ -117,11 +106,10 @@ class ExtraTerms:
         self.trades_step = TRADES_STEP * pixel_std.view(1, -1, 1, 1)
         # the adversary's loop and the clean side's target (--as-original replaces both)
         self.maximise, self.clean_side = maximise, torch.Tensor.detach
-        adversary = Adversary(cfg.consistency_attack, cfg.consistency_steps)
-        self.logit, self.steps = adversary.attack == "logit", adversary.steps
-        conflict = adversary_conflict(adversary, self.mse, self.actual_trades)
-        if conflict:
-            raise UsageError(conflict)
+        self.logit, self.steps = cfg.consistency_attack == "logit", cfg.consistency_steps
+        error = adversary_error(cfg.consistency_attack, self.steps, self.mse, self.actual_trades)
+        if error:
+            raise UsageError(error)
         if (self.mse or self.actual_trades) and self.consistency_lambda == 0:
             log.warning("--mse-consistency/--actual-trades have no effect without "
                         "--consistency-lambda > 0")

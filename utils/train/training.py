@@ -2,10 +2,9 @@
 
 One epoch = ``steps_per_epoch`` Magnet batches, then ONE no-grad, eval-mode embedding pass
 over the un-augmented training set whose embeddings serve the k-means refresh, sigma^2, the
-reported training loss and the training accuracy; then one pass over the test set.
-The variants' extra terms live in ``utils/train/consistency.py``, the "free" replays' perturbation
-in ``utils/train/free_adversarial.py``, the original's rules (``--as-original``) in
-``utils/train/as_original.py``.
+reported training loss and the training accuracy; then one pass over the test set. The
+variants live in ``consistency.py`` and ``free_adversarial.py``, the original's rules
+(``--as-original``) in ``as_original.py``.
 """
 from __future__ import annotations
 
@@ -35,9 +34,7 @@ BAR_EVERY = 10  # steps between progress-bar loss updates
 log = logging.getLogger("clustr")
 
 
-# Fields declared with resume_field change what is trained: a training run continued with
-# --resume must repeat them (``utils.train.resume``, with the evaluation's); the others may
-# change.
+# Fields declared with resume_field change what is trained: --resume must repeat them.
 @dataclass
 class TrainConfig:
     """What is trained, and how: the data, the Magnet batches and loss, the optimiser, the
@@ -86,11 +83,8 @@ class EpochMetrics:
 
 class ClusTRTrainer:
     """Owns the network, the optimiser, the clusters and the sampler of one training run.
-
-    Under torchrun (``dist`` of several processes) every process holds the same clusters and
-    sampler state; the training forward/backward goes through DistributedDataParallel, while
-    the embedding passes and the adversaries use the plain module.
-    """
+    Under torchrun every process holds the same clusters and sampler state; the training
+    steps go through DistributedDataParallel, the embedding passes and adversaries do not."""
 
     def __init__(self, model: ResNet18, optimizer: torch.optim.Optimizer, train: ImageData,
                  test: ImageData, cfg: TrainConfig, device: torch.device,
@@ -100,8 +94,7 @@ class ClusTRTrainer:
         self.dist = dist or Dist.single()
         self.num_classes = train.num_classes
         self.sampler = MagnetSampler(train.labels, self.num_classes, cfg.K, cfg.m, cfg.d)
-        # each process draws its own batches and augmentations; rank 0's stream is the
-        # single-process one
+        # each process its own batches and augmentations; rank 0's are a single process's
         self.generator = torch.Generator().manual_seed(rank_seed(cfg.seed, self.dist.rank))
         self.train_model = self._wrap_ddp(model)
         self.kmeans = KMeansSettings.for_dataset(cfg.dataset, cfg.K, cfg.kmeans_seed,
@@ -113,9 +106,7 @@ class ClusTRTrainer:
             log.warning("--consistency-lambda/--xent-lambda have no effect with "
                         "--minibatch-replays: free training uses the Magnet loss alone, as "
                         "the original")
-        # after_step(steps_done, totals) runs after every step (periodic resume saves);
-        # totals() gives the running sums of the loss terms
-        self.after_step = None
+        self.after_step = None  # after_step(steps done, totals()) after every step
         self._images: torch.Tensor | None = None  # the training set on the device
         # the rules where the original differs (docs/differences.md): the project's own,
         # or with --as-original the original's, chosen here once
@@ -162,11 +153,12 @@ class ClusTRTrainer:
                              f"({self.num_classes} classes x --k {self.cfg.K})")
 
     # -- clusters ---------------------------------------------------------------------------
-    def refresh_clusters(self) -> torch.Tensor:
-        """Embed the training set once, re-run k-means, hand the result to the sampler;
-        returns the embeddings (N, 512), which the metrics reuse."""
-        batch = self.cfg.embed_batch or default_embed_batch(self.device)
-        emb = self.embed(self.train.images, batch, "embed train")
+    def refresh_clusters(self, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """k-means on the training embeddings ``emb`` (N, 512), by default one pass over the
+        training set, handed to the sampler; returns the embeddings, which the metrics reuse."""
+        if emb is None:
+            batch = self.cfg.embed_batch or default_embed_batch(self.device)
+            emb = self.embed(self.train.images, batch, "embed train")
         self.clusters = self._fit_once(emb)
         self.sampler.update_clusters(self.clusters.assignments, self.clusters.centers)
         return emb
@@ -193,13 +185,11 @@ class ClusTRTrainer:
             raise UsageError("k-means failed on the main process (see its message)")
         if not self.dist.enabled:
             return fit
-        n_clusters, n = self.num_classes * self.cfg.K, len(self.train)
-        empty = Clusters(torch.zeros(n_clusters, emb.shape[1]),
-                         torch.zeros(n_clusters, dtype=torch.long),
-                         torch.zeros(n, dtype=torch.long), torch.zeros(n_clusters))
-        fit = fit or empty
-        return Clusters(*(self.dist.broadcast(t) for t in (fit.centers, fit.classes,
-                                                            fit.assignments, fit.variance)))
+        n_clusters = self.num_classes * self.cfg.K  # the other processes receive into zeros
+        fit = fit or Clusters(torch.zeros(n_clusters, emb.shape[1]),
+                              torch.zeros(n_clusters, dtype=torch.long),
+                              torch.zeros(len(emb), dtype=torch.long), torch.zeros(n_clusters))
+        return Clusters(*(self.dist.broadcast(t) for t in vars(fit).values()))
 
     def head(self) -> ClusterHead:
         c = self.clusters
@@ -281,23 +271,20 @@ class ClusTRTrainer:
         return to_device(augment(images, self.cfg.dataset, self.generator), self.device)
 
     def device_images(self) -> torch.Tensor:
-        """The uint8 training images on the device (a copy made once; the CPU tensor itself
-        on a CPU)."""
+        """The uint8 training images on the device (copied once; on a CPU, the tensor itself)."""
         if self._images is None or self._images.device != self.device:
             self._images = self.train.images.to(self.device)
         return self._images
 
     def _totals(self, resumed: dict[str, float], sums: dict[str, torch.Tensor]
                 ) -> dict[str, float]:
-        """The running sums of the loss terms over this epoch's steps: those of the steps
-        done before a resume, plus this process's, averaged over the processes (one
-        gather, not one per step)."""
-        names = list(sums)
+        """The running sums of the loss terms over this epoch's steps: those done before a
+        resume, plus this process's, averaged over the processes (one gather)."""
+        names, out = list(sums), dict(resumed)
         if not names:
-            return dict(resumed)
+            return out
         local = torch.stack([sums[n] for n in names]).cpu()[None]  # (1, T) float64
         means = self.dist.gather_cat(local).mean(0) if self.dist.enabled else local[0]
-        out = dict(resumed)
         for name, m in zip(names, means.tolist()):
             out[name] = out.get(name, 0.0) + m
         return out
@@ -305,11 +292,9 @@ class ClusTRTrainer:
     @torch.no_grad()
     def free_losses(self, x: torch.Tensor, cluster_ids: torch.Tensor,
                     classes: torch.Tensor) -> torch.Tensor:
-        """Per-example Magnet losses (N,) of the updated network on x + the final delta.
-
-        As the original's extra forward after the replays: training mode (batch statistics;
-        BatchNorm's running statistics take this forward too), no gradient.
-        """
+        """Per-example Magnet losses (N,) of the updated network on x + the final delta: the
+        original's extra no-grad forward after the replays, in training mode (BatchNorm's
+        running statistics take it too)."""
         with autocast(self.device, self.cfg.amp):
             emb = self.model(self.free.current(x)).float()
         return magnet_loss(emb, cluster_ids, classes, self.cfg.alpha)[0]
@@ -317,10 +302,9 @@ class ClusTRTrainer:
     def batch_terms(self, x: torch.Tensor, cluster_ids: torch.Tensor, classes: torch.Tensor,
                     head: ClusterHead, extras: bool = True
                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """{'magnet', and the enabled 'consistency'/'xent'} of a batch, and the per-example
-        Magnet losses (N,). Their sum is the training loss; plain ClusTR has 'magnet' alone,
-        and so has a free replay (``extras=False``).
-        """
+        """{'magnet', and the enabled 'consistency'/'xent'} of a batch (their sum is the
+        training loss; a free replay, ``extras=False``, has 'magnet' alone), and the
+        per-example Magnet losses (N,)."""
         with autocast(self.device, self.cfg.amp):
             emb = self.train_model(x).float()  # (N, 512)
         per_example, _ = magnet_loss(emb, cluster_ids, classes, self.cfg.alpha)
@@ -347,14 +331,12 @@ class ClusTRTrainer:
 
     # -- resume -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """What a resumed run needs besides the network and the optimiser: the clusters, the
-        sampler's per-example losses and the generator of batches and augmentation. Tensors
-        and plain types only, so it loads with ``weights_only=True``."""
+        """What a resumed run needs besides the network and the optimiser (tensors and plain
+        types): the clusters, the sampler's losses, the batch and augmentation generator."""
         state = {"generator": self._generator_state(), "sampler": self.sampler.state_dict(),
                  "clusters": dict(vars(self.clusters))}
         if self.free is not None and self.free.delta is not None:
-            # carried across batches; each process has its own: (world, B, 3, H, W) under
-            # torchrun, restored per rank
+            # carried across batches; each process has its own, restored per rank
             state["free_delta"] = per_rank(self.dist, self.free.delta.detach().cpu())
         return state
 
@@ -372,9 +354,6 @@ class ClusTRTrainer:
         return self.dist.gather_cat(own[None]) if self.dist.enabled else own
 
     def _set_generator_state(self, saved: torch.Tensor) -> None:
-        if saved.dim() == 1 and not self.dist.enabled:
-            self.generator.set_state(saved)
-            return
         world = 1 if saved.dim() == 1 else len(saved)
         if world != self.dist.world_size:
             raise UsageError(f"the run was interrupted with {world} process(es) and continues "
