@@ -49,12 +49,6 @@ from utils.train_setting import ignored_arguments, params_line, parse_args, run_
 log = logging.getLogger("clustr")
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def load_data(args):
     train = load_dataset(args.dataset, args.data_root, "train", workers=args.workers)
     test = load_dataset(args.dataset, args.data_root, "test", workers=args.workers)
@@ -73,15 +67,14 @@ def check_strong_subset(args, test) -> None:
         balanced_subset(test, args.strong_subset, args.seed, flag="--strong-subset")
 
 
-def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist | None = None):
+def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist):
     """Data, network, optimiser, scheduler and trainer, every input checked; restored from
     ``resume.pth`` with ``--resume``. Nothing is written here."""
     train_set, test_set = load_data(args)
     check_class_sizes(train_set.labels, train_set.classes, args.k)
     log.info("data: %s, %d training and %d test images, %d classes", args.dataset,
              len(train_set), len(test_set), train_set.num_classes)
-    mean, std = normalization_for(args.dataset)
-    model = ResNet18(train_set.num_classes, mean, std)
+    model = ResNet18(train_set.num_classes, *normalization_for(args.dataset))
     run_args = run_arguments(args)
     resume = read_resume(out.file(files.RESUME), run_args, args.epochs) if args.resume else None
     if resume is not None and resume["epoch"] >= args.epochs:  # its evaluation goes on
@@ -110,14 +103,13 @@ def build_run(args, out: ExperimentDir, device: torch.device, dist: Dist | None 
     return state, Position()
 
 
-def train(args, out: ExperimentDir, device: torch.device, dist: Dist | None = None) -> str:
+def train(args, out: ExperimentDir, device: torch.device, dist: Dist) -> str:
     """Train ClusTR, or continue an interrupted run, and return the last checkpoint's path.
     Under torchrun every process trains; only the main one writes."""
-    dist = dist or Dist.single()
     with preemption.immediate():  # loading and first clustering: a signal stops at once
         state, start = build_run(args, out, device, dist)
     epoch_log, metrics_csv = open_outputs(args, out, state, start, dist)
-    extra = {"args": {k: v for k, v in vars(args).items()}, "dataset": args.dataset,
+    extra = {"args": run_arguments(args), "dataset": args.dataset,
              "classes": list(state.trainer.train.classes)}
     ckpt_path = out.file(files.CHECKPOINT)
     log_batches(args, state.trainer, dist)
@@ -170,7 +162,7 @@ def record_arguments(args, out: ExperimentDir) -> None:
     args.json."""
     run_log.attach(out.path)
     write_text_atomic(out.file(files.PARAMS), params_line(args) + "\n")
-    run_log.write_args_json(out.path, args)
+    run_log.write_args_json(out.path, run_arguments(args))
 
 
 def log_batches(args, trainer: ClusTRTrainer, dist: Dist) -> None:
@@ -198,13 +190,14 @@ def save_checkpoint(state: RunState, epoch: int, test_acc: float, extra: dict,
 
 
 def stop_or_save(state: RunState, every: int, epoch: int, dist: Dist):
-    """The trainer's ``after_step``: the periodic resume save (``--checkpoint-every``) and,
-    when a signal asked to stop, a save of this step's position and the stop."""
-    save, steps = state.step_saver(every, epoch), state.trainer.steps_per_epoch()
+    """The trainer's ``after_step``: the resume save every ``every`` steps of epoch ``epoch``
+    (``--checkpoint-every``; its last step is saved after the epoch) and, when a signal
+    asked to stop, a save of this step's position and the stop."""
+    steps = state.trainer.steps_per_epoch()
 
     def after_step(done: int, totals) -> None:  # totals(): the running sums (a collective)
-        if save is not None:
-            save(done, totals)
+        if every > 0 and done % every == 0 and done < steps:
+            state.save(Position(epoch - 1, done, totals()))
         preemption.point(f"train-step-{epoch}-{done}", dist.rank)
         if done < steps and preemption.should_stop(dist):  # the last step: after the epoch
             state.save(Position(epoch - 1, done, totals()))
@@ -245,7 +238,9 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
     set_quiet(args.quiet or not dist.is_main)
     for warning in ignored_arguments(args):
         log.warning(warning)
-    seed_everything(args.seed)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
     out = ExperimentDir(args.checkpoint)
     evaluate_only = args.evaluate_ckpt is not None
     out.check(evaluate_only, args.resume, args.overwrite)  # before anything is read or written

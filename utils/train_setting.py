@@ -10,9 +10,7 @@ from base.cli import ArgParser, nonneg_float, nonneg_int, pos_float, pos_int, se
 from datasets.data import DATASETS
 from utils.attacks import autoattack_backend
 from utils.outputs import files
-from utils.train.consistency import ATTACKS, Adversary, adversary_conflict
-
-ARCHS = ("resnet18",)
+from utils.train.consistency import ATTACKS, adversary_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dataset", default="cifar10", choices=DATASETS, help="data set")
     o.add_argument("--checkpoint", required=True, help="experiment directory for the results")
     o.add_argument("--seed", type=seed_int, default=111, help="manual seed")
-    o.add_argument("--arch", default="resnet18", choices=ARCHS,
+    o.add_argument("--arch", default="resnet18", choices=("resnet18",),
                    help="ignored, accepted so that the original's commands run: the network "
                         "is the CIFAR ResNet18")
     o.add_argument("--evaluate-ckpt", default=None, metavar="PATH",
@@ -162,10 +160,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.as_original and args.evaluate_ckpt is not None:
         parser.error("--as-original changes how a model is trained, not how it is evaluated: "
                      "drop it with --evaluate-ckpt")
-    conflict = adversary_conflict(Adversary(args.consistency_attack, args.consistency_steps),
-                                  args.mse_consistency, args.actual_trades)
-    if conflict:
-        parser.error(conflict)
+    error = adversary_error(args.consistency_attack, args.consistency_steps,
+                            args.mse_consistency, args.actual_trades)
+    if error:
+        parser.error(error)
     # the strong evaluation: refused now, before any training, if it could not run
     if args.autoattack and not autoattack_backend.available():
         parser.error(autoattack_backend.HINT)
@@ -188,9 +186,10 @@ def ignored_arguments(args: argparse.Namespace) -> list[str]:
 
 
 def run_arguments(args: argparse.Namespace) -> dict:
-    """The arguments as plain types (lists for tuples): what ``resume.pth`` and the
-    checkpoint record, loadable with ``weights_only=True``."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+    """The arguments as a plain dict of JSON types (argparse makes lists, never tuples): what
+    ``resume.pth``, the checkpoint and ``args.json`` record, loadable with
+    ``weights_only=True``."""
+    return dict(vars(args))
 
 
 def params_line(args: argparse.Namespace) -> str:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from models.resnet import ResNet18
-from utils.train.consistency import EPS
+from utils.train.consistency import RADIUS as EPS
 from utils.train.pretrain import PretrainConfig, adversarial_batch, main, make_optimizer
 
 

@@ -21,7 +21,7 @@ from tests.test_cli import run_cli
 from tests.train.test_variants import CPU, a_batch, make_trainer
 from utils.train import as_original
 from utils.train.clustering import KMeansSettings, fit_clusters
-from utils.train.consistency import EPS
+from utils.train.consistency import RADIUS as EPS
 from utils.train.embeddings import compute_embeddings
 from utils.train.magnet_loss import magnet_loss, magnet_loss_full
 
@@ -173,8 +173,8 @@ def test_the_clean_side_keeps_its_graph_only_as_the_original():
 
 # -- short batches: skipped ---------------------------------------------------------------------
 def test_a_short_batch_is_skipped_as_drop_last_does():
-    full = 12
-    keep = as_original.skip_short_batch(full)
+    full = 12  # m x d
+    keep = make_trainer(as_original=True).keep_batch
     for n in (5, 11, 12):  # the original: DataLoader(batch_size=m*d, drop_last=True)
         batches = list(DataLoader(list(range(n)), batch_size=full, drop_last=True))
         assert keep(n) == (len(batches) == 1)

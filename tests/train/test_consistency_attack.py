@@ -11,12 +11,11 @@ import torch
 from base.errors import UsageError
 from tests.train.test_variants import a_batch, make_trainer
 from utils.train.consistency import (
-    EPS,
     PGD_STEP,
     QTRADES_STEP,
-    Adversary,
     class_probabilities,
 )
+from utils.train.consistency import RADIUS as EPS
 
 
 def plain_logits(head, emb: torch.Tensor) -> torch.Tensor:
@@ -137,9 +136,9 @@ def test_bad_adversary_values_are_refused():
     from utils.train_setting import parse_args
 
     with pytest.raises(UsageError, match="--consistency-attack"):
-        Adversary("cross-entropy")
+        make_trainer(consistency_attack="cross-entropy")
     with pytest.raises(UsageError, match="--consistency-steps 0"):
-        Adversary("paper", 0)
+        make_trainer(consistency_steps=0)
     with pytest.raises(UsageError, match="--mse-consistency"):
         make_trainer(consistency_lambda=1.0, consistency_attack="logit", mse_consistency=True)
     base = ["--checkpoint", "x"]
@@ -176,11 +175,11 @@ def test_the_flags_are_recorded_with_the_run(tmp_path):
     import json
 
     from utils.outputs.run_log import write_args_json
-    from utils.train_setting import params_line, parse_args
+    from utils.train_setting import params_line, parse_args, run_arguments
 
     args = parse_args(["--checkpoint", "x", "--consistency-lambda", "2",
                        "--consistency-attack", "logit", "--consistency-steps", "2"])
     assert "consistency_attack: logit | consistency_steps: 2" in params_line(args)
-    write_args_json(str(tmp_path), args)
+    write_args_json(str(tmp_path), run_arguments(args))
     saved = json.loads((tmp_path / "args.json").read_text())
     assert saved["consistency_attack"] == "logit" and saved["consistency_steps"] == 2

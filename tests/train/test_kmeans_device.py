@@ -73,17 +73,17 @@ def test_inertia_within_one_percent_on_the_shared_embeddings(real_subset, real_w
 
 
 def test_the_trainer_fits_on_the_device_only_when_asked(monkeypatch):
-    import utils.train.clustering as clustering
+    import utils.train.kmeans_device as kmeans_device
     from tests.train.test_variants import make_trainer
 
     calls = []
-    real = clustering.kmeans_on
+    real = kmeans_device.kmeans
 
-    def counting(device, x, *args):
-        calls.append(device)
-        return real(device, x, *args)
+    def counting(x, *args):
+        calls.append(x.device)
+        return real(x, *args)
 
-    monkeypatch.setattr(clustering, "kmeans_on", counting)
+    monkeypatch.setattr(kmeans_device, "kmeans", counting)
     make_trainer()
     assert calls == []
     trainer = make_trainer(kmeans_device=True)

@@ -14,8 +14,8 @@ import torch
 from datasets.data import ImageData
 from models.resnet import CIFAR_MEAN, CIFAR_STD
 from utils.train.clustering import KMeansSettings, fit_clusters
+from utils.train.consistency import RADIUS as EPS
 from utils.train.consistency import (
-    EPS,
     TRADES_STEP,
     TRADES_STEPS,
     ExtraTerms,
@@ -216,7 +216,8 @@ def test_class_probabilities_are_the_normalised_paper_scores():
 
 
 def test_extra_terms_empty_when_disabled():
-    assert ExtraTerms().terms(None, None, None, None, None, None) == {}
+    terms = ExtraTerms(TrainConfig(dataset="cifar10")).terms(None, None, None, None, None, None)
+    assert terms == {}
 
 
 # -- free adversarial training ------------------------------------------------------------------

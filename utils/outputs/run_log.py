@@ -74,7 +74,7 @@ def attach(folder: str) -> None:
             h.attach(os.path.join(folder, files.RUN_LOG))
 
 
-def write_args_json(folder: str, args) -> None:
-    values = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+def write_args_json(folder: str, values: dict) -> None:
+    """``args.json``: the run's arguments as plain JSON types (flag name without dashes)."""
     write_text_atomic(os.path.join(folder, files.ARGS_JSON),
                       json.dumps(values, indent=2, sort_keys=False) + "\n")

@@ -1,7 +1,8 @@
 """``--as-original``: train exactly as the original code did, to measure what our rules change.
 
-Each section below restores one row of docs/differences.md (its header names the row);
-``adopt`` hands them to a trainer once, in place of the project's own. Random streams are
+Each section below restores one row of docs/differences.md (its header, or for a one-line
+rule a comment in ``adopt``, names the row); ``adopt`` hands them to a trainer once, in place
+of the project's own. Random streams are
 this project's (one seeded generator), not the original's numpy and torch global ones.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from datasets.magnet_sampler import MagnetSampler
 from models.cluster_head import squared_distances
 from utils.attacks.pgd import project_linf
 from utils.train.clustering import nearest_own_cluster, variance_of
+from utils.train.consistency import RADIUS
 from utils.train.free_adversarial import FreePerturbation
 from utils.train.magnet_loss import EPS as LOSS_EPS
 
@@ -34,35 +36,16 @@ def adopt(trainer) -> None:
     trainer.sampler = OriginalWeightSampler(old.labels, old.num_classes, cfg.K, cfg.m, cfg.d)
     if trainer.free is not None:
         trainer.free = UnclippedFreePerturbation()
+    # row "QTRADES / --actual-trades adversary": its leaky loop; the clean side keeps its graph
     trainer.extras.maximise = leaky_train_mode_maximise(summed=cfg.actual_trades)
-    trainer.extras.clean_side = undetached
-    trainer.keep_batch = skip_short_batch(cfg.m * cfg.d)
+    trainer.extras.clean_side = lambda t: t
+    # row "short batches": the DataLoader's drop_last trains only batches of all m*d rows
+    trainer.keep_batch = lambda n: n == cfg.m * cfg.d
     passes = OriginalPasses(trainer)
     trainer.first_clusters, trainer.epoch_end = passes.first_clusters, passes.epoch_end
 
 
 # -- row "passes in train mode" ---------------------------------------------------------------
-@torch.no_grad()
-def embed_as_original(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
-                      train_mode: bool, generator: torch.Generator | None = None,
-                      dataset: str = "cifar10") -> torch.Tensor:
-    """Embeddings (N, 512) on the CPU, in order, in batches of ceil(N/400), with the model in
-    train mode (batch statistics; BatchNorm's running statistics move) or eval mode; the
-    images augmented when a ``generator`` is given (the original's training transform)."""
-    batch = max(1, math.ceil(len(images) / EMBED_CHUNKS))
-    was_training, out = model.training, []
-    model.train(train_mode)
-    try:
-        for start in range(0, len(images), batch):
-            x = images[start:start + batch]
-            if generator is not None:
-                x = augment(x, dataset, generator)
-            out.append(model(to_device(x, device)).float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out)
-
-
 class OriginalPasses:
     """The original's passes over the data sets, around the Magnet steps of one trainer: the
     first k-means and sigma^2 passes in train mode; after each epoch's last step the k-means
@@ -73,22 +56,27 @@ class OriginalPasses:
     def __init__(self, trainer):
         self.t = trainer
 
+    @torch.no_grad()
     def _embed(self, data, train_mode: bool, augmented: bool) -> torch.Tensor:
-        """Embeddings (N, 512) in the data set's order, computed in the order its files were
-        stored in (``stored_rank``): the original reads CIFAR-10 in its official order, in
-        which a train-mode batch mixes classes, and the shared image folder's file names
-        keep that order (batch and row)."""
+        """Embeddings (N, 512) on the CPU in the data set's order, computed in batches of
+        ceil(N/400) in the order its files were stored in (``stored_rank``): the original
+        reads CIFAR-10 in its official order, in which a train-mode batch mixes classes, and
+        the shared image folder's file names keep that order (batch and row)."""
         t = self.t
-        gen = t.generator if augmented else None
         order = data.stored_rank.argsort()
-        emb = embed_as_original(t.model, data.images[order], t.device, train_mode, gen,
-                                t.cfg.dataset)
-        return emb[order.argsort()]  # back to the data set's order
-
-    def _refresh(self, emb: torch.Tensor) -> None:
-        t = self.t
-        t.clusters = t._fit_once(emb)
-        t.sampler.update_clusters(t.clusters.assignments, t.clusters.centers)
+        images = data.images[order]
+        batch = max(1, math.ceil(len(images) / EMBED_CHUNKS))
+        was_training, out = t.model.training, []
+        t.model.train(train_mode)
+        try:
+            for start in range(0, len(images), batch):
+                x = images[start:start + batch]
+                if augmented:  # the original's training transform
+                    x = augment(x, t.cfg.dataset, t.generator)
+                out.append(t.model(to_device(x, t.device)).float().cpu())
+        finally:
+            t.model.train(was_training)
+        return torch.cat(out)[order.argsort()]  # back to the data set's order
 
     def _variance_and_loss(self) -> float:
         """sigma^2 from a train-mode pass over the augmented training set (the original's
@@ -107,14 +95,14 @@ class OriginalPasses:
 
     def first_clusters(self) -> None:
         """Before training: k-means on a train-mode pass, sigma^2 from another."""
-        self._refresh(self._embed(self.t.train, train_mode=True, augmented=True))
+        self.t.refresh_clusters(self._embed(self.t.train, train_mode=True, augmented=True))
         self._variance_and_loss()
 
     def epoch_end(self, refresh: bool) -> tuple[float, float, float, float]:
         """(train loss, train accuracy, test loss, test accuracy) as the original's log."""
         t = self.t
         if refresh:  # inside the last step, in eval mode, on augmented images
-            self._refresh(self._embed(t.train, train_mode=False, augmented=True))
+            t.refresh_clusters(self._embed(t.train, train_mode=False, augmented=True))
         train_loss = self._variance_and_loss()
         test_loss = self._loss(self._embed(t.test, True, False), t.test.labels)
         head = t.head()
@@ -149,7 +137,7 @@ def leaky_train_mode_maximise(summed: bool):
     the last step's parameter gradients stay in ``.grad``. The objective is summed over the
     batch with ``summed`` (--actual-trades: ``KLDivLoss(size_average=False)``), else
     averaged (the cross-entropy and MSE criteria)."""
-    def maximise(model, x, objective, start, step, steps, eps=8.0 / 255):
+    def maximise(model, x, objective, start, step, steps, eps=RADIUS):
         x = x.detach()
         if isinstance(step, torch.Tensor):
             step = step.to(x.device, x.dtype)
@@ -163,17 +151,6 @@ def leaky_train_mode_maximise(summed: bool):
         return (x + delta).detach()
 
     return maximise
-
-
-def undetached(t: torch.Tensor) -> torch.Tensor:
-    """The clean side of the consistency term, with its graph (the original's)."""
-    return t
-
-
-# -- row "short batches" ----------------------------------------------------------------------
-def skip_short_batch(full: int):
-    """The DataLoader's ``drop_last``: train a batch only when it holds all ``full`` rows."""
-    return lambda n: n == full
 
 
 # -- rows "weights kept across a refresh" and "weight 0" -------------------------------------

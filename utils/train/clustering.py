@@ -1,21 +1,11 @@
 """Per-class k-means over the training embeddings, and the inference variance.
 
-k-means is scikit-learn's, per class, with the original's settings (k-means++ init; 1 init
-and 20 iterations for CIFAR-10, 10 and 40 otherwise) and a fixed ``random_state`` for every
-class and refresh (``--kmeans-seed``, 1 as the original).
-
-Small clusters: the Magnet loss needs at least 2 examples of a cluster in a batch, and
-k-means can leave an outlier alone in its cluster at any refresh. Such a cluster takes, one
-at a time, the example of its class nearest to its centroid among the clusters of that
-class holding more than 2, until it holds 2; the centroids stay k-means' own, and the run
-logs a warning. With at least 2*K examples per class (checked before training) this always
-succeeds, so a refresh never stops a run.
-Each per-class fit runs single-threaded (``threadpoolctl.threadpool_limits(1)``,
-``KMEANS_THREADS``):
-scikit-learn's k-means otherwise starts an OpenMP team and BLAS threads on every core for a
-few thousand 512-d points, and on a machine whose cores are busy (the training process's
-own torch threads, other jobs) those threads spend the fit waiting for one another. The
-arithmetic, and so every centroid, is the same.
+scikit-learn's k-means, per class, with the original's settings (``KMeansSettings``) and one
+``random_state`` for every class and refresh (``--kmeans-seed``). A cluster that k-means
+leaves with fewer than 2 examples is filled from its class (``fill_small_clusters``), so a
+refresh never stops a run. Each fit runs on one thread (``threadpool_limits(1)``): for a few
+thousand 512-d points scikit-learn's OpenMP and BLAS teams on every core spend the fit
+waiting for one another on a busy machine; the arithmetic, and so every centroid, is the same.
 """
 from __future__ import annotations
 
@@ -29,10 +19,9 @@ from threadpoolctl import threadpool_limits
 from base.errors import UsageError
 from models.classifier import ClusterClassifier
 from models.cluster_head import ClusterHead, squared_distances
+from utils.train import kmeans_device
 from utils.train.embeddings import compute_embeddings
-from utils.train.kmeans_device import kmeans_on
 
-KMEANS_THREADS = 1  # threads of each per-class fit (see the module's doc)
 log = logging.getLogger("clustr")
 
 
@@ -53,7 +42,6 @@ class KMeansSettings:
     max_iter: int                         # Lloyd iterations of each start
     seed: int = 1                         # random_state of every fit (--kmeans-seed)
     device: torch.device | None = None    # fit there (kmeans_device); None: scikit-learn
-    threads: int | None = KMEANS_THREADS  # of each scikit-learn fit; None: its own pools
 
     @classmethod
     def for_dataset(cls, dataset: str, K: int, seed: int = 1,
@@ -80,9 +68,8 @@ def check_class_sizes(labels: torch.Tensor, class_names: list[str], K: int) -> N
 
 def fit_clusters(emb: torch.Tensor, labels: torch.Tensor, num_classes: int,
                  kmeans: KMeansSettings) -> Clusters:
-    """k-means (k-means++ init, fixed random state) on each class's embeddings separately:
-    scikit-learn's, each fit on ``kmeans.threads`` threads, or ``utils.train.kmeans_device``'s
-    on ``kmeans.device`` when given."""
+    """k-means on each class's embeddings separately: scikit-learn's on one thread, or
+    ``utils.train.kmeans_device``'s on ``kmeans.device`` when given."""
     from sklearn.cluster import KMeans
 
     K = kmeans.K
@@ -99,10 +86,11 @@ def fit_clusters(emb: torch.Tensor, labels: torch.Tensor, num_classes: int,
             raise UsageError(f"class {c} has {len(members)} training examples, fewer than "
                              f"--k {K}: lower --k or use more data")
         if kmeans.device is not None:
-            centers[c * K:(c + 1) * K] = kmeans_on(kmeans.device, emb[members], K,
-                                                   kmeans.n_init, kmeans.max_iter, kmeans.seed)
+            centers[c * K:(c + 1) * K] = kmeans_device.kmeans(
+                emb[members].to(kmeans.device), K, kmeans.n_init, kmeans.max_iter,
+                kmeans.seed).cpu()
             continue
-        with threadpool_limits(limits=kmeans.threads):  # no oversubscription (module doc)
+        with threadpool_limits(limits=1):  # no oversubscription (module doc)
             km = KMeans(n_clusters=K, init="k-means++", n_init=kmeans.n_init,
                         max_iter=kmeans.max_iter, random_state=kmeans.seed).fit(x[members])
         centers[c * K:(c + 1) * K] = torch.from_numpy(km.cluster_centers_).float()
@@ -163,14 +151,9 @@ def fill_small_clusters(emb: torch.Tensor, labels: torch.Tensor, centers: torch.
 
 def fit_cluster_classifier(backbone, train, kmeans: KMeansSettings, L: int,
                            normalize: bool = True, batch: int = 256, device="cpu"):
-    """The cluster classifier of a trained ResNet18, with no further training.
-
-    What training does after each epoch: embed the un-augmented training set in eval mode,
-    per-class k-means as ``kmeans`` says (``KMeansSettings.for_dataset``: the data set's
-    settings), sigma^2. Used to evaluate pretrained weights (benchmarks, tests) exactly as a
-    ClusTR checkpoint would be: this is the one place that builds "pretrained network +
-    k-means clusters".
-    """
+    """The cluster classifier of a trained ResNet18, with no further training: the clusters
+    and sigma^2 of one eval-mode pass over the un-augmented training set, as each epoch's
+    refresh makes them (the one place that builds "pretrained network + k-means clusters")."""
     emb = compute_embeddings(backbone, train.images, batch, torch.device(device),
                              desc="embed train")  # (N, 512)
     c = fit_clusters(emb, train.labels, train.num_classes, kmeans)

@@ -1,34 +1,24 @@
 """The perturbation state of "free" adversarial training (Shafahi et al., NeurIPS 2019).
 
-With ``--minibatch-replays M`` every batch is replayed M times. Each replay trains on
-x + delta, and the ONE backward of the training loss gives both the parameter gradients
-(the optimiser step) and delta's gradient, with which delta takes a signed step of eps:
-
-    delta <- project(delta + eps * sign(grad_delta))   (eps-ball, and x + delta in [0, 1])
-
-As in the original: delta carries over from batch to batch within an epoch and is zero at
-the start of every epoch; the sampler records the losses of one extra no-grad forward of the
-*updated* network on x + the final delta; the replays train on the Magnet loss alone; every
-replay is an optimiser step, so an epoch makes M times as many steps as a plain one (the
-learning-rate milestones still count epochs). Kept on purpose: delta carried to a new batch
-is first projected to that batch's image range (the original's x + delta could leave
-[0, 1] on the first replay of a batch).
+With ``--minibatch-replays M`` every batch is replayed M times (docs/usage.md); each replay
+trains on x + delta, and its ONE backward gives both the optimiser step and delta's signed
+step of eps. As the original, delta carries over from batch to batch and is zero at every
+epoch's start; unlike it, delta carried to a new batch is first projected to that batch's
+image range (docs/differences.md).
 """
 from __future__ import annotations
 
 import torch
 
 from utils.attacks.pgd import project_linf
-
-EPS = 8.0 / 255
+from utils.train.consistency import RADIUS
 
 
 class FreePerturbation:
     """Owns delta (B, 3, H, W) across batches; ``perturb`` then ``step`` once per replay. A
     batch smaller than B uses and updates delta's leading rows only."""
 
-    def __init__(self, eps: float = EPS):
-        self.eps = eps
+    def __init__(self):
         self.delta: torch.Tensor | None = None  # (B, 3, H, W), B = the largest batch so far
         self._leaf: torch.Tensor | None = None  # this replay's delta, with its gradient
 
@@ -53,7 +43,7 @@ class FreePerturbation:
 
     def carried(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """delta carried over from another batch, made valid for these images."""
-        return project_linf(x.detach(), delta, self.eps)
+        return project_linf(x.detach(), delta, RADIUS)
 
     def step(self, x: torch.Tensor) -> None:
         """After the training backward: delta takes a signed step of eps and is projected."""
@@ -61,5 +51,5 @@ class FreePerturbation:
         if leaf is None or leaf.grad is None:
             raise RuntimeError("FreePerturbation.step needs perturb() and a backward first")
         n = len(leaf)
-        new = project_linf(x.detach(), leaf.detach() + self.eps * leaf.grad.sign(), self.eps)
+        new = project_linf(x.detach(), leaf.detach() + RADIUS * leaf.grad.sign(), RADIUS)
         self.delta[:n] = new

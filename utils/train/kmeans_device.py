@@ -1,15 +1,9 @@
 """k-means on the training device (opt-in, ``--kmeans-device``): scikit-learn's algorithm.
 
-scikit-learn's k-means runs on the host; on a GPU, where an epoch takes seconds, its fits
-are a tenth of the epoch. This is the same algorithm on the device (greedy k-means++
-seeding, Lloyd's iterations, the same n_init and max_iter, the start of least inertia kept),
-with three differences, none of which waits for the host:
-
-* the random draws come from a device generator seeded with ``--kmeans-seed``, so the
-  starts are not scikit-learn's (the inertia is close, not equal: see the tests);
-* every start runs all max_iter iterations (scikit-learn stops early once the centres move
-  less than its tolerance; further iterations never raise the inertia);
-* a cluster left empty keeps its centre (scikit-learn moves it to the farthest point).
+Greedy k-means++ seeding, Lloyd's iterations, the same n_init and max_iter, the start of
+least inertia kept, with nothing that waits for the host. Where it differs from
+scikit-learn's (its random starts, no early stop, an empty cluster keeps its centre):
+docs/usage.md, "k-means on the device".
 """
 from __future__ import annotations
 
@@ -68,9 +62,3 @@ def kmeans(x: torch.Tensor, k: int, n_init: int, max_iter: int, seed: int) -> to
             best_inertia = torch.minimum(inertia, best_inertia)
     return best
 
-
-def kmeans_on(device: torch.device, x: torch.Tensor, k: int, n_init: int, max_iter: int,
-              seed: int) -> torch.Tensor:
-    """The centroids (k, D) of the CPU embeddings x (N, D), fitted on ``device`` in float32,
-    back on the CPU."""
-    return kmeans(x.float().to(device), k, n_init, max_iter, seed).cpu()

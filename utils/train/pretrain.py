@@ -3,13 +3,10 @@
     python -m utils.train.pretrain --dataset cifar10 --data-root ./data \
         --out pretrained_weights/resnet18.pt --epochs 200
 
-The standard CIFAR recipe through the linear head (docs/usage.md). After every epoch the
-weights are written atomically as a plain ``state_dict`` with the original's key names, so
-an interrupted run still leaves a usable file. ``--adversarial`` (an addition) makes it the
-adversarial-training baseline of fast adversarial training (Wong et al. 2020): FGSM (one
-step of 1.25 eps from a uniform start) or PGD examples of the cross-entropy, a one-cycle
-learning rate by default. The adversary is ``utils.train.consistency.maximise``: eval mode,
-gradients for the input only (fast_adversarial crafts in train mode).
+The standard CIFAR recipe through the linear head, and with ``--adversarial`` the
+cross-entropy baseline of fast adversarial training (Wong et al. 2020): docs/usage.md. After
+every epoch the weights are written atomically as a plain ``state_dict`` with the original's
+key names, so an interrupted run still leaves a usable file.
 """
 from __future__ import annotations
 
@@ -41,13 +38,13 @@ from datasets.data import (
 from models.checkpoint import load_weights
 from models.resnet import ResNet18, normalization_for
 from utils.outputs.output_files import check_outputs
-from utils.train.consistency import EPS, PGD_STEP, maximise
+from utils.train.consistency import PGD_STEP, RADIUS, maximise
 
 log = logging.getLogger("clustr")
 
 SCHEDULES = ("cosine", "multistep", "onecycle")
 ADVERSARIAL = ("none", "fgsm", "pgd")
-FGSM_STEP = 1.25 * EPS  # fast adversarial training's alpha: 10/255 at eps 8/255
+FGSM_STEP = 1.25 * RADIUS  # fast adversarial training's alpha: 10/255 at eps 8/255
 PGD_STEPS = 7  # --adv-steps default, as fast_adversarial's train_pgd.py
 
 
@@ -87,11 +84,12 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, steps_per_epoch:
 
 def adversarial_batch(model: ResNet18, x: torch.Tensor, y: torch.Tensor, cfg: PretrainConfig,
                       generator: torch.Generator) -> torch.Tensor:
-    """x itself, or its FGSM / PGD examples maximising the linear head's cross-entropy,
-    from a uniform start in the eps-ball drawn from ``generator`` (float32, no autocast)."""
+    """x itself, or its FGSM / PGD examples maximising the linear head's cross-entropy from a
+    uniform start in the ball drawn from ``generator``, by ``maximise``: eval mode, input
+    gradients only (fast_adversarial crafts in train mode), float32."""
     if cfg.adversarial == "none":
         return x
-    start = torch.empty(x.shape).uniform_(-EPS, EPS, generator=generator)
+    start = torch.empty(x.shape).uniform_(-RADIUS, RADIUS, generator=generator)
 
     def objective(xa):
         return F.cross_entropy(model.classify(xa), y, reduction="none")
@@ -132,8 +130,8 @@ def train_one_epoch(model: ResNet18, optimizer: torch.optim.Optimizer, data: Ima
 
 
 @torch.no_grad()
-def evaluate(model: ResNet18, data: ImageData, batch: int, device: torch.device,
-             amp: bool = False) -> tuple[float, float]:
+def head_metrics(model: ResNet18, data: ImageData, batch: int, device: torch.device,
+                 amp: bool = False) -> tuple[float, float]:
     """(mean cross-entropy, accuracy %) of the linear head on un-augmented images."""
     loss_sum, correct = 0.0, 0
     with eval_mode(model):
@@ -161,7 +159,7 @@ def pretrain(model: ResNet18, train: ImageData, test: ImageData, cfg: PretrainCo
                                                 scheduler if per_step else None)
         if not per_step:
             scheduler.step()
-        test_loss, test_acc = evaluate(model, test, cfg.test_batch, device, cfg.amp)
+        test_loss, test_acc = head_metrics(model, test, cfg.test_batch, device, cfg.amp)
         if out:  # the original's keys, CPU tensors, no normalisation buffers
             save_atomic({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, out)
         row = dict(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc,

@@ -1,17 +1,9 @@
-"""Resuming an interrupted training run exactly where it stopped.
+"""Resuming an interrupted training run exactly where it stopped (docs/failures.md, "Resume").
 
-The state lives in ``resume.pth`` beside ``checkpoint.pth`` (which keeps only the original's
-keys and this project's plain extras, so other code can read it unchanged). It is rewritten
-atomically at the end of every epoch and, with ``--checkpoint-every N``, every N steps within
-one. It holds the network, the optimiser and scheduler, the trainer's state (clusters,
-sampler losses, generator), every global random state (torch CPU and CUDA, numpy, Python),
-the position (epochs completed, steps done in the next one, running loss sums), the
-arguments and a fingerprint of the data (hashes of the training and test images and labels,
-the class names; checked on resume, since ``--data-root`` may move): tensors and plain types
-only, so it loads with ``weights_only=True``.
-
-Continuing from it replays the same batches, augmentations and updates, so on CPU a
-resumed run writes the same ``log.txt`` rows as one that was never interrupted.
+``resume.pth`` sits beside ``checkpoint.pth`` (which keeps the original's layout) and is
+rewritten atomically after every epoch and, with ``--checkpoint-every N``, every N steps. It
+holds tensors and plain types only, so it loads with ``weights_only=True``; continuing from
+it replays the same batches, augmentations and updates.
 """
 from __future__ import annotations
 
@@ -23,7 +15,7 @@ import numpy as np
 import torch
 
 from base.cli import resume_arguments
-from base.errors import UsageError
+from base.errors import UsageError, first_line
 from base.io import load_checkpoint, save_atomic
 from base.tensors import tensor_sha256
 from utils.eval.evaluation import AttackConfig, EvalConfig
@@ -40,9 +32,8 @@ ADDED_LATER = {"as_original": False}
 
 def must_repeat() -> frozenset[str]:
     """The arguments a resumed training run must repeat, as its configs declare them
-    (``base.cli.resume_field``): the training's, and the evaluation's that follows (but those
-    it checks itself). The others may change: where things are, how they are shown, how long
-    to go on."""
+    (``base.cli.resume_field``); the others (where things are, how they are shown, how long
+    to go on) may change."""
     return resume_arguments(TrainConfig, EvalConfig, AttackConfig)
 
 
@@ -112,18 +103,15 @@ def data_change(saved: dict | None, now: dict) -> str | None:
 # -- the file -------------------------------------------------------------------------------
 def read_resume(path: str, run_args: dict, epochs: int) -> dict:
     """Load and check ``resume.pth``: this project's format, and the same run's arguments
-    (those ``must_repeat`` names).
-
-    ``run_args`` are this run's arguments as plain types (flag name without dashes ->
-    value), ``epochs`` the number of epochs it is to complete."""
+    (those ``must_repeat`` names) as ``run_args`` (flag name without dashes -> value), for a
+    run of ``epochs`` epochs."""
     state = load_checkpoint(path)
     missing = [k for k in REQUIRED if k not in state]
     if missing or state.get("format") != FORMAT:
         raise UsageError(f"{path} is not a resume state of this project (missing "
                          f"{', '.join(missing) or 'format ' + FORMAT}): start afresh with "
                          f"--overwrite")
-    saved, now = {**ADDED_LATER, **state["args"]}, run_args
-    repeat = must_repeat()
+    saved, now, repeat = {**ADDED_LATER, **state["args"]}, run_args, must_repeat()
     differ = [k for k in saved if k in now and k in repeat and saved[k] != now[k]]
     if differ:
         shown = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {now[k]!r})"
@@ -149,19 +137,12 @@ class RunState:
     def save(self, position: Position) -> None:
         """Every process calls this (the trainer's state gathers from all of them); only
         the main process writes."""
-        state = {
-            "format": FORMAT,
-            "epoch": int(position.epoch),
-            "step": int(position.step),
-            "totals": {k: float(v) for k, v in position.totals.items()},
-            "args": self.run_args,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "trainer": self.trainer.state_dict(),
-            "rng": rng_state(),
-            "data": self.data,
-        }
+        state = {"format": FORMAT, "epoch": int(position.epoch), "step": int(position.step),
+                 "totals": {k: float(v) for k, v in position.totals.items()},
+                 "args": self.run_args, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "trainer": self.trainer.state_dict(),
+                 "rng": rng_state(), "data": self.data}
         if self.trainer.dist.is_main:
             save_atomic(state, self.path)
 
@@ -187,20 +168,9 @@ class RunState:
                                 {k: float(v) for k, v in state["totals"].items()})
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError
                 ) as exc:
-            text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else repr(exc)
             raise UsageError(f"{self.path} does not fit this run (damaged, or written by "
-                             f"other code): {text}; start afresh with --overwrite") from exc
+                             f"other code): {first_line(exc)}; start afresh with --overwrite"
+                             ) from exc
         log.info("resuming after epoch %d, step %d, from %s", position.epoch, position.step,
                  self.path)
         return position
-
-    def step_saver(self, every: int, epoch: int):
-        """``trainer.after_step`` hook saving every ``every`` steps of epoch ``epoch``
-        (1-based); the epoch's last step is covered by the end-of-epoch save."""
-        steps = self.trainer.steps_per_epoch()
-
-        def after_step(done: int, totals) -> None:  # totals(): the running sums, as floats
-            if done % every == 0 and done < steps:
-                self.save(Position(epoch - 1, done, totals()))
-
-        return after_step if every > 0 else None

@@ -2,10 +2,9 @@
 
 One epoch = ``steps_per_epoch`` Magnet batches, then ONE no-grad, eval-mode embedding pass
 over the un-augmented training set whose embeddings serve the k-means refresh, sigma^2, the
-reported training loss and the training accuracy; then one pass over the test set.
-The variants' extra terms live in ``utils/train/consistency.py``, the "free" replays' perturbation
-in ``utils/train/free_adversarial.py``, the original's rules (``--as-original``) in
-``utils/train/as_original.py``.
+reported training loss and the training accuracy; then one pass over the test set. The
+variants live in ``consistency.py`` and ``free_adversarial.py``, the original's rules
+(``--as-original``) in ``as_original.py``.
 """
 from __future__ import annotations
 
@@ -23,10 +22,10 @@ from base.tensors import autocast, to_device
 from datasets.data import ImageData, augment
 from datasets.magnet_sampler import MagnetSampler
 from models.cluster_head import ClusterHead
-from models.resnet import ResNet18, normalization_for
+from models.resnet import ResNet18
 from utils.train import as_original
 from utils.train.clustering import Clusters, KMeansSettings, fit_clusters
-from utils.train.consistency import Adversary, ExtraTerms
+from utils.train.consistency import ExtraTerms
 from utils.train.embeddings import compute_embeddings_split, default_embed_batch
 from utils.train.free_adversarial import FreePerturbation
 from utils.train.magnet_loss import magnet_loss, magnet_loss_full
@@ -35,9 +34,7 @@ BAR_EVERY = 10  # steps between progress-bar loss updates
 log = logging.getLogger("clustr")
 
 
-# Fields declared with resume_field change what is trained: a training run continued with
-# --resume must repeat them (``utils.train.resume``, with the evaluation's); the others may
-# change.
+# Fields declared with resume_field change what is trained: --resume must repeat them.
 @dataclass
 class TrainConfig:
     """What is trained, and how: the data, the Magnet batches and loss, the optimiser, the
@@ -86,11 +83,8 @@ class EpochMetrics:
 
 class ClusTRTrainer:
     """Owns the network, the optimiser, the clusters and the sampler of one training run.
-
-    Under torchrun (``dist`` of several processes) every process holds the same clusters and
-    sampler state; the training forward/backward goes through DistributedDataParallel, while
-    the embedding passes and the adversaries use the plain module.
-    """
+    Under torchrun every process holds the same clusters and sampler state; the training
+    steps go through DistributedDataParallel, the embedding passes and adversaries do not."""
 
     def __init__(self, model: ResNet18, optimizer: torch.optim.Optimizer, train: ImageData,
                  test: ImageData, cfg: TrainConfig, device: torch.device,
@@ -100,27 +94,19 @@ class ClusTRTrainer:
         self.dist = dist or Dist.single()
         self.num_classes = train.num_classes
         self.sampler = MagnetSampler(train.labels, self.num_classes, cfg.K, cfg.m, cfg.d)
-        # each process draws its own batches and augmentations; rank 0's stream is the
-        # single-process one
+        # each process its own batches and augmentations; rank 0's are a single process's
         self.generator = torch.Generator().manual_seed(rank_seed(cfg.seed, self.dist.rank))
         self.train_model = self._wrap_ddp(model)
         self.kmeans = KMeansSettings.for_dataset(cfg.dataset, cfg.K, cfg.kmeans_seed,
                                                  device if cfg.kmeans_device else None)
         self.clusters: Clusters | None = None
-        self.train_embeddings: torch.Tensor | None = None
-        self.extras = ExtraTerms(cfg.consistency_lambda, cfg.xent_lambda, cfg.mse_consistency,
-                                 cfg.actual_trades, cfg.amp,
-                                 pixel_std=normalization_for(cfg.dataset)[1],
-                                 adversary=Adversary(cfg.consistency_attack,
-                                                     cfg.consistency_steps))
+        self.extras = ExtraTerms(cfg)
         self.free = FreePerturbation() if cfg.minibatch_replays > 0 else None
         if self.free and (cfg.consistency_lambda > 0 or cfg.xent_lambda > 0):
             log.warning("--consistency-lambda/--xent-lambda have no effect with "
                         "--minibatch-replays: free training uses the Magnet loss alone, as "
                         "the original")
-        # after_step(steps_done, totals) runs after every step (periodic resume saves);
-        # totals() gives the running sums of the loss terms
-        self.after_step = None
+        self.after_step = None  # after_step(steps done, totals()) after every step
         self._images: torch.Tensor | None = None  # the training set on the device
         # the rules where the original differs (docs/differences.md): the project's own,
         # or with --as-original the original's, chosen here once
@@ -167,13 +153,12 @@ class ClusTRTrainer:
                              f"({self.num_classes} classes x --k {self.cfg.K})")
 
     # -- clusters ---------------------------------------------------------------------------
-    def refresh_clusters(self) -> torch.Tensor:
-        """Embed the training set once, re-run k-means, hand the result to the sampler.
-
-        Returns the embeddings (N, 512) so the caller can reuse them for the metrics.
-        """
-        batch = self.cfg.embed_batch or default_embed_batch(self.device)
-        emb = self.embed(self.train.images, batch, "embed train")
+    def refresh_clusters(self, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """k-means on the training embeddings ``emb`` (N, 512), by default one pass over the
+        training set, handed to the sampler; returns the embeddings, which the metrics reuse."""
+        if emb is None:
+            batch = self.cfg.embed_batch or default_embed_batch(self.device)
+            emb = self.embed(self.train.images, batch, "embed train")
         self.clusters = self._fit_once(emb)
         self.sampler.update_clusters(self.clusters.assignments, self.clusters.centers)
         return emb
@@ -200,13 +185,11 @@ class ClusTRTrainer:
             raise UsageError("k-means failed on the main process (see its message)")
         if not self.dist.enabled:
             return fit
-        n_clusters, n = self.num_classes * self.cfg.K, len(self.train)
-        empty = Clusters(torch.zeros(n_clusters, emb.shape[1]),
-                         torch.zeros(n_clusters, dtype=torch.long),
-                         torch.zeros(n, dtype=torch.long), torch.zeros(n_clusters))
-        fit = fit or empty
-        return Clusters(*(self.dist.broadcast(t) for t in (fit.centers, fit.classes,
-                                                            fit.assignments, fit.variance)))
+        n_clusters = self.num_classes * self.cfg.K  # the other processes receive into zeros
+        fit = fit or Clusters(torch.zeros(n_clusters, emb.shape[1]),
+                              torch.zeros(n_clusters, dtype=torch.long),
+                              torch.zeros(len(emb), dtype=torch.long), torch.zeros(n_clusters))
+        return Clusters(*(self.dist.broadcast(t) for t in vars(fit).values()))
 
     def head(self) -> ClusterHead:
         c = self.clusters
@@ -214,17 +197,12 @@ class ClusTRTrainer:
                            self.cfg.normalize)
 
     # -- one epoch --------------------------------------------------------------------------
-    def train_epoch(self, desc: str = "train", start_step: int = 0,
-                    totals: dict | None = None) -> dict:
-        """Magnet steps over one epoch; returns the mean of every loss term per optimiser step.
-
-        With free training each batch is replayed ``minibatch_replays`` times, one optimiser
-        step per replay, on the Magnet loss alone; delta starts the epoch at zero, and the
-        sampler records the losses of a no-grad forward of the updated network on x + the
-        final delta (``free_losses``). A resumed run starts at ``start_step`` with the
-        running ``totals`` of the steps done (and, with free training, the saved delta).
-        A batch ``keep_batch`` refuses (--as-original: a short one) is drawn, not trained on.
-        """
+    def train_epoch(self, start_step: int = 0, totals: dict | None = None) -> dict:
+        """Magnet steps over one epoch (free training: ``minibatch_replays`` optimiser steps
+        per batch, see ``utils/train/free_adversarial.py``); returns the mean of every loss
+        term per optimiser step. A resumed run starts at ``start_step`` with the running
+        ``totals`` of the steps done. A batch ``keep_batch`` refuses (--as-original: a short
+        one) is drawn, not trained on."""
         self.model.train()
         head = self.head().to(self.device)  # this epoch's clusters, for the extra terms
         replays = max(1, self.cfg.minibatch_replays)
@@ -233,7 +211,7 @@ class ClusTRTrainer:
         steps = self.steps_per_epoch()
         if self.free and start_step == 0:
             self.free.reset()  # the original sets delta to zero at every epoch's start
-        bar = progress(range(start_step, steps), desc=desc, leave=False)
+        bar = progress(range(start_step, steps), desc="train", leave=False)
         value = float("nan")
         for step in bar:
             indices, cluster_ids = self.sampler.sample(self.generator)
@@ -262,10 +240,9 @@ class ClusTRTrainer:
                                                   extras=not self.free)
             loss = sum(terms.values())
             loss.backward()
-            # the step's one wait for the device: after the backward is queued, before
-            # the update, so a non-finite loss never reaches the weights
-            # every process agrees: a non-finite loss on one ends all of them at once
-            # (one copy back: the loss, then the per-example losses the sampler needs)
+            # the step's one wait for the device (one copy back: the loss, then the
+            # per-example losses the sampler needs), before the update, so a non-finite
+            # loss never reaches the weights; on one process it ends all of them at once
             host = torch.cat([loss.detach().float()[None], per_example.detach().float()]).cpu()
             value, losses = float(host[0]), host[1:]
             finite = math.isfinite(value)
@@ -286,33 +263,28 @@ class ClusTRTrainer:
         return value
 
     def batch_images(self, indices: torch.Tensor) -> torch.Tensor:
-        """The augmented float batch (N, 3, H, W) on the device, channels_last.
-
-        The uint8 training set stays on the device (``device_images``), so a step copies
-        only the indices and the augmentation's draws, which come from the CPU generator in
-        the same order as ever: the batches are bit-identical to augmenting on the CPU."""
+        """The augmented float batch (N, 3, H, W) on the device, channels_last. The uint8
+        training set stays there, so a step copies only the indices and the augmentation's
+        draws (from the CPU generator): bit-identical to augmenting on the CPU."""
         stored = self.device_images()
         images = stored[indices.to(stored.device, non_blocking=True)]
         return to_device(augment(images, self.cfg.dataset, self.generator), self.device)
 
     def device_images(self) -> torch.Tensor:
-        """The uint8 training images on the device (a copy made once; the CPU tensor itself
-        on a CPU)."""
+        """The uint8 training images on the device (copied once; on a CPU, the tensor itself)."""
         if self._images is None or self._images.device != self.device:
             self._images = self.train.images.to(self.device)
         return self._images
 
     def _totals(self, resumed: dict[str, float], sums: dict[str, torch.Tensor]
                 ) -> dict[str, float]:
-        """The running sums of the loss terms over this epoch's steps: those of the steps
-        done before a resume, plus this process's, averaged over the processes (one
-        gather, not one per step)."""
-        names = list(sums)
+        """The running sums of the loss terms over this epoch's steps: those done before a
+        resume, plus this process's, averaged over the processes (one gather)."""
+        names, out = list(sums), dict(resumed)
         if not names:
-            return dict(resumed)
+            return out
         local = torch.stack([sums[n] for n in names]).cpu()[None]  # (1, T) float64
         means = self.dist.gather_cat(local).mean(0) if self.dist.enabled else local[0]
-        out = dict(resumed)
         for name, m in zip(names, means.tolist()):
             out[name] = out.get(name, 0.0) + m
         return out
@@ -320,11 +292,9 @@ class ClusTRTrainer:
     @torch.no_grad()
     def free_losses(self, x: torch.Tensor, cluster_ids: torch.Tensor,
                     classes: torch.Tensor) -> torch.Tensor:
-        """Per-example Magnet losses (N,) of the updated network on x + the final delta.
-
-        As the original's extra forward after the replays: training mode (batch statistics;
-        BatchNorm's running statistics take this forward too), no gradient.
-        """
+        """Per-example Magnet losses (N,) of the updated network on x + the final delta: the
+        original's extra no-grad forward after the replays, in training mode (BatchNorm's
+        running statistics take it too)."""
         with autocast(self.device, self.cfg.amp):
             emb = self.model(self.free.current(x)).float()
         return magnet_loss(emb, cluster_ids, classes, self.cfg.alpha)[0]
@@ -332,10 +302,9 @@ class ClusTRTrainer:
     def batch_terms(self, x: torch.Tensor, cluster_ids: torch.Tensor, classes: torch.Tensor,
                     head: ClusterHead, extras: bool = True
                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """{'magnet', and the enabled 'consistency'/'xent'} of a batch, and the per-example
-        Magnet losses (N,). Their sum is the training loss; plain ClusTR has 'magnet' alone,
-        and so has a free replay (``extras=False``).
-        """
+        """{'magnet', and the enabled 'consistency'/'xent'} of a batch (their sum is the
+        training loss; a free replay, ``extras=False``, has 'magnet' alone), and the
+        per-example Magnet losses (N,)."""
         with autocast(self.device, self.cfg.amp):
             emb = self.train_model(x).float()  # (N, 512)
         per_example, _ = magnet_loss(emb, cluster_ids, classes, self.cfg.alpha)
@@ -347,14 +316,13 @@ class ClusTRTrainer:
         return terms, per_example
 
     def run_epoch(self, start_step: int = 0, totals: dict | None = None) -> EpochMetrics:
-        components = self.train_epoch(start_step=start_step, totals=totals)
+        components = self.train_epoch(start_step, totals)
         return EpochMetrics(*self.epoch_end(self.last_step_trained), components)
 
     def eval_passes(self, refresh: bool = True) -> tuple[float, float, float, float]:
-        """After the steps: the cluster refresh and the metrics from one eval-mode pass
-        over the un-augmented training set, and one over the test set. Returns (train loss,
-        train accuracy, test loss, test accuracy); every batch was trained on, so
-        ``refresh`` is always true here."""
+        """After the steps (every batch trained on, so always ``refresh``): the cluster
+        refresh and the metrics from one eval-mode pass over the un-augmented training set,
+        and one over the test set: (train loss, train accuracy, test loss, test accuracy)."""
         train_emb = self.refresh_clusters()
         train_loss, train_acc = self.metrics(train_emb, self.train.labels)
         test_emb = self.embed(self.test.images, self.cfg.test_batch, "embed test")
@@ -363,16 +331,12 @@ class ClusTRTrainer:
 
     # -- resume -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """What a resumed run needs besides the network and the optimiser: the clusters, the
-        sampler's per-example losses and the generator of batches and augmentation. Tensors
-        and plain types only, so it loads with ``weights_only=True``."""
-        c = self.clusters
+        """What a resumed run needs besides the network and the optimiser (tensors and plain
+        types): the clusters, the sampler's losses, the batch and augmentation generator."""
         state = {"generator": self._generator_state(), "sampler": self.sampler.state_dict(),
-                 "clusters": {"centers": c.centers, "classes": c.classes,
-                              "assignments": c.assignments, "variance": c.variance}}
+                 "clusters": dict(vars(self.clusters))}
         if self.free is not None and self.free.delta is not None:
-            # carried across batches; each process has its own: (world, B, 3, H, W) under
-            # torchrun, restored per rank
+            # carried across batches; each process has its own, restored per rank
             state["free_delta"] = per_rank(self.dist, self.free.delta.detach().cpu())
         return state
 
@@ -390,9 +354,6 @@ class ClusTRTrainer:
         return self.dist.gather_cat(own[None]) if self.dist.enabled else own
 
     def _set_generator_state(self, saved: torch.Tensor) -> None:
-        if saved.dim() == 1 and not self.dist.enabled:
-            self.generator.set_state(saved)
-            return
         world = 1 if saved.dim() == 1 else len(saved)
         if world != self.dist.world_size:
             raise UsageError(f"the run was interrupted with {world} process(es) and continues "
