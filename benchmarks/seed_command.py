@@ -12,7 +12,7 @@ from utils.attacks.pgd import PGD
 from utils.attacks.sweep import AttackContext
 from utils.eval.evaluation import run_sweep
 
-from .timing import timed
+from .measures import timed
 from .workloads import Setup, make_workload, synthetic_data
 
 log = logging.getLogger("benchmarks")
