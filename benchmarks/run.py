@@ -133,9 +133,9 @@ SECTIONS = {"epochs": epochs_section, "pgd": pgd_section, "seed": seed_section}
 
 def run(args) -> dict:
     device = resolve_device(args.device)
-    if args.amp and device.type != "cuda":
-        raise UsageError("--amp is bfloat16 autocast on CUDA: it needs --device cuda")
     cuda = device.type == "cuda"
+    if args.amp and not cuda:
+        raise UsageError("--amp is bfloat16 autocast on CUDA: it needs --device cuda")
     if "seed" in (args.only or []) and not cuda:
         raise UsageError(f"--only seed: {SEED_ON_CUDA}; pass --device cuda or leave seed out")
     skipped = [] if cuda or args.only else [f"{SEED_ON_CUDA}: this run on {device} leaves it out"]
