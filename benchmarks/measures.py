@@ -1,10 +1,13 @@
 """The measurements, each a plain dict for the report and the JSON: training steps and
-epochs (R1, R2, R4, the epoch by phases) and the PGD sweep with and without shrinking (R3)."""
+epochs (R1, R2, R4, the epoch by phases) and the PGD sweep with and without shrinking (R3);
+and the clock they read, which waits for the device."""
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import contextmanager
 from dataclasses import replace
-from statistics import median
+from statistics import fmean, median
 
 import torch
 
@@ -17,11 +20,58 @@ from utils.eval.evaluation import run_sweep
 from utils.train.clustering import fit_clusters
 from utils.train.magnet_loss import magnet_loss
 
-from .timing import median_call, spread, step_times, timed
 from .workloads import Workload
 
 log = logging.getLogger("benchmarks")
 METHODS = ("clustr", "ce")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device):
+    """(fn(), seconds) with the device synchronised before and after."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+def spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": median(values), "mean": fmean(values), "max": max(values)}
+
+
+def median_call(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after one untimed call."""
+    fn()
+    return median(timed(fn, device)[1] for _ in range(repeats))
+
+
+@contextmanager
+def step_times(optimizer: torch.optim.Optimizer, device: torch.device):
+    """The wall times of the ``optimizer.step()`` calls made inside the block, stamped by a
+    post-step hook so that the loop runs unchanged: a step runs from the previous step's end
+    (the first from entering the block) to its own, sampling to bookkeeping included."""
+    times: list[float] = []
+    sync(device)
+    last = time.perf_counter()
+
+    def stamp(*_):
+        nonlocal last
+        sync(device)
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+
+    handle = optimizer.register_step_post_hook(stamp)
+    try:
+        yield times
+    finally:
+        handle.remove()
 
 
 def measure_epochs(w: Workload, repeats: int) -> dict:

@@ -49,8 +49,7 @@ def render(res: dict) -> str:
     out = ["# Benchmarks", INTRO, "\n".join(f"> **Warning:** {w}" for w in warnings),
            "## Machine and command", _table(machine, ["", ""]),
            "## Ratios", _table(_ratios(res), ["", "what", "value", "target", ""])]
-    for key, section in (("epochs", _epochs), ("seed_command", _seed_estimate),
-                         ("pgd", _pgd)):
+    for key, section in (("epochs", _epochs), ("pgd", _pgd)):
         if key in res:
             out += section(res)
     if "collect_env" in res:
@@ -89,12 +88,10 @@ def _ratios(res: dict) -> list[list]:
                          f"({100 * r['residual_s'] / r['epoch_s']:.1f}%)", "near 0", ""])
     if "seed_command" in res:
         c, s = res["seed_command"], res["seed_command"]["seed"]
-        what = ("measured whole" if c["kind"] == "measured" else
-                "**estimate** from the per-image rates above")
         rows.append(["", f"the seed's command end to end: {s['epochs']} epochs on "
                      f"{s['train_images']:,} + {s['test_images']:,} images, then "
-                     f"{s['iterations']} steps × {s['restarts']} restarts × 4 eps; {what} "
-                     f"(training {_s(c['training_s'])}, sweep {_s(c['sweep_s'])})",
+                     f"{s['iterations']} steps × {s['restarts']} restarts × 4 eps; measured "
+                     f"whole (training {_s(c['training_s'])}, sweep {_s(c['sweep_s'])})",
                      _s(c["total_s"]), "", ""])
     return rows
 
@@ -118,22 +115,6 @@ def _epochs(res: dict) -> list[str]:
             "### What a ClusTR step adds (R4), and the data path both share",
             _table([[n, _s(s), f"{100 * s / step:.2f}%"] for n, s in parts.items()],
                    ["part", "per step", "share of the ClusTR step"])]
-
-
-def _seed_estimate(res: dict) -> list[str]:
-    c = res["seed_command"]
-    if c["kind"] != "estimate":
-        return []
-    parts = {**c["epoch_parts_s"], "epoch": c["epoch_s"],
-             "training (30 epochs + the first refresh)": c["training_s"],
-             "default sweep": c["sweep_s"], "total": c["total_s"]}
-    return ["## The seed's command, estimated (not measured)",
-            f"From the median ClusTR step at batch {c['batch_measured']} (scaled to 240 per "
-            f"step), the embedding pass, k-means and metrics per image, and PGD at "
-            f"{_s(c['pgd_pass_s'])} per image and pass without shrinking (every example "
-            f"attacked at every step: a fully robust model's cost; a model that breaks costs "
-            f"less).", _table([[n, _s(v)] for n, v in parts.items()],
-                              ["part of one epoch", "estimate"])]
 
 
 def _pgd(res: dict) -> list[str]:

@@ -31,6 +31,7 @@ from .workloads import Setup, load_data
 log = logging.getLogger("benchmarks")
 
 K, L, RESTARTS = 2, 20, 1  # clusters per class; R3's voting clusters and PGD restarts
+SEED_ON_CUDA = "the seed's command is measured whole only on CUDA (on a CPU it takes days)"
 SIZES = {  # flag: (full run, --quick, what it sizes); a flag given explicitly wins over both
     "m": (12, 4, "clusters per batch"),
     "d": (20, 8, "examples per cluster (batch = m*d)"),
@@ -47,8 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = ArgParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0],
                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke-test sizes (see below)")
-    p.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
-                   help="sections to run, always in this order")
+    p.add_argument("--only", nargs="+", choices=list(SECTIONS),
+                   help="sections to run, always in this order; none given: every section "
+                        "the device runs (seed, the seed's command measured whole: CUDA only)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda[:N]")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
     p.add_argument("--kmeans-device", action="store_true",
@@ -123,13 +125,7 @@ def pgd_section(args, setup: Setup, res: dict) -> None:
 
 
 def seed_section(args, setup: Setup, res: dict) -> None:
-    if setup.device.type == "cuda":
-        res["seed_command"] = seed_command.measure(setup)
-    elif "epochs" in res and "pgd" in res:
-        res["seed_command"] = seed_command.estimate(res)
-    else:
-        res["warnings"].append("the seed's command is estimated on a CPU from the epochs "
-                               "and pgd sections: run them too")
+    res["seed_command"] = seed_command.measure(setup)
 
 
 SECTIONS = {"epochs": epochs_section, "pgd": pgd_section, "seed": seed_section}
@@ -137,15 +133,20 @@ SECTIONS = {"epochs": epochs_section, "pgd": pgd_section, "seed": seed_section}
 
 def run(args) -> dict:
     device = resolve_device(args.device)
-    if args.amp and device.type != "cuda":
+    cuda = device.type == "cuda"
+    if args.amp and not cuda:
         raise UsageError("--amp is bfloat16 autocast on CUDA: it needs --device cuda")
+    if "seed" in (args.only or []) and not cuda:
+        raise UsageError(f"--only seed: {SEED_ON_CUDA}; pass --device cuda or leave seed out")
+    skipped = [] if cuda or args.only else [f"{SEED_ON_CUDA}: this run on {device} leaves it out"]
+    args.only = args.only or [name for name in SECTIONS if cuda or name != "seed"]
     set_quiet(True)
     start = time.time()
     res = {"machine": machine_info(device),
            "config": {k: v for k, v in vars(args).items() if k != "command"},
            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "command": args.command,
-           "load": {"start": load_average()}, "warnings": []}
+           "load": {"start": load_average()}, "warnings": skipped}
     setup = Setup(args.m, args.d, K, args.seed, device, args.amp, args.kmeans_device)
     for name, section in SECTIONS.items():
         if name in args.only:

@@ -1,7 +1,6 @@
 """The seed's command end to end: 30 ClusTR epochs on 50,000 + 10,000 CIFAR-sized images,
 then the paper's default sweep (20 steps x 10 restarts at 4 eps on the 10,000 test images).
-On CUDA it is measured whole (``measure``) on synthetic images of that size; on a CPU, where
-it takes days, ``estimate`` scales the rates the benchmark measured."""
+Measured whole on CUDA, on synthetic images of that size (on a CPU it would take days)."""
 from __future__ import annotations
 
 import logging
@@ -9,11 +8,11 @@ from dataclasses import dataclass, replace
 
 from models.classifier import ClusterClassifier
 from utils.attacks.batch_size import attack_batch
-from utils.attacks.pgd import EPSILONS, PGD
+from utils.attacks.pgd import PGD
 from utils.attacks.sweep import AttackContext
 from utils.eval.evaluation import run_sweep
 
-from .timing import timed
+from .measures import timed
 from .workloads import Setup, make_workload, synthetic_data
 
 log = logging.getLogger("benchmarks")
@@ -29,35 +28,6 @@ class SeedCommand:
     m: int = 12
     d: int = 20
     K: int = 2
-
-
-def estimate(res: dict, seed: SeedCommand = SeedCommand()) -> dict:
-    """Seconds of the seed's command, part by part, from the benchmark's epochs and pgd
-    sections: the median ClusTR step; the epoch's embedding passes, k-means and metrics per
-    image; PGD per image and step without shrinking (every example attacked at every step: a
-    fully robust model's cost; a model that breaks costs less)."""
-    e, ph, pgd = res["epochs"], res["phases"], res["pgd"]
-    per_train = seed.train_images / e["train_images"]
-    per_test = seed.test_images / e["test_images"]
-    batch, parts = seed.m * seed.d, ph["phases_s"]
-    epoch = {"training steps": max(1, seed.train_images // batch)
-             * e["step_s"]["clustr"] * batch / e["batch"],
-             # the refresh less its k-means is the training set's embedding pass
-             "embedding passes (train + test)": per_test * parts["test embedding pass"]
-             + per_train * max(0.0, parts["refresh: embedding pass + k-means"] - ph["kmeans_s"]),
-             "k-means": ph["kmeans_s"] * per_train,
-             "metrics": parts["train metrics (loss, accuracy)"] * per_train
-             + parts["test metrics"] * per_test}
-    # PGD: one forward+backward per attacked image and step, plus the no-grad pass that
-    # scores each restart, at the rate of the masked (never shrinking) sweep
-    passes = pgd["attacked"] * pgd["eps_count"] * pgd["restarts"] * (pgd["iterations"] + 1)
-    per_pass = pgd["seconds"]["mask"] / max(passes, 1)
-    sweep = seed.test_images * len(EPSILONS) * seed.restarts * (seed.iterations + 1) * per_pass
-    training = (seed.epochs * sum(epoch.values()) + epoch["embedding passes (train + test)"]
-                + epoch["k-means"])  # and the initial refresh
-    return {"kind": "estimate", "epoch_parts_s": epoch, "epoch_s": sum(epoch.values()),
-            "training_s": training, "sweep_s": sweep, "total_s": training + sweep,
-            "pgd_pass_s": per_pass, "batch_measured": e["batch"], "seed": vars(seed)}
 
 
 def measure(setup: Setup, seed: SeedCommand = SeedCommand()) -> dict:

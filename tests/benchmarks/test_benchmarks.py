@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import machine
+from benchmarks import machine, report
 from benchmarks import run as bench
 
 TINY = ["--data", "synthetic", "--m", "2", "--d", "4", "--train-size", "40", "--test-size",
@@ -20,8 +20,8 @@ TINY = ["--data", "synthetic", "--m", "2", "--d", "4", "--train-size", "40", "--
 
 def test_harness_writes_every_ratio(tmp_path):
     out, raw = tmp_path / "BENCH.md", tmp_path / "bench.json"
-    assert bench.main(TINY + ["--only", "epochs", "pgd", "seed", "--out", str(out),
-                              "--json", str(raw)]) == 0
+    # no --only: every section a CPU runs, the seed's command left out in one line
+    assert bench.main(TINY + ["--out", str(out), "--json", str(raw)]) == 0
     res = json.loads(raw.read_text())
     e = res["epochs"]
     assert e["batch"] == 8 and e["steps_per_epoch"] == 5
@@ -42,18 +42,17 @@ def test_harness_writes_every_ratio(tmp_path):
         # parts timed apart
         assert math.isclose(e["rest_s"][name] + e["step_sum_s"][name], e["epoch_s"][name])
         assert math.isclose(r["epoch_s"] - r["parts_s"], r["residual_s"], abs_tol=1e-9)
-    c = res["seed_command"]
-    assert c["kind"] == "estimate" and c["seed"]["train_images"] == 50_000
-    assert c["total_s"] == c["training_s"] + c["sweep_s"] > 0
+    assert "seed_command" not in res and res["config"]["only"] == ["epochs", "pgd"]
     assert res["machine"]["torch_pinned"] and "torch kernels" in res["machine"]["isa"]
     text = out.read_text()
     for row in ("| R1 |", "| R2 |", "| R3 |", "| R4 |", "## Machine and command",
                 torch.__version__, "python -m benchmarks.run", "CE epoch − sum of its parts",
-                "ClusTR epoch − sum of its parts", "the seed's command end to end",
-                "**estimate**", "| instruction sets ", "pinned in requirements.txt", "mean"):
+                "ClusTR epoch − sum of its parts", "| instruction sets ",
+                "pinned in requirements.txt", "mean"):
         assert row in text, row
     r3 = next(line for line in text.splitlines() if line.startswith("| R3 |"))
     assert r3.rstrip(" |").endswith("n/a")  # the R3 target is for the real subset
+    assert "> **Warning:** the seed's command is measured whole only on CUDA" in text
 
 
 def test_load_warning_counts_other_work_relative_to_the_cores(monkeypatch):
@@ -79,6 +78,9 @@ def test_seed_command_measured_whole_on_tiny_sizes():
     assert res["kind"] == "measured" and len(res["epoch_samples"]) == 2
     assert res["attack_batch"] == 64 and 0 <= res["clean_acc"] <= 100
     assert res["total_s"] == res["training_s"] + res["sweep_s"] > sum(res["epoch_samples"])
+    row = report._ratios({"seed_command": res})[0]  # the report's row
+    assert row[1].startswith("the seed's command end to end: 2 epochs on 40 + 10 images")
+    assert "measured whole" in row[1] and row[2]
 
 
 def test_bad_flags_exit_2_with_one_line(capsys):
@@ -86,5 +88,7 @@ def test_bad_flags_exit_2_with_one_line(capsys):
         bench.main(["--repeats", "0"])
     assert exit_.value.code == 2
     assert bench.main(["--amp", "--device", "cpu"]) == 2
+    assert bench.main(["--only", "epochs", "seed", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "--repeats" in err[0] and err[1].startswith("error: ")
+    assert len(err) == 3 and "--repeats" in err[0] and err[1].startswith("error: ")
+    assert err[2].startswith("error: --only seed: the seed's command is measured whole only on")
