@@ -12,11 +12,12 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from base.cli import ArgParser, nonneg_int, pos_float, pos_int, run_command
+from base.cli import ArgParser, config, nonneg_int, pos_float, pos_int, run_command
 from base.device import resolve_device
 from base.errors import UsageError
 from base.io import load_checkpoint, pyplot, save_figure, write_text_atomic
@@ -126,32 +127,42 @@ def draw_curves(metrics_path: str, path: str) -> None:
     save_figure(fig, path)
 
 
-def cluster_picture(args) -> dict:
-    """Embed, attack, project and draw; returns what ``clusters.json`` holds."""
-    device = resolve_device(args.device)
-    model = ClusterClassifier.from_checkpoint(args.checkpoint, device, dataset=args.dataset)
-    test = load_dataset(args.dataset, args.data_root, "test", workers=args.workers)
-    test = balanced_subset(test, min(args.test_subset, len(test)), args.seed)
+@dataclass(frozen=True)
+class PictureSettings:
+    """What the cluster picture shows: ``points`` images moved by each attack of ``eps``/255
+    in ``iterations`` PGD steps, projected by t-SNE (``tsne``) or PCA; ``seed`` picks the
+    images and the random starts."""
+
+    points: int
+    eps: float
+    iterations: int
+    seed: int
+    tsne: bool
+
+
+def cluster_picture(model: ClusterClassifier, test, s: PictureSettings, out: str, name: str,
+                    device: torch.device) -> dict:
+    """Embed, attack, project and draw ``model`` (called ``name`` in the title) on the
+    images ``test`` into ``out``; returns what ``clusters.json`` holds."""
     emb = compute_embeddings(model.backbone, test.images, 256, device, desc="embed test")
     pred = model.head.predict(emb.to(device)).cpu()
-    moves = moved_points(model, test, pred, args.points, args.eps, args.iterations, args.seed,
-                         device)
+    moves = moved_points(model, test, pred, s.points, s.eps, s.iterations, s.seed, device)
     centres = model.head.centers.cpu().numpy()
     extra = [centres, moves["clean"].numpy()] + [moves[n][0].numpy() for n in ATTACKS]
-    coords, (c2, clean2, *ends), info = project(emb.numpy(), extra, args.tsne, args.seed)
+    coords, (c2, clean2, *ends), info = project(emb.numpy(), extra, s.tsne, s.seed)
     names = model.class_names or [str(c) for c in range(model.num_classes)]
-    for name in ATTACKS:
-        shift = (moves[name][0] - moves["clean"]).norm(dim=1).median()
-        flipped = int((moves[name][1] != test.labels[moves["rows"]]).sum())
+    for attack in ATTACKS:
+        shift = (moves[attack][0] - moves["clean"]).norm(dim=1).median()
+        flipped = int((moves[attack][1] != test.labels[moves["rows"]]).sum())
         log.info("%s at %g/255: median feature shift %.3g (l2), %d of %d predictions changed",
-                 name, args.eps, shift, flipped, len(moves["rows"]))
-    title = (f"{os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))}: "
-             f"{len(test)} test embeddings ({info['method'].upper()}), {len(centres)} clusters")
-    draw_clusters(args.out, coords, test.labels.numpy(), c2, model.head.classes.cpu().numpy(),
-                  {"clean": clean2, "ends": dict(zip(ATTACKS, ends)), "eps": args.eps}, names,
+                 attack, s.eps, shift, flipped, len(moves["rows"]))
+    title = (f"{name}: {len(test)} test embeddings ({info['method'].upper()}), "
+             f"{len(centres)} clusters")
+    draw_clusters(out, coords, test.labels.numpy(), c2, model.head.classes.cpu().numpy(),
+                  {"clean": clean2, "ends": dict(zip(ATTACKS, ends)), "eps": s.eps}, names,
                   title)
     info.update(centres=c2.tolist(), centre_classes=model.head.classes.tolist(),
-                eps=args.eps, iterations=args.iterations, points=[
+                eps=s.eps, iterations=s.iterations, points=[
                     {"test_row": int(r), "label": int(test.labels[r]), "clean": clean2[i].tolist(),
                      **{n: {"xy": ends[j][i].tolist(), "pred": int(moves[n][1][i])}
                         for j, n in enumerate(ATTACKS)}}
@@ -201,7 +212,12 @@ def run(args: argparse.Namespace) -> None:
         raise UsageError(f"--out {args.out}: the folder {folder} does not exist")
     check_available(args.dataset, args.data_root, ("test",))
     set_quiet(args.quiet)
-    info = cluster_picture(args)
+    device = resolve_device(args.device)
+    model = ClusterClassifier.from_checkpoint(args.checkpoint, device, dataset=args.dataset)
+    test = load_dataset(args.dataset, args.data_root, "test", workers=args.workers)
+    test = balanced_subset(test, min(args.test_subset, len(test)), args.seed)
+    name = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
+    info = cluster_picture(model, test, config(PictureSettings, args), args.out, name, device)
     report = os.path.splitext(args.out)[0] + ".json"
     write_text_atomic(report, json.dumps(info) + "\n")
     log.info("wrote %s and %s (%s)", args.out, report, info["method"])
