@@ -248,10 +248,6 @@ def run_process(args, device: torch.device, dist: Dist) -> int:
         check_weights_file(args.pretrained_path)
     check_available(args.dataset, args.data_root, ("test",) if evaluate_only else
                     ("train", "test"))
-    # training fixes L and the normalisation rule, which the evaluation then uses
-    if not evaluate_only:
-        args.L = 10 if args.L is None else args.L
-        args.not_normalize = bool(args.not_normalize)
     normalize = None if args.not_normalize is None else not args.not_normalize
     eval_cfg = config(EvalConfig, args, normalize=normalize)
     attack = config(AttackConfig, args)

@@ -176,6 +176,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if beyond:
         parser.error(f"--autoattack-eps {beyond[0]:g}: eps is in units of 1/255, so at most "
                      f"255 (the whole pixel range)")
+    if args.evaluate_ckpt is None:  # training fixes L and the normalisation rule, which
+        args.L = 10 if args.L is None else args.L  # its evaluation and params.txt then use
+        args.not_normalize = bool(args.not_normalize)
     return args
 
 

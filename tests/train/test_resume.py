@@ -62,7 +62,7 @@ def test_a_resume_may_change(tmp_path, change):
     (["--lr", "0.001"], "--lr 0.0001 (now 0.001)"),
     (["--milestones", "10"], "--milestones [30, 60] (now [10])"),
     (["--train-subset", "30"], "--train-subset None (now 30)"),
-    (["--not-normalize"], "--not-normalize None (now True)"),
+    (["--not-normalize"], "--not-normalize False (now True)"),
     (["--batch-size", "128"], "--batch-size 256 (now 128)"),
     (["--strong"], "--strong False (now True)"),
 ])
