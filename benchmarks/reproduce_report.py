@@ -46,7 +46,8 @@ def load(paths: Paths, key: str, label: str | None = None) -> experiments.Experi
 def curve_frame(steps: list[Step], paths: Paths) -> pd.DataFrame:
     """One row per (trained row, epoch, attack): the paper's PGD and the per-image worst case
     of every attack at 8/255 on the curves' images; epoch 0, the starting point, is the
-    pretrained clusters for every ClusTR row, the plain network for the FGSM baseline."""
+    pretrained clusters for every ClusTR row, the plain network for the FGSM baseline; a
+    row with no later epoch evaluated yet has no points."""
     trained = {s.key.split("/")[0] for s in steps if s.key.endswith("/train")}
     points = []
     for s in steps:
@@ -58,7 +59,9 @@ def curve_frame(steps: list[Step], paths: Paths) -> pd.DataFrame:
         for r in [r for r in rows if r in trained]:
             points += [(r, int(epoch), "paper PGD", x.paper[CURVE_EPS]),
                        (r, int(epoch), "worst case", x.strong[(CURVE_EPS, "worst-case")])]
-    return pd.DataFrame(points, columns=["row", "epoch", "attack", "accuracy"])
+    frame = pd.DataFrame(points, columns=["row", "epoch", "attack", "accuracy"])
+    trained_since = set(frame.loc[frame["epoch"] > 0, "row"])  # a row not trained yet: no line
+    return frame[frame["row"].isin(trained_since)].reset_index(drop=True)
 
 
 def plot_curves(frame: pd.DataFrame, path: str) -> list[str]:

@@ -248,6 +248,8 @@ def test_curves_have_one_line_per_row_and_attack(monkeypatch, data, tmp_path):
                   (frame["attack"] == "paper PGD")]["accuracy"].item()
     assert math.isclose(point, experiments.load_experiment(
         str(work / "clustr" / "curve" / "1")).paper[8.0])
+    shutil.rmtree(work / "free" / "curve" / "1")  # a row with no trained epoch: no line
+    assert set(reproduce_report.curve_frame(steps, paths)["row"]) == {"clustr"}
 
 
 def test_a_stopped_call_continues_with_its_own_flags(tmp_path):
