@@ -357,8 +357,9 @@ def test_actual_trades_adversary_equals_the_original_rule():
     u = torch.empty(x.shape).uniform_(-EPS, EPS, generator=gen_copy)
     theirs = original_trades_adversary(model, head, x, class_probabilities(head, emb), u)
     assert (ours - x).abs().max() > 2 / 255  # it moved
-    # the same point up to float rounding between the two unit systems
-    assert (ours - theirs).abs().max() < 1e-5
+    # the same point up to float rounding between the two unit systems; a sign step on a
+    # gradient within rounding of 0 may differ on another CPU's kernels: at most 0.1% of pixels
+    assert ((ours - theirs).abs() > 1e-5).float().mean() < 1e-3
 
 
 def one_step_trainer(monkeypatch, **variant):
